@@ -1,0 +1,88 @@
+# Mixtral instruction tuning: make sft | make dpo | make export | make test
+# Every target installs what it needs into .venv first (make install).
+
+PYTHON        ?= python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+# The pinned torch is installed before anything else; override e.g. TORCH_SPEC="torch==2.7.1".
+TORCH_SPEC    ?= torch==2.13.0
+INSTALL_STAMP := $(VENV)/.installed
+RECIPE        ?=
+ARGS          ?=
+# Tiny CPU pipeline: where each stage of the bundled default writes.
+TINY          := outputs/tiny
+
+export PYTHONUNBUFFERED := 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test lint data sft dpo export chat eval all bench-moe bench-data bench-sft bench-dpo clean help
+
+help:
+	@echo "make sft      prepare the bundled data and run SFT on the tiny default (CPU)"
+	@echo "make dpo      DPO on top of the SFT result"
+	@echo "make export   export the DPO result in the Mixtral-8x7B-Instruct-v0.1 layout"
+	@echo "make chat     greedy answer from the exported model"
+	@echo "make all      data -> sft -> dpo -> export -> chat"
+	@echo "make eval     perplexity, passkey and routing analysis"
+	@echo "make test     the test suite (what CI runs)"
+	@echo "make bench-moe | bench-data | bench-sft | bench-dpo   benchmarks against the reference libraries"
+	@echo "Options: RECIPE=path.yaml ARGS='key=value ...' TORCH_SPEC='torch==X'"
+
+install: $(INSTALL_STAMP)
+
+$(INSTALL_STAMP): pyproject.toml requirements/lock.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c requirements/lock.txt -e ".[dev]"
+	touch $(INSTALL_STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check model data_prep pipeline tests bench
+
+data: install
+	$(PY) -m pipeline.prep $(or $(RECIPE),recipes/tiny/sft.yaml) $(ARGS)
+
+sft: install
+	$(PY) -m pipeline.prep recipes/tiny/sft.yaml
+	$(PY) -m pipeline.sft $(or $(RECIPE),recipes/tiny/sft.yaml) $(ARGS)
+
+dpo: install
+	test -f $(TINY)/sft/adapter_config.json -o -f $(TINY)/sft/model.safetensors.index.json -o -f $(TINY)/sft/config.json || $(MAKE) sft
+	$(PY) -m pipeline.prep recipes/tiny/dpo.yaml
+	$(PY) -m pipeline.dpo $(or $(RECIPE),recipes/tiny/dpo.yaml) $(ARGS)
+
+export: install
+	test -f $(TINY)/dpo/manifest.json || $(MAKE) dpo
+	$(PY) -m pipeline.export $(or $(RECIPE),recipes/tiny/export.yaml) $(ARGS)
+
+chat: install
+	test -f $(TINY)/export/config.json || $(MAKE) export
+	$(PY) -m pipeline.chat $(TINY)/export $(ARGS)
+
+eval: install
+	$(PY) -m pipeline.eval $(or $(RECIPE),recipes/tiny/eval.yaml) $(ARGS)
+
+all: install
+	$(MAKE) sft
+	$(MAKE) dpo
+	$(MAKE) export
+	$(MAKE) chat
+
+bench-moe: install
+	$(PY) bench/bench_moe.py $(ARGS)
+
+bench-data: install
+	$(PY) bench/bench_data.py $(ARGS)
+
+bench-sft: install
+	$(PY) bench/bench_sft.py $(ARGS)
+
+bench-dpo: install
+	$(PY) bench/bench_dpo.py $(ARGS)
+
+clean:
+	rm -rf outputs wandb .pytest_cache
