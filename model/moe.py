@@ -1,0 +1,224 @@
+"""Sparse mixture-of-experts block of Mixtral: router, fused SwiGLU experts, dropless dispatch.
+
+Shape legend: B batch, S sequence, T = B*S tokens, H hidden, F expert ffn, E experts, K top-k,
+N routed rows = T*K (token slots, sorted by expert before the expert GEMMs).
+
+Dispatch is dropless: every (token, expert) slot is computed, no capacity factor. The slots are
+sorted by expert so that each expert sees one contiguous block of rows, the expert GEMMs run as
+one grouped GEMM (`torch._grouped_mm`) where the build and the operands allow it, else as a loop
+over experts with the same numbers, and the results are added back to their tokens weighted by
+the router's renormalised top-k probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` accepts these operands.
+
+    Its kernels want float32/bf16/fp16 and row strides that are multiples of 16 bytes (checked on
+    the CPU build: an in or out dim of 7 fp32 raises "strides should be multiple of 16 bytes").
+    """
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    if x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    itemsize = x.element_size()
+    out_dim, in_dim = w.shape[1], w.shape[2]
+    return (
+        (in_dim * itemsize) % 16 == 0
+        and (out_dim * itemsize) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and w.data_ptr() % 16 == 0
+    )
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    `torch._grouped_mm`'s backward on CPU rejects expanded (zero-stride) gradients, which is what
+    `y.sum().backward()` produces ("Invalid strides/sizes, got [0, 0]").
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """The per-expert loop behind `grouped_mm`: same math, one matmul per non-empty expert."""
+    counts = tokens_per_expert.tolist()
+    outs = [x_e @ w[e].transpose(0, 1) for e, x_e in enumerate(x.split(counts, dim=0)) if counts[e] > 0]
+    if not outs:
+        return x.new_zeros(x.shape[0], w.shape[1])
+    if sum(counts) < x.shape[0]:
+        outs.append(x.new_zeros(x.shape[0] - sum(counts), w.shape[1]))
+    return torch.cat(outs, dim=0)
+
+
+def grouped_mm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    *,
+    use_grouped_mm: bool | None = None,
+) -> torch.Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ w[e].T, with the rows of x sorted by expert.
+
+    x [N, in], w [E, out, in], tokens_per_expert [E] (integer, sums to N) -> [N, out].
+    `use_grouped_mm`: None picks `torch._grouped_mm` when the operands allow it; False forces
+    the per-expert loop (the reference); True requires the grouped kernel.
+    """
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+        raise ValueError(
+            f"grouped_mm: want x [N, in] and w [E, out, in], got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
+    if tokens_per_expert.shape != (w.shape[0],):
+        raise ValueError(
+            f"grouped_mm: tokens_per_expert must be [E={w.shape[0]}], got {tuple(tokens_per_expert.shape)}"
+        )
+    supported = _grouped_mm_supported(x, w)
+    if use_grouped_mm and not supported:
+        raise ValueError(
+            f"grouped_mm: torch._grouped_mm cannot take {x.dtype} x [{tuple(x.shape)}] with w {tuple(w.shape)} "
+            "(needs float32/bf16/fp16 and dims whose byte size is a multiple of 16); use use_grouped_mm=None"
+        )
+    if use_grouped_mm is False or not supported:
+        return _grouped_mm_loop(x, w, tokens_per_expert)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)  # [E] end row of each expert
+    y = torch._grouped_mm(x.contiguous(), w.transpose(-2, -1), offs=offsets)  # [N, out]
+    return _ContiguousGrad.apply(y) if torch.is_grad_enabled() and y.requires_grad else y
+
+
+class MixtralExperts(nn.Module):
+    """E SwiGLU experts stored fused: gate_up_proj [E, 2F, H] (rows [:F] = w1, [F:] = w3), down_proj [E, H, F] (w2)."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, *, device=None, dtype=None
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        # None: torch._grouped_mm when possible; False: per-expert loop (tests compare the two).
+        self.use_grouped_mm: bool | None = None
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, device=device, dtype=dtype)
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        )
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x_sorted [N, H] (rows grouped by expert), tokens_per_expert [E] -> [N, H]."""
+        gate_up = grouped_mm(
+            x_sorted, self.gate_up_proj, tokens_per_expert, use_grouped_mm=self.use_grouped_mm
+        )  # [N, 2F]
+        gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
+        return grouped_mm(
+            F.silu(gate) * up, self.down_proj, tokens_per_expert, use_grouped_mm=self.use_grouped_mm
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"
+
+
+def route_tokens(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing: softmax in fp32 over all experts, top-k, renormalise over the k.
+
+    router_logits [T, E] -> (weights [T, K] float32, expert_ids [T, K] long).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    return weights / weights.sum(dim=-1, keepdim=True), expert_ids
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the token slots by expert.
+
+    expert_ids [T, K] -> (slot_order [N] indices into the flattened slots, tokens_per_expert [E]).
+    Stable, so slots of one expert keep token order (deterministic results).
+    """
+    flat = expert_ids.reshape(-1)  # [N]
+    slot_order = torch.argsort(flat, stable=True)  # [N]
+    tokens_per_expert = torch.bincount(flat, minlength=num_experts)  # [E]
+    return slot_order, tokens_per_expert
+
+
+class MoEBlock(nn.Module):
+    """Router + experts. forward(h [B, S, H], token_mask [T] bool) -> (out [B, S, H], router_logits [T, E])."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoEBlock: top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
+        self.experts = MixtralExperts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+
+    def forward(
+        self, h: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, H = h.shape
+        x = h.reshape(B * S, H)  # [T, H]
+        router_logits = self.gate(x)  # [T, E]
+        if token_mask is None:
+            out = self._dispatch(x, router_logits)
+        else:
+            # Padding is neither routed nor computed: only real tokens go through the experts.
+            real = token_mask.reshape(-1).nonzero().squeeze(1)  # [T_real]
+            out = torch.zeros_like(x).index_copy(0, real, self._dispatch(x[real], router_logits[real]))
+        return out.view(B, S, H), router_logits
+
+    def _dispatch(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """x [T, H], router_logits [T, E] -> [T, H]."""
+        weights, expert_ids = route_tokens(router_logits, self.top_k)  # [T, K]
+        slot_order, tokens_per_expert = sort_by_expert(expert_ids, self.num_experts)  # [N], [E]
+        token_of_slot = slot_order // self.top_k  # [N] which token each sorted slot belongs to
+        y = self.experts(x[token_of_slot], tokens_per_expert)  # [N, H]
+        slot_weights = weights.reshape(-1)[slot_order].to(y.dtype)  # [N]
+        return torch.zeros_like(x).index_add_(0, token_of_slot, y * slot_weights[:, None])
+
+
+def moe_reference(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """Plain per-expert Mixtral MoE, for tests: x [T, H] -> [T, H]."""
+    probs = torch.softmax((x @ gate_weight.T).float(), dim=-1)  # [T, E]
+    top_w, top_e = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(gate_up_proj.shape[0]):
+        tok, slot = torch.where(top_e == e)
+        if tok.numel() == 0:
+            continue
+        w1, w3 = gate_up_proj[e].chunk(2, dim=0)  # [F, H] each
+        y = (F.silu(x[tok] @ w1.T) * (x[tok] @ w3.T)) @ down_proj[e].T  # [n_e, H]
+        out = out.index_add(0, tok, y * top_w[tok, slot, None].to(y.dtype))
+    return out
