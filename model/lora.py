@@ -1,0 +1,313 @@
+"""LoRA for the native Mixtral, living inside PEFT.
+
+Attention projections are plain `nn.Linear`, so PEFT's own LoRA layer handles them. The experts are
+one module holding fused 3-D weights (`gate_up_proj` [E, 2F, H], `down_proj` [E, H, F]), which PEFT
+cannot target; `ExpertLoraLayer` is the custom LoRA layer PEFT swaps in for `MixtralExperts`. It
+keeps per-expert A/B as stacked tensors and applies them with `grouped_mm` to the routed rows only,
+so no full-size delta weight is ever built in the forward pass.
+
+Registration: importing this module makes every `LoraConfig` (also the ones PEFT builds itself
+from an adapter_config.json) map `MixtralExperts` to `ExpertLoraLayer`. So
+`PeftModel.from_pretrained(Mixtral(cfg), adapter_dir)` works as soon as `model.lora` has been
+imported anywhere in the process (`import model.lora`, or `from model.lora import apply_lora`).
+
+w1 and w3 get separate low-rank deltas. That is what "LoRA on w1, w2, w3" means for per-expert
+`nn.Linear` experts (the HF/PEFT convention for Mixtral), keeps the same capacity and parameter count,
+and lets an adapter be converted to per-expert w1/w3 LoRA weights one to one. In the fused layout the
+gate_up delta is `B_gu @ A_gu` with B block-diagonal:
+
+    lora_gate_up_A [E, 2R, H]   rows [:R] = A of w1, rows [R:] = A of w3
+    lora_gate_up_B [E, 2F, R]   rows [:F] = B of w1, rows [F:] = B of w3
+    lora_down_A    [E, R, F]    A of w2
+    lora_down_B    [E, H, R]    B of w2
+
+so delta gate_up_proj[e] = scaling * cat(B_w1 @ A_w1, B_w3 @ A_w3) and delta down_proj[e] =
+scaling * B_w2 @ A_w2, which is exactly what `merge` adds.
+
+The router (`gate`, [E, H]) is not a LoRA target: its rank is at most E (8), so a LoRA of the usual
+rank is no low-rank reparametrisation at all, just more parameters than the router has. To train it,
+pass `train_router=True` to `apply_lora`: PEFT then trains a full copy of it (`modules_to_save`),
+saved with the adapter and bypassed by `disable_adapter()` like the LoRA weights.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from model.moe import MixtralExperts, grouped_mm
+
+EXPERTS_TARGET = "experts"
+ROUTER_NAME = "gate"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", EXPERTS_TARGET)
+
+
+class ExpertLoraLayer(nn.Module, LoraLayer):
+    """PEFT LoRA layer for `MixtralExperts`: grouped per-expert A/B on gate_up (w1, w3) and down (w2)."""
+
+    adapter_layer_names = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.lora_gate_up_A = nn.ParameterDict()
+        self.lora_gate_up_B = nn.ParameterDict()
+        self.lora_down_A = nn.ParameterDict()
+        self.lora_down_B = nn.ParameterDict()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        hidden = module.down_proj.shape[1]
+        return hidden, hidden
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+        return base_layer.gate_up_proj.device, base_layer.gate_up_proj.dtype
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got r={r}")
+        unsupported = {
+            "use_dora": config.use_dora,
+            "lora_bias": config.lora_bias,
+            "fan_in_fan_out": config.fan_in_fan_out,
+        }
+        enabled = [name for name, value in unsupported.items() if value]
+        if enabled:
+            raise ValueError(
+                f"LoRA on the experts does not support {', '.join(enabled)}; set it to False in the LoRA config"
+            )
+        init = config.init_lora_weights
+        if not (isinstance(init, bool) or init == "gaussian"):
+            raise ValueError(
+                f"LoRA on the experts supports init_lora_weights True, False or 'gaussian', got {init!r}"
+            )
+
+        base = self.get_base_layer()
+        num_experts, two_ffn, hidden = base.gate_up_proj.shape
+        ffn = two_ffn // 2
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = config.use_rslora
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = False
+        dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
+        self.lora_dropout.update(nn.ModuleDict({adapter_name: dropout}))
+
+        device = base.gate_up_proj.device
+        shapes = {
+            "lora_gate_up_A": (num_experts, 2 * r, hidden),
+            "lora_gate_up_B": (num_experts, two_ffn, r),
+            "lora_down_A": (num_experts, r, ffn),
+            "lora_down_B": (num_experts, hidden, r),
+        }
+        for name, shape in shapes.items():
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shape, device=device))
+        self.reset_lora_parameters(adapter_name, init)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        if init_lora_weights is False or adapter_name not in self.lora_gate_up_A:
+            return
+        with torch.no_grad():
+            for a_name, b_name in (("lora_gate_up_A", "lora_gate_up_B"), ("lora_down_A", "lora_down_B")):
+                lora_a = getattr(self, a_name)[adapter_name]
+                if init_lora_weights is True:
+                    # kaiming_uniform_(a=sqrt(5)) of each expert's [R, in] A, as nn.Linear and PEFT do; on the
+                    # stacked 3-D tensor torch would take R * in as the fan-in, so the bound is set by hand.
+                    bound = 1.0 / math.sqrt(lora_a.shape[-1])
+                    lora_a.uniform_(-bound, bound)
+                else:
+                    lora_a.normal_(std=1.0 / self.r[adapter_name])
+                getattr(self, b_name)[adapter_name].zero_()
+
+    def _grouped_mm(self, x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        # Follow the base module's kernel choice, so that forcing its per-expert loop forces ours too.
+        return grouped_mm(x, w, tokens_per_expert, use_grouped_mm=self.get_base_layer().use_grouped_mm)
+
+    def _lora_gate_up(self, adapter: str, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """scaling * [x A_w1^T B_w1^T | x A_w3^T B_w3^T] on expert-sorted rows: [N, H] -> [N, 2F]."""
+        lora_a, lora_b = self.lora_gate_up_A[adapter], self.lora_gate_up_B[adapter]
+        r, ffn = self.r[adapter], lora_b.shape[1] // 2
+        mm = self._grouped_mm
+        low = mm(self.lora_dropout[adapter](x.to(lora_a.dtype)), lora_a, tokens_per_expert)  # [N, 2R]
+        gate = mm(low[:, :r], lora_b[:, :ffn], tokens_per_expert)  # [N, F]
+        up = mm(low[:, r:], lora_b[:, ffn:], tokens_per_expert)  # [N, F]
+        return torch.cat((gate, up), dim=-1) * self.scaling[adapter]  # [N, 2F]
+
+    def _lora_down(self, adapter: str, h: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """scaling * h A_w2^T B_w2^T on expert-sorted rows: [N, F] -> [N, H]."""
+        lora_a, lora_b = self.lora_down_A[adapter], self.lora_down_B[adapter]
+        low = self._grouped_mm(self.lora_dropout[adapter](h.to(lora_a.dtype)), lora_a, tokens_per_expert)  # [N, R]
+        return self._grouped_mm(low, lora_b, tokens_per_expert) * self.scaling[adapter]  # [N, H]
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, tokens_per_expert)
+        active = [a for a in self.active_adapters if a in self.lora_gate_up_A]
+        if self.merged or not active:
+            return self.base_layer(x, tokens_per_expert)
+
+        base = self.get_base_layer()
+        gate_up = self._grouped_mm(x, base.gate_up_proj, tokens_per_expert)  # [N, 2F]
+        for adapter in active:
+            gate_up = gate_up + self._lora_gate_up(adapter, x, tokens_per_expert).to(gate_up.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
+        h = F.silu(gate) * up  # [N, F]
+        out = self._grouped_mm(h, base.down_proj, tokens_per_expert)  # [N, H]
+        for adapter in active:
+            out = out + self._lora_down(adapter, h, tokens_per_expert).to(out.dtype)
+        return out
+
+    def get_delta_weight(self, adapter: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (delta gate_up_proj[expert] [2F, H], delta down_proj[expert] [H, F]) of one adapter."""
+        r, scaling = self.r[adapter], self.scaling[adapter]
+        gate_up_a = self.lora_gate_up_A[adapter][expert].float()  # [2R, H]
+        gate_up_b = self.lora_gate_up_B[adapter][expert].float()  # [2F, R]
+        ffn = gate_up_b.shape[0] // 2
+        delta_gate_up = torch.cat((gate_up_b[:ffn] @ gate_up_a[:r], gate_up_b[ffn:] @ gate_up_a[r:]))
+        delta_down = self.lora_down_B[adapter][expert].float() @ self.lora_down_A[adapter][expert].float()
+        return delta_gate_up * scaling, delta_down * scaling
+
+    def _add_delta(self, adapter: str, sign: float, check_finite: bool = False) -> None:
+        # One expert at a time: the fp32 delta of a whole 8x7B expert stack would be ~3.7 GB per layer.
+        base = self.get_base_layer()
+        with torch.no_grad():
+            for expert in range(base.gate_up_proj.shape[0]):
+                for weight, delta in zip(
+                    (base.gate_up_proj, base.down_proj), self.get_delta_weight(adapter, expert), strict=True
+                ):
+                    updated = weight[expert].float() + sign * delta.to(weight.device)
+                    if check_finite and not torch.isfinite(updated).all():
+                        raise ValueError(f"merging LoRA adapter {adapter!r} gives non-finite expert weights")
+                    weight[expert].copy_(updated.to(weight.dtype))
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.lora_gate_up_A:
+                self._add_delta(adapter, 1.0, check_finite=safe_merge)
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.lora_gate_up_A:
+                self._add_delta(adapter, -1.0)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def _register_experts(config: LoraConfig) -> None:
+    config._register_custom_module({MixtralExperts: ExpertLoraLayer})
+
+
+def _install_registration() -> None:
+    """Make every LoraConfig map MixtralExperts to ExpertLoraLayer, including the ones PEFT builds on load."""
+    original = LoraConfig.__post_init__
+    if getattr(original, "registers_mixtral_experts", False):
+        return
+
+    def __post_init__(self: LoraConfig) -> None:
+        original(self)
+        _register_experts(self)
+
+    __post_init__.registers_mixtral_experts = True
+    LoraConfig.__post_init__ = __post_init__
+
+
+_install_registration()
+
+
+def valid_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """Module names LoRA may target in `model`: the attention projections and the experts."""
+    names = set()
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(module, MixtralExperts):
+            names.add(leaf)
+        elif isinstance(module, nn.Linear) and ".self_attn." in f".{name}":
+            names.add(leaf)
+    return tuple(sorted(names))
+
+
+def check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """Return `target_modules` as a list, or raise naming the unknown targets and the valid ones."""
+    if isinstance(target_modules, str):
+        raise ValueError(
+            f"lora target_modules must be a list of module names, got the string {target_modules!r}"
+        )
+    targets = list(target_modules)
+    if not targets:
+        raise ValueError("lora target_modules is empty; name at least one of the valid targets")
+    valid = valid_lora_targets(model)
+    unknown = [t for t in targets if t not in valid]
+    if unknown:
+        hints = []
+        if any(t in ("w1", "w2", "w3", "gate_up_proj", "down_proj") for t in unknown):
+            hints.append(f"the expert weights w1/w2/w3 are fused: target {EXPERTS_TARGET!r} for all of them")
+        if ROUTER_NAME in unknown:
+            hints.append("the router is not a LoRA target; use train_router=True to train it fully")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ValueError(
+            f"unknown lora target(s) {unknown}: valid targets are {', '.join(valid)}{hint}"
+        )
+    return targets
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    adapter_name: str = "default",
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
+    train_router: bool = False,
+) -> PeftModel:
+    """Wrap `model` in a PeftModel with LoRA on `target_modules`; only adapter weights stay trainable.
+
+    Full fine-tuning needs none of this: train the bare model.
+    """
+    if getattr(getattr(model, "config", None), "model_type", None) == "mixtral":
+        raise ValueError(
+            "the model config has model_type 'mixtral': PEFT would rewrite the LoRA targets to "
+            "transformers' names and double r and alpha; the native MixtralConfig must not set it"
+        )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=check_lora_targets(model, target_modules),
+        use_rslora=use_rslora,
+        init_lora_weights=init_lora_weights,
+        modules_to_save=[ROUTER_NAME] if train_router else None,
+        bias="none",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
