@@ -157,7 +157,9 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
     def _lora_down(self, adapter: str, h: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """scaling * h A_w2^T B_w2^T on expert-sorted rows: [N, F] -> [N, H]."""
         lora_a, lora_b = self.lora_down_A[adapter], self.lora_down_B[adapter]
-        low = self._grouped_mm(self.lora_dropout[adapter](h.to(lora_a.dtype)), lora_a, tokens_per_expert)  # [N, R]
+        low = self._grouped_mm(
+            self.lora_dropout[adapter](h.to(lora_a.dtype)), lora_a, tokens_per_expert
+        )  # [N, R]
         return self._grouped_mm(low, lora_b, tokens_per_expert) * self.scaling[adapter]  # [N, H]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -273,9 +275,7 @@ def check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> list[
         if ROUTER_NAME in unknown:
             hints.append("the router is not a LoRA target; use train_router=True to train it fully")
         hint = f" ({'; '.join(hints)})" if hints else ""
-        raise ValueError(
-            f"unknown lora target(s) {unknown}: valid targets are {', '.join(valid)}{hint}"
-        )
+        raise ValueError(f"unknown lora target(s) {unknown}: valid targets are {', '.join(valid)}{hint}")
     return targets
 
 
