@@ -1,0 +1,101 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023, arXiv 2305.16300), as used in the Mixtral paper.
+
+A random 5-digit key is hidden at a chosen depth in filler text of a chosen length (in tokens); the
+model must repeat it after "What is the pass key? The pass key is". The prompt is built from token
+pieces (each sentence encoded once, then repeated), so lengths and depths are exact in tokens and
+the key never straddles a filler sentence.
+
+    sample = build_prompt(encode, length=1024, depth=0.25, key="52718", bos_id=1)
+    correct = is_correct(generated_text, sample.key)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyPrompt:
+    input_ids: list[int]
+    key: str
+    depth: float          # requested: fraction of the filler before the key line
+    actual_depth: float   # achieved: filler tokens before the key line / all filler tokens
+    key_start: int        # index of the key line's first token in input_ids
+    key_end: int          # one past its last token
+    filler_tokens: int
+
+
+def random_key(rng: random.Random) -> str:
+    """A 5-digit key without a leading zero (so that no parser can drop it)."""
+    return str(rng.randint(10000, 99999))
+
+
+def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str,
+                 bos_id: int | None = None) -> PasskeyPrompt:
+    """Intro, filler with the key line at ``depth``, question; at most ``length`` tokens in all.
+
+    ``encode`` turns text into ids without special tokens. The filler is whole repetitions of one
+    sentence group; the key line goes between repetitions, at the boundary closest to ``depth``.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
+    if not re.fullmatch(r"\d+", key):
+        raise ValueError(f"passkey must be digits, got {key!r}")
+    head = ([bos_id] if bos_id is not None else []) + encode(INTRO)
+    unit, key_ids, tail = encode(FILLER), encode(KEY_LINE.format(key=key)), encode(QUESTION)
+    fixed = len(head) + len(key_ids) + len(tail)
+    repeats = (length - fixed) // len(unit)
+    if repeats < 1:
+        raise ValueError(f"passkey length {length} is too short: the prompt needs at least "
+                         f"{fixed + len(unit)} tokens with this tokenizer; raise passkey.lengths")
+    before = round(depth * repeats)
+    key_start = len(head) + before * len(unit)
+    ids = head + unit * before + key_ids + unit * (repeats - before) + tail
+    return PasskeyPrompt(ids, key, depth, before / repeats, key_start, key_start + len(key_ids),
+                         repeats * len(unit))
+
+
+def parse_answer(text: str) -> str | None:
+    """The first run of digits in the generated text (digits may be split by spaces), or None."""
+    match = re.search(r"\d(?:[ \u2009]?\d)*", text)
+    return re.sub(r"\D", "", match.group(0)) if match else None
+
+
+def is_correct(text: str, key: str) -> bool:
+    return parse_answer(text) == key
+
+
+def run_grid(encode: Callable[[str], list[int]], generate: Callable[[list[int]], str],
+             lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
+             bos_id: int | None = None) -> dict:
+    """Accuracy for every (length, depth) over ``trials`` random keys; ``generate`` answers greedily.
+
+    Returns ``{"lengths", "depths", "accuracy": [len][depth], "samples": [...]}``.
+    """
+    rng = random.Random(seed)
+    accuracy, samples = [], []
+    for length in lengths:
+        row = []
+        for depth in depths:
+            hits = 0
+            for trial in range(trials):
+                prompt = build_prompt(encode, length, depth, random_key(rng), bos_id)
+                answer = generate(prompt.input_ids)
+                hit = is_correct(answer, prompt.key)
+                hits += hit
+                samples.append({"length": length, "depth": depth, "trial": trial, "key": prompt.key,
+                                "tokens": len(prompt.input_ids), "actual_depth": prompt.actual_depth,
+                                "answer": answer, "parsed": parse_answer(answer), "correct": hit})
+            row.append(hits / trials)
+        accuracy.append(row)
+    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy,
+            "samples": samples}

@@ -1,0 +1,107 @@
+import random
+import re
+from pathlib import Path
+
+import mistral_common
+import pytest
+import sentencepiece as spm
+
+from pipeline.passkey import (
+    FILLER,
+    INTRO,
+    KEY_LINE,
+    QUESTION,
+    build_prompt,
+    is_correct,
+    parse_answer,
+    random_key,
+    run_grid,
+)
+
+# The Mixtral tokenizer that ships inside mistral-common (see shared/FORMATS.md).
+SPM = spm.SentencePieceProcessor(model_file=str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"))
+
+
+def encode(text):
+    return SPM.encode(text)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.25, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("length", [300, 1000, 4096])
+def test_key_line_sits_at_the_stated_depth(length, depth):
+    prompt = build_prompt(encode, length, depth, "52718", bos_id=1)
+    unit = len(encode(FILLER))
+    repeats = prompt.filler_tokens // unit
+    ids = prompt.input_ids
+    assert ids[0] == 1
+    assert length - unit < len(ids) <= length
+    # The key line is exactly where the prompt says, and nowhere else.
+    assert SPM.decode(ids[prompt.key_start:prompt.key_end]) == KEY_LINE.format(key="52718")
+    assert SPM.decode(ids).count("52718") == 2
+    # Filler before the key / all filler, in tokens, is the achievable depth closest to the request.
+    head = 1 + len(encode(INTRO))
+    before = prompt.key_start - head
+    assert before % unit == 0
+    assert prompt.actual_depth == before / prompt.filler_tokens
+    assert abs(prompt.actual_depth - depth) <= 0.5 / repeats + 1e-12  # a tie may round either way
+    assert ids[head:prompt.key_start] == encode(FILLER) * (before // unit)
+    assert ids[prompt.key_end:] == encode(FILLER) * (repeats - before // unit) + encode(QUESTION)
+
+
+def test_depth_extremes_touch_intro_and_question():
+    first = build_prompt(encode, 500, 0.0, "11111")
+    last = build_prompt(encode, 500, 1.0, "11111")
+    assert first.key_start == len(encode(INTRO))
+    assert last.key_end == len(last.input_ids) - len(encode(QUESTION))
+    assert SPM.decode(last.input_ids).endswith("The pass key is")
+
+
+def test_too_short_or_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="too short"):
+        build_prompt(encode, 50, 0.5, "12345")
+    with pytest.raises(ValueError, match="depth"):
+        build_prompt(encode, 500, 1.5, "12345")
+    with pytest.raises(ValueError, match="digits"):
+        build_prompt(encode, 500, 0.5, "12a45")
+
+
+def test_random_keys_are_five_digits():
+    rng = random.Random(0)
+    keys = [random_key(rng) for _ in range(200)]
+    assert all(re.fullmatch(r"[1-9]\d{4}", k) for k in keys)
+    assert len(set(keys)) > 190
+
+
+@pytest.mark.parametrize("text,parsed", [
+    (" 52718.", "52718"),
+    ("52718 is the pass key", "52718"),
+    (" 5 2 7 1 8</s>", "52718"),
+    ("\n\nThe pass key is 52718. Remember it.", "52718"),
+    (" 527189", "527189"),
+    (" five two", None),
+    ("", None),
+])
+def test_parse_answer(text, parsed):
+    assert parse_answer(text) == parsed
+
+
+def test_is_correct_needs_the_whole_key():
+    assert is_correct(" 52718. Remember", "52718")
+    assert not is_correct(" 5271", "52718")
+    assert not is_correct(" 527189", "52718")
+    assert not is_correct(" 12345 52718", "52718")  # the first number counts, not any number
+
+
+def test_grid_accuracy_bookkeeping():
+    # An oracle that reads the key from its prompt, but only when the key is in the first half.
+    def generate(ids):
+        text = SPM.decode(ids)
+        key = re.search(r"pass key is (\d+)", text).group(1)
+        return " " + key if text.index(key) < len(text) / 2 else " 00000"
+
+    result = run_grid(encode, generate, lengths=[300, 600], depths=[0.0, 0.3, 1.0], trials=3, seed=0)
+    assert result["accuracy"] == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+    assert len(result["samples"]) == 2 * 3 * 3
+    assert all(s["correct"] == (s["parsed"] == s["key"]) for s in result["samples"])
+    again = run_grid(encode, generate, lengths=[300, 600], depths=[0.0, 0.3, 1.0], trials=3, seed=0)
+    assert [s["key"] for s in again["samples"]] == [s["key"] for s in result["samples"]]
