@@ -75,7 +75,9 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[2B, ...] in ``[chosen; rejected]`` order -> (chosen [B, ...], rejected [B, ...])."""
     if values.shape[0] % 2:
-        raise ValueError(f"a DPO batch has an even number of rows ([chosen; rejected]), got {values.shape[0]}")
+        raise ValueError(
+            f"a DPO batch has an even number of rows ([chosen; rejected]), got {values.shape[0]}"
+        )
     chosen, rejected = values.chunk(2, dim=0)
     return chosen, rejected
 
@@ -145,7 +147,9 @@ def preference_loss(
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
-        raise ValueError(f"label_smoothing applies to {'/'.join(SMOOTHED_LOSS_TYPES)} only, not {loss_type!r}")
+        raise ValueError(
+            f"label_smoothing applies to {'/'.join(SMOOTHED_LOSS_TYPES)} only, not {loss_type!r}"
+        )
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     if loss_type == "sigmoid":
@@ -156,9 +160,12 @@ def preference_loss(
         losses = hinge_loss(chosen_logratios - rejected_logratios, beta)
     elif loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("the ipo loss needs chosen_lengths and rejected_lengths (completion token counts)")
-        per_token_delta = chosen_logratios / chosen_lengths.clamp_min(1) - rejected_logratios / rejected_lengths.clamp_min(1)
-        losses = ipo_loss(per_token_delta, beta)
+            raise ValueError(
+                "the ipo loss needs chosen_lengths and rejected_lengths (completion token counts)"
+            )
+        chosen_per_token = chosen_logratios / chosen_lengths.clamp_min(1)
+        rejected_per_token = rejected_logratios / rejected_lengths.clamp_min(1)
+        losses = ipo_loss(chosen_per_token - rejected_per_token, beta)
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     return PreferenceLoss(
@@ -177,7 +184,9 @@ def chosen_nll(chosen_token_logps_sum: torch.Tensor, chosen_lengths: torch.Tenso
     return -chosen_token_logps_sum.sum() / chosen_lengths.sum().clamp_min(1)
 
 
-def reward_metrics(out: PreferenceLoss, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, float]:
+def reward_metrics(
+    out: PreferenceLoss, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
+) -> dict[str, float]:
     """Batch means of the DPO diagnostics (TRL's names), as Python floats for the tracker."""
     margins = out.chosen_rewards - out.rejected_rewards
     return {

@@ -33,7 +33,9 @@ def _t(*values):
 
 
 def _hand_pair(loss_type, **kw):
-    return preference_loss(_t(POLICY_C), _t(POLICY_R), _t(REF_C), _t(REF_R), beta=BETA, loss_type=loss_type, **kw)
+    return preference_loss(
+        _t(POLICY_C), _t(POLICY_R), _t(REF_C), _t(REF_R), beta=BETA, loss_type=loss_type, **kw
+    )
 
 
 def test_sigmoid_hand_worked():
@@ -158,10 +160,18 @@ def trl_setup():
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
     cfg = MixtralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
     )
     torch.manual_seed(0)
     model = MixtralForCausalLM(cfg)
@@ -174,16 +184,28 @@ def trl_setup():
     return model, tokenizer, Dataset.from_dict(rows)
 
 
-def _trl_loss_and_ours(trl_setup, tmp_path, loss_type, trl_loss_types, trl_weights=None, label_smoothing=0.0, nll=0.0):
+def _trl_loss_and_ours(
+    trl_setup, tmp_path, loss_type, trl_loss_types, trl_weights=None, label_smoothing=0.0, nll=0.0
+):
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer, dataset = trl_setup
     args = DPOConfig(
-        output_dir=str(tmp_path), beta=0.3, loss_type=trl_loss_types, loss_weights=trl_weights,
-        label_smoothing=label_smoothing, report_to=[], router_aux_loss_coef=0.0, use_cpu=True,
+        output_dir=str(tmp_path),
+        beta=0.3,
+        loss_type=trl_loss_types,
+        loss_weights=trl_weights,
+        label_smoothing=label_smoothing,
+        report_to=[],
+        router_aux_loss_coef=0.0,
+        use_cpu=True,
     )
     trainer = DPOTrainer(
-        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tokenizer
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
     # Hand-made reference log-probs, read from the batch the way TRL's precomputed path reads them.
@@ -199,8 +221,15 @@ def _trl_loss_and_ours(trl_setup, tmp_path, loss_type, trl_loss_types, trl_weigh
     logps, counts = sequence_log_probs(logits, labels)
     (pc, pr), (nc, nr) = split_pairs(logps), split_pairs(counts)
     out = preference_loss(
-        pc, pr, ref_c, ref_r, beta=0.3, loss_type=loss_type, label_smoothing=label_smoothing,
-        chosen_lengths=nc, rejected_lengths=nr,
+        pc,
+        pr,
+        ref_c,
+        ref_r,
+        beta=0.3,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        chosen_lengths=nc,
+        rejected_lengths=nr,
     )
     ours = out.losses.mean() + nll * chosen_nll(pc, nc)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -217,10 +246,18 @@ def test_loss_equals_trl(trl_setup, tmp_path, loss_type, label_smoothing):
     )
     assert math.isfinite(ours.item()) and ours.item() > 0
     torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+    ):
         assert our_metrics[key] == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-6), key
 
 
 def test_nll_term_equals_trl_sigmoid_plus_sft(trl_setup, tmp_path):
-    trl_loss, ours, _, _ = _trl_loss_and_ours(trl_setup, tmp_path, "sigmoid", ["sigmoid", "sft"], [1.0, 0.7], nll=0.7)
+    trl_loss, ours, _, _ = _trl_loss_and_ours(
+        trl_setup, tmp_path, "sigmoid", ["sigmoid", "sft"], [1.0, 0.7], nll=0.7
+    )
     torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
