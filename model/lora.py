@@ -74,6 +74,25 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
+    def __getattr__(self, name: str):
+        # MoEBlock and the parallel code read the experts' attributes (num_experts, hidden_size, ...)
+        # through whatever module sits at `.experts`; answer for the wrapped MixtralExperts.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def use_grouped_mm(self) -> bool | None:
+        return self.get_base_layer().use_grouped_mm
+
+    @use_grouped_mm.setter
+    def use_grouped_mm(self, value: bool | None) -> None:
+        # One switch for both the base GEMMs and the LoRA GEMMs, wherever it is set.
+        self.get_base_layer().use_grouped_mm = value
+
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         hidden = module.down_proj.shape[1]
         return hidden, hidden
@@ -142,7 +161,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def _grouped_mm(self, x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         # Follow the base module's kernel choice, so that forcing its per-expert loop forces ours too.
-        return grouped_mm(x, w, tokens_per_expert, use_grouped_mm=self.get_base_layer().use_grouped_mm)
+        return grouped_mm(x, w, tokens_per_expert, use_grouped_mm=self.use_grouped_mm)
 
     def _lora_gate_up(self, adapter: str, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """scaling * [x A_w1^T B_w1^T | x A_w3^T B_w3^T] on expert-sorted rows: [N, H] -> [N, 2F]."""
@@ -192,24 +211,40 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         delta_down = self.lora_down_B[adapter][expert].float() @ self.lora_down_A[adapter][expert].float()
         return delta_gate_up * scaling, delta_down * scaling
 
-    def _add_delta(self, adapter: str, sign: float, check_finite: bool = False) -> None:
-        # One expert at a time: the fp32 delta of a whole 8x7B expert stack would be ~3.7 GB per layer.
+    def _updated_expert_weights(self, adapter: str, sign: float, expert: int):
+        """(parameter, its new value for `expert`) for gate_up_proj and down_proj, summed in fp32."""
         base = self.get_base_layer()
+        weights = (base.gate_up_proj, base.down_proj)
+        deltas = self.get_delta_weight(adapter, expert)
+        for weight, delta in zip(weights, deltas, strict=True):
+            yield weight, (weight[expert].float() + sign * delta.to(weight.device)).to(weight.dtype)
+
+    def _add_delta(self, adapter: str, sign: float) -> None:
+        # One expert at a time: the fp32 delta of a whole 8x7B expert stack would be ~3.7 GB per layer.
         with torch.no_grad():
-            for expert in range(base.gate_up_proj.shape[0]):
-                for weight, delta in zip(
-                    (base.gate_up_proj, base.down_proj), self.get_delta_weight(adapter, expert), strict=True
-                ):
-                    updated = weight[expert].float() + sign * delta.to(weight.device)
-                    if check_finite and not torch.isfinite(updated).all():
-                        raise ValueError(f"merging LoRA adapter {adapter!r} gives non-finite expert weights")
-                    weight[expert].copy_(updated.to(weight.dtype))
+            for expert in range(self.get_base_layer().gate_up_proj.shape[0]):
+                for weight, updated in self._updated_expert_weights(adapter, sign, expert):
+                    weight[expert].copy_(updated)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter in self.lora_gate_up_A:
-                self._add_delta(adapter, 1.0, check_finite=safe_merge)
-                self.merged_adapters.append(adapter)
+            if adapter not in self.lora_gate_up_A:
+                continue
+            if safe_merge:
+                self._check_merge_is_finite(adapter)
+            self._add_delta(adapter, 1.0)
+            self.merged_adapters.append(adapter)
+
+    def _check_merge_is_finite(self, adapter: str) -> None:
+        # A pass of its own, before any write: a failed safe merge must leave the base weights untouched.
+        with torch.no_grad():
+            for expert in range(self.get_base_layer().gate_up_proj.shape[0]):
+                for _, updated in self._updated_expert_weights(adapter, 1.0, expert):
+                    if not torch.isfinite(updated).all():
+                        raise ValueError(
+                            f"merging LoRA adapter {adapter!r} would give non-finite weights in expert {expert}; "
+                            "the base weights are unchanged"
+                        )
 
     def unmerge(self) -> None:
         if not self.merged:

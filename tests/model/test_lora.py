@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
 
-from model.lora import ExpertLoraLayer
+from model import Mixtral, MixtralConfig
+from model.lora import ExpertLoraLayer, apply_lora, valid_lora_targets
 from model.moe import MixtralExperts
 
 E, H, FFN, R, ALPHA = 4, 32, 48, 4, 8
@@ -60,7 +63,8 @@ def lora_tensors(layer: ExpertLoraLayer, adapter: str = "default") -> list[torch
 @pytest.mark.parametrize("use_grouped_mm", [None, False])
 def test_expert_lora_matches_dense_reference_outputs_and_grads(use_grouped_mm):
     layer = make_layer()
-    layer.get_base_layer().use_grouped_mm = use_grouped_mm
+    layer.use_grouped_mm = use_grouped_mm  # one switch for the base and the LoRA GEMMs
+    assert layer.get_base_layer().use_grouped_mm is use_grouped_mm and layer.num_experts == E
     randomise_b(layer)
     x, tokens_per_expert = sorted_rows()
     x.requires_grad_(True)
@@ -104,7 +108,9 @@ def test_dropout_acts_on_the_lora_input_only_in_training():
     randomise_b(layer)
     x, tokens_per_expert = sorted_rows()
     base = layer.get_base_layer()
-    ref = dense_reference(x, tokens_per_expert, base.gate_up_proj, base.down_proj, *lora_tensors(layer), ALPHA / R)
+    ref = dense_reference(
+        x, tokens_per_expert, base.gate_up_proj, base.down_proj, *lora_tensors(layer), ALPHA / R
+    )
     layer.eval()
     torch.testing.assert_close(layer(x, tokens_per_expert), ref, atol=1e-5, rtol=1e-5)
     layer.train()
@@ -128,7 +134,9 @@ def test_merge_adds_the_exact_delta_and_unmerge_removes_it():
         w1 = gate_up_before[e, :FFN] + scaling * b_gu[e, :FFN] @ a_gu[e, :R]
         w3 = gate_up_before[e, FFN:] + scaling * b_gu[e, FFN:] @ a_gu[e, R:]
         torch.testing.assert_close(base.gate_up_proj[e], torch.cat((w1, w3)), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(base.down_proj[e], down_before[e] + scaling * b_d[e] @ a_d[e], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            base.down_proj[e], down_before[e] + scaling * b_d[e] @ a_d[e], atol=1e-6, rtol=1e-6
+        )
     torch.testing.assert_close(layer(x, tokens_per_expert), adapted, atol=1e-5, rtol=1e-5)
 
     layer.unmerge()
@@ -141,3 +149,171 @@ def test_merge_adds_the_exact_delta_and_unmerge_removes_it():
 def test_unsupported_lora_options_are_clear_errors(option):
     with pytest.raises(ValueError, match="experts"):
         make_layer(**option)
+
+
+# ---- the PEFT workflows on the native model ---------------------------------------------------
+
+
+def tiny_model(seed: int = 0) -> Mixtral:
+    torch.manual_seed(seed)
+    return Mixtral(MixtralConfig.preset("tiny"))
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, 32000, (2, 12))
+    return input_ids, input_ids.clone()
+
+
+def trained_lora_model(seed: int = 0, **kwargs) -> PeftModel:
+    """A LoRA model whose B are non-zero, as after training (attention B included)."""
+    peft_model = apply_lora(tiny_model(seed), r=R, alpha=ALPHA, **kwargs)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or name.rpartition(".")[0].endswith("_B"):
+                param.normal_(std=0.05)
+    return peft_model
+
+
+def logits(model, input_ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def test_lora_wraps_attention_and_experts_and_changes_the_output():
+    peft_model = trained_lora_model()
+    names = {name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
+    assert "base_model.model.layers.1.moe.experts" in names
+    assert "base_model.model.layers.0.self_attn.o_proj" in names
+    assert isinstance(peft_model.base_model.model.layers[0].moe.experts, ExpertLoraLayer)
+    input_ids, _ = batch()
+    assert not torch.allclose(logits(peft_model, input_ids), logits(tiny_model(), input_ids), atol=1e-3)
+
+
+def test_only_adapter_parameters_are_trainable_and_get_grads():
+    peft_model = trained_lora_model()
+    input_ids, labels = batch()
+    peft_model(input_ids, labels=labels).loss.backward()
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    expected_suffixes = ("lora_A.default.weight", "lora_B.default.weight") + tuple(
+        f"{name}.default" for name in ExpertLoraLayer.adapter_layer_names
+    )
+    assert trainable and all(name.endswith(expected_suffixes) for name in trainable)
+    assert any(".experts.lora_down_A." in name for name in trainable)
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+
+def test_merged_model_equals_adapter_model():
+    peft_model = trained_lora_model()
+    input_ids, _ = batch()
+    adapted = logits(peft_model, input_ids)
+    base_gate_up = (
+        peft_model.base_model.model.layers[0].moe.experts.get_base_layer().gate_up_proj.detach().clone()
+    )
+
+    peft_model.merge_adapter()
+    torch.testing.assert_close(logits(peft_model, input_ids), adapted, atol=1e-5, rtol=1e-5)
+    peft_model.unmerge_adapter()
+    experts = peft_model.base_model.model.layers[0].moe.experts
+    torch.testing.assert_close(experts.get_base_layer().gate_up_proj, base_gate_up, atol=1e-6, rtol=1e-6)
+
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, Mixtral) and type(merged.layers[0].moe.experts) is MixtralExperts
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, input_ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_disable_adapter_gives_the_base_model_exactly():
+    peft_model = trained_lora_model()
+    input_ids, _ = batch()
+    base = logits(tiny_model(), input_ids)
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model, input_ids), base)
+    assert not torch.allclose(logits(peft_model, input_ids), base, atol=1e-3)
+
+
+def test_save_and_peft_from_pretrained_restore_the_adapter(tmp_path):
+    peft_model = trained_lora_model(train_router=True)
+    input_ids, _ = batch()
+    adapted = logits(peft_model, input_ids)
+    peft_model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved["base_model.model.layers.0.moe.experts.lora_gate_up_A"].shape == (8, 2 * R, 64)
+    assert any(key.endswith("moe.gate.weight") for key in saved)
+
+    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert torch.equal(logits(reloaded, input_ids), adapted)
+    assert not any(p.requires_grad for p in reloaded.parameters())
+
+
+def test_train_router_trains_a_copy_of_the_router_that_disable_adapter_bypasses():
+    peft_model = apply_lora(tiny_model(), r=R, alpha=ALPHA, target_modules=["experts"], train_router=True)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert any(name.endswith("moe.gate.modules_to_save.default.weight") for name in trainable)
+    with torch.no_grad():
+        peft_model.base_model.model.layers[0].moe.gate.modules_to_save["default"].weight.mul_(3.0)
+    input_ids, _ = batch()
+    base = logits(tiny_model(), input_ids)
+    assert not torch.allclose(logits(peft_model, input_ids), base, atol=1e-3)
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model, input_ids), base)
+
+
+def test_a_second_named_adapter_can_be_added_and_switched():
+    peft_model = trained_lora_model()
+    input_ids, _ = batch()
+    adapted = logits(peft_model, input_ids)
+    peft_model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["experts"]))
+    peft_model.set_adapter("other")
+    # The fresh adapter has B = 0: only "default"'s attention and expert deltas are gone.
+    assert torch.equal(logits(peft_model, input_ids), logits(tiny_model(), input_ids))
+    experts = peft_model.base_model.model.layers[0].moe.experts
+    assert experts.lora_gate_up_A["other"].shape == (8, 4, 64)
+    assert (
+        experts.lora_gate_up_A["other"].requires_grad and not experts.lora_gate_up_A["default"].requires_grad
+    )
+    peft_model.set_adapter("default")
+    assert torch.equal(logits(peft_model, input_ids), adapted)
+
+
+def test_bf16_base_keeps_fp32_adapters_and_runs():
+    model = tiny_model().to(torch.bfloat16)
+    peft_model = apply_lora(model, r=R, alpha=ALPHA)
+    experts = peft_model.base_model.model.layers[0].moe.experts
+    assert experts.lora_down_B["default"].dtype == torch.float32
+    assert experts.get_base_layer().down_proj.dtype == torch.bfloat16
+    input_ids, labels = batch()
+    out = peft_model(input_ids, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and experts.lora_down_B["default"].grad.abs().sum() > 0
+
+
+def test_valid_targets_and_unknown_target_errors():
+    model = tiny_model()
+    assert valid_lora_targets(model) == ("experts", "k_proj", "o_proj", "q_proj", "v_proj")
+    with pytest.raises(
+        ValueError, match=r"unknown lora target\(s\) \['w1'\].*valid targets are experts, k_proj"
+    ):
+        apply_lora(model, r=R, alpha=ALPHA, target_modules=["q_proj", "w1"])
+    with pytest.raises(ValueError, match="train_router"):
+        apply_lora(model, r=R, alpha=ALPHA, target_modules=["gate"])
+    with pytest.raises(ValueError, match="list of module names"):
+        apply_lora(model, r=R, alpha=ALPHA, target_modules="q_proj")
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_safe_merge_refuses_non_finite_weights_and_leaves_the_base_untouched():
+    layer = make_layer()
+    randomise_b(layer)
+    with torch.no_grad():
+        layer.lora_down_B["default"][3, 0, 0] = float("inf")
+    before = layer.get_base_layer().gate_up_proj.detach().clone()
+    with pytest.raises(ValueError, match="non-finite weights in expert 3"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged and torch.equal(layer.get_base_layer().gate_up_proj, before)
