@@ -1,0 +1,300 @@
+"""Parallelism applied from outside the model: the one place that knows about ranks.
+
+Order, fixed: validate the `parallel:` section against the launch (world size, expert count) ->
+build the model with only this rank's experts -> LoRA -> expert-parallel dispatch + DeepSpeed
+expert tags -> activation checkpointing -> ZeRO-3 leaf marking -> DeepSpeed (through accelerate).
+
+    acc = parallel.make_accelerator(recipe.parallel, train=..., ...)      # before anything else
+    placement = parallel.placement(recipe.parallel, num_experts)          # expert_ids to build/load
+    model = Mixtral.from_pretrained(path, expert_ids=placement.expert_ids) # or Mixtral(cfg, expert_ids=...)
+    model = apply_lora(model, ...)                                        # optional
+    stats = parallel.apply(model, recipe.parallel, placement)             # EP hooks, tags, leaf modules
+    optimizer = parallel.moe_param_groups(optimizer)                      # DeepSpeed expert groups
+    model, optimizer = acc.prepare(model, optimizer)
+
+Expert parallelism runs on DeepSpeed's classic MoE path (ZeRO 1/2): our own all_to_all dispatch
+(pipeline/expert_parallel.py) plus DeepSpeed's expert-parameter convention, so that DeepSpeed
+broadcasts expert weights only inside an expert-data-parallel group and reduces expert grads only
+across ranks holding the same experts. Why not AutoEP: it replaces our MoE block with its own
+router and forward (no padding mask, no router logits, so no aux loss or expert counts from the
+model), and LoRA on its experts relies on DeepSpeed internals; the classic path keeps the model,
+its losses and PEFT's expert LoRA layer untouched. ZeRO-3 runs without EP, MoE blocks as leaf
+modules (their experts run in a data-dependent order).
+
+NOTE: DeepSpeed only turns its expert handling on when some module is an instance of
+`deepspeed.moe.layer.MoE` (runtime/engine.py `_configure_distributed_model`). Without that, tagged
+expert params are silently broadcast from rank 0 and averaged across EP ranks
+(shared/PARALLEL_FACTS.md). `_DeepSpeedExpertMarker` is a parameter-free such module; the
+multi-process test checks that expert weights stay different across EP ranks after a step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.expert_parallel import (
+    EP_GROUP_NAME,
+    ExpertParallelStats,
+    ExpertPlacement,
+    experts_modules,
+    gather_expert_tensor,
+    install_dispatch,
+    tag_expert_params,
+)
+
+
+class ParallelError(ValueError):
+    """The `parallel:` section does not fit the launch or the model; the message says what to change."""
+
+
+@dataclass
+class ParallelSection:
+    """Recipe section `parallel:`. Process count and machines come from the accelerate config."""
+
+    # Process-group backend: "auto" is nccl with CUDA, gloo without.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Experts of each layer are split over groups of this many ranks (1 = every rank holds all).
+    expert_parallel_size: int = 1
+    # 0 = plain DDP (no DeepSpeed); 1/2/3 = DeepSpeed ZeRO stage.
+    zero_stage: int = 0
+    # Keep optimizer state (and under ZeRO-3 the params) in CPU memory.
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 0 (no DeepSpeed), 1, 2 or 3, got {self.zero_stage}")
+        if self.expert_parallel_size < 1:
+            raise ValueError(f"parallel.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
+        if self.expert_parallel_size > 1 and self.zero_stage not in (1, 2):
+            raise ValueError(
+                f"parallel.expert_parallel_size={self.expert_parallel_size} needs parallel.zero_stage 1 or 2 "
+                f"(got {self.zero_stage}): expert parallelism runs on DeepSpeed's MoE path, which ZeRO-3 and "
+                "plain DDP do not have; use zero_stage: 2, or expert_parallel_size: 1 with zero_stage: 3"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("parallel.offload_optimizer needs DeepSpeed: set parallel.zero_stage to 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("parallel.offload_params needs parallel.zero_stage: 3 (only ZeRO-3 partitions params)")
+
+
+def validate(section: ParallelSection, *, num_experts: int, world_size: int) -> None:
+    """Checks that need the launch and the model; run before building anything."""
+    ep = section.expert_parallel_size
+    if num_experts % ep != 0:
+        raise ParallelError(
+            f"parallel.expert_parallel_size={ep} must divide the number of experts ({num_experts}); "
+            f"choose one of {[d for d in range(1, num_experts + 1) if num_experts % d == 0]}"
+        )
+    if world_size % ep != 0:
+        raise ParallelError(
+            f"parallel.expert_parallel_size={ep} must divide the number of processes ({world_size}); "
+            "change it or the accelerate config's num_processes"
+        )
+
+
+def launched_zero_stage() -> int | None:
+    """The ZeRO stage an `accelerate launch` config asked for, or None without DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage else None
+
+
+def deepspeed_config(
+    section: ParallelSection, *, micro_batch_size: int, grad_accum_steps: int, bf16: bool
+) -> dict:
+    """The DeepSpeed JSON for a ZeRO stage; clipping and the schedule stay with the trainer."""
+    zero: dict = {"stage": section.zero_stage}
+    if section.zero_stage in (1, 2):
+        # DeepSpeed's MoE path asserts both (runtime/zero/stage_1_and_2.py `_configure_moe_settings`).
+        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=False)
+    if section.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if section.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if section.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        # Our torch AdamW also runs on offloaded state; DeepSpeed's CPU Adam would need a compiled op.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def make_accelerator(
+    section: ParallelSection,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    mixed_precision: str = "no",
+    log_with: str | None = None,
+    project_dir: str | None = None,
+):
+    """The run's Accelerator, with a DeepSpeed plugin built from the recipe when zero_stage > 0."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    launched = launched_zero_stage()
+    if launched is not None and launched != section.zero_stage:
+        raise ParallelError(
+            f"the accelerate config launches DeepSpeed ZeRO-{launched} but the recipe has "
+            f"parallel.zero_stage={section.zero_stage}; make them agree (e.g. parallel.zero_stage={launched})"
+        )
+    if launched is None and section.zero_stage > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ParallelError(
+            f"parallel.zero_stage={section.zero_stage} but the launch config does not use DeepSpeed; "
+            f"launch with recipes/accelerate/zero{section.zero_stage}*.yaml"
+        )
+    backend = section.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without CUDA accelerate picks no backend and believes it runs alone (PARALLEL_FACTS.md).
+        PartialState(backend=backend)
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    plugin = None
+    if section.zero_stage > 0:
+        ds = deepspeed_config(section, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                              bf16=mixed_precision == "bf16")
+        plugin = DeepSpeedPlugin(hf_ds_config=ds)
+    acc = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
+                      deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum_steps)
+    return acc
+
+
+def placement(section: ParallelSection, num_experts: int) -> ExpertPlacement:
+    """This rank's experts (all of them without EP). Validates against the launch first."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    validate(section, num_experts=num_experts, world_size=world)
+    ep = section.expert_parallel_size
+    # EP groups are blocks of consecutive ranks, as DeepSpeed builds them (utils/groups.py).
+    return ExpertPlacement(num_experts=num_experts, ep_size=ep, ep_rank=rank % ep)
+
+
+def expert_groups(ep_size: int):
+    """(EP group, expert-data-parallel group) of this rank, created through DeepSpeed's registry."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    if not dist.is_initialized():
+        raise ParallelError("expert parallelism needs a distributed launch (accelerate launch / torchrun)")
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    name = EP_GROUP_NAME.format(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+def _marker_class():
+    from deepspeed.moe.layer import MoE
+
+    class _DeepSpeedExpertMarker(MoE):
+        """Parameter-free module that makes DeepSpeed's engine honour our expert-param tags."""
+
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)  # MoE.__init__ would build DeepSpeed's own experts and gate
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = EP_GROUP_NAME.format(ep_size)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            if use_data_before_expert_parallel_:
+                raise ParallelError("use_data_before_expert_parallel is not supported with our EP groups")
+            expert_groups(self.ep_size)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("_DeepSpeedExpertMarker only marks the model for DeepSpeed; it has no forward")
+
+    return _DeepSpeedExpertMarker
+
+
+def apply(model: nn.Module, section: ParallelSection, place: ExpertPlacement) -> ExpertParallelStats | None:
+    """EP dispatch + DeepSpeed expert tags (ep > 1), ZeRO-3 leaf modules; call after LoRA.
+
+    Activation checkpointing is the model's switch (`model.gradient_checkpointing`); it recomputes
+    the dispatch too, which is a collective every rank repeats in the same order, so it composes.
+    Returns the all_to_all / load counters (None without EP).
+    """
+    stats = None
+    if section.expert_parallel_size > 1:
+        ep_group, _ = expert_groups(section.expert_parallel_size)
+        stats = install_dispatch(model, place, ep_group)
+        tag_expert_params(model, place)
+        if section.zero_stage in (1, 2):
+            model.add_module("deepspeed_expert_marker", _marker_class()(place.num_experts, place.ep_size))
+    if section.zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from model.moe import MoEBlock
+
+        # Experts run in a data-dependent order; ZeRO-3 must gather a block's params all at once.
+        set_z3_leaf_modules(model, [MoEBlock])
+    return stats
+
+
+def moe_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Split the optimizer's groups into dense and expert groups, as DeepSpeed ZeRO-1/2 requires.
+
+    Done in place, before the first step (no state to move). A no-op without tagged params.
+    """
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    if not any(is_moe_param(p) for g in optimizer.param_groups for p in g["params"]):
+        return optimizer
+    if optimizer.state:
+        raise ParallelError("split the optimizer's expert groups before its first step")
+    groups = [dict(g, name=g.get("name", f"group{i}")) for i, g in enumerate(optimizer.param_groups)]
+    optimizer.param_groups[:] = split_params_into_different_moe_groups_for_optimizer(groups)
+    return optimizer
+
+
+def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, trainable_only: bool = False):
+    """The whole model's tensors on every rank: expert tensors gathered from their EP group.
+
+    Names are the model's own (`named_parameters`); expert params come back with all E experts.
+    Under ZeRO-3 use the accelerator's `get_state_dict` instead (EP is not allowed there).
+    """
+    expert_names = set()
+    if place.ep_size > 1:
+        for name, module in experts_modules(model):
+            expert_names.update(f"{name}.{p}" for p, _ in module.named_parameters())
+    out = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        t = p.detach()
+        out[name] = gather_expert_tensor(t, ep_group) if name in expert_names else t.clone()
+    return out
+
+
+def expert_load_imbalance(stats: ExpertParallelStats, ep_group) -> dict[str, float]:
+    """Rows each EP rank computed since the last reset, and max/mean across the EP group; resets."""
+    rows = torch.tensor([0.0 if stats.local_expert_rows is None else float(stats.local_expert_rows.sum())])
+    sent = torch.tensor([float(stats.all_to_all_bytes)])
+    per_rank = [torch.zeros(1) for _ in range(dist.get_world_size(ep_group))]
+    dist.all_gather(per_rank, rows, group=ep_group)
+    loads = torch.cat(per_rank)
+    stats.reset()
+    mean = loads.mean().item()
+    return {
+        "ep/all_to_all_bytes": sent.item(),
+        "ep/rank_rows_max": loads.max().item(),
+        "ep/rank_rows_min": loads.min().item(),
+        "ep/load_imbalance": loads.max().item() / mean if mean > 0 else 1.0,
+    }
