@@ -158,7 +158,12 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
 
 
 class MoEBlock(nn.Module):
-    """Router + experts. forward(h [B, S, H], token_mask [T] bool) -> (out [B, S, H], router_logits [T, E])."""
+    """Router + experts. forward(h [B, S, H], token_mask [T] bool) -> (out [B, S, H], router_logits [T, E]).
+
+    `num_local_experts` < `num_experts` builds a block that holds only some experts (expert
+    parallelism); the router still scores all E, and dispatch to other ranks is applied from
+    outside the model, so such a block cannot run its own forward.
+    """
 
     def __init__(
         self,
@@ -167,6 +172,7 @@ class MoEBlock(nn.Module):
         num_experts: int,
         top_k: int,
         *,
+        num_local_experts: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -176,11 +182,22 @@ class MoEBlock(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
-        self.experts = MixtralExperts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        self.experts = MixtralExperts(
+            num_experts if num_local_experts is None else num_local_experts,
+            hidden_size,
+            intermediate_size,
+            device=device,
+            dtype=dtype,
+        )
 
     def forward(
         self, h: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.experts.num_experts != self.num_experts:
+            raise RuntimeError(
+                f"MoEBlock holds {self.experts.num_experts} of {self.num_experts} experts: "
+                "run it under the expert-parallel dispatch (pipeline/parallel.py)"
+            )
         B, S, H = h.shape
         x = h.reshape(B * S, H)  # [T, H]
         router_logits = self.gate(x)  # [T, E]

@@ -1,0 +1,357 @@
+"""Hugging Face safetensors checkpoints <-> the native model, through one name table.
+
+HF layouts read: per-expert (`block_sparse_moe.experts.{e}.w1/w2/w3`, as released and as
+transformers writes by default) and transformers 5's fused (`mlp.experts.gate_up_proj/down_proj`).
+Written: the per-expert layout, sharded, with `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import MixtralConfig
+
+
+@dataclass(frozen=True)
+class NameRule:
+    hf: str  # HF name template ({i} layer, {e} expert)
+    native: str  # native parameter template
+    piece: str  # "all": whole tensor; "w1"/"w3": rows [:F]/[F:] of expert e; "w2": expert e; "stack": all experts
+    export: bool = True  # False: read-only alias (transformers 5 fused names)
+
+
+NAME_TABLE: tuple[NameRule, ...] = (
+    NameRule("model.embed_tokens.weight", "embed_tokens.weight", "all"),
+    NameRule("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", "all"),
+    NameRule("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.weight", "all"),
+    NameRule("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.weight", "all"),
+    NameRule("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.weight", "all"),
+    NameRule("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.weight", "all"),
+    NameRule(
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.post_attention_layernorm.weight",
+        "all",
+    ),
+    NameRule("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.moe.gate.weight", "all"),
+    NameRule(
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "layers.{i}.moe.experts.gate_up_proj", "w1"
+    ),
+    NameRule(
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "layers.{i}.moe.experts.down_proj", "w2"
+    ),
+    NameRule(
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "layers.{i}.moe.experts.gate_up_proj", "w3"
+    ),
+    NameRule("model.norm.weight", "norm.weight", "all"),
+    NameRule("lm_head.weight", "lm_head.weight", "all"),
+    NameRule("model.layers.{i}.mlp.gate.weight", "layers.{i}.moe.gate.weight", "all", export=False),
+    NameRule(
+        "model.layers.{i}.mlp.experts.gate_up_proj",
+        "layers.{i}.moe.experts.gate_up_proj",
+        "stack",
+        export=False,
+    ),
+    NameRule(
+        "model.layers.{i}.mlp.experts.down_proj", "layers.{i}.moe.experts.down_proj", "stack", export=False
+    ),
+)
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile(
+        "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$"
+    )
+
+
+_HF_PATTERNS = [(_template_regex(rule.hf), rule) for rule in NAME_TABLE]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HF tensor goes: native parameter, and the expert / row half it fills."""
+
+    native: str
+    piece: str
+    layer: int | None
+    expert: int | None
+
+
+def hf_to_native(hf_name: str, where: str = "") -> Target:
+    for pattern, rule in _HF_PATTERNS:
+        match = pattern.match(hf_name)
+        if match:
+            groups = match.groupdict()
+            layer = int(groups["i"]) if "i" in groups else None
+            expert = int(groups["e"]) if "e" in groups else None
+            native = rule.native.format(i=layer) if layer is not None else rule.native
+            return Target(native, rule.piece, layer, expert)
+    raise ValueError(
+        f"unknown tensor name {hf_name!r}{' in ' + where if where else ''}: not a Mixtral weight "
+        "(known names are the templates in model/checkpoint.py NAME_TABLE)"
+    )
+
+
+def hf_tensors(
+    model_or_state_dict, expert_ids: list[int] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, tensor) one at a time in the per-expert layout (views, no copies).
+
+    Accepts a `Mixtral` (uses its `expert_ids`) or a native state dict (all experts, or `expert_ids`).
+    """
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        expert_ids = getattr(model_or_state_dict, "expert_ids", None) if expert_ids is None else expert_ids
+        state = model_or_state_dict.state_dict()
+    else:
+        state = model_or_state_dict
+    native_patterns = [(_template_regex(rule.native), rule) for rule in NAME_TABLE if rule.export]
+    for native_name, tensor in state.items():
+        rules = []
+        for pattern, rule in native_patterns:
+            match = pattern.match(native_name)
+            if match:
+                rules.append((rule, match.groupdict().get("i")))
+        if not rules:
+            raise ValueError(
+                f"hf_tensors: unknown native parameter {native_name!r} (see NAME_TABLE in model/checkpoint.py)"
+            )
+        for rule, layer in rules:
+            if rule.piece == "all":
+                yield rule.hf.format(i=layer), tensor
+                continue
+            ids = list(range(tensor.shape[0])) if expert_ids is None else list(expert_ids)
+            if len(ids) != tensor.shape[0]:
+                raise ValueError(
+                    f"hf_tensors: {native_name} holds {tensor.shape[0]} experts but expert_ids={ids}"
+                )
+            ffn = tensor.shape[1] // 2
+            for local, expert in enumerate(ids):
+                piece = {"w1": tensor[local, :ffn], "w3": tensor[local, ffn:], "w2": tensor[local]}[
+                    rule.piece
+                ]
+                yield rule.hf.format(i=layer, e=expert), piece
+
+
+# ---- loading -----------------------------------------------------------------------------
+
+
+def _weight_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not in {path}: {missing}")
+        return files
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise ValueError(f"{path}: only pickle weights (.bin/.pt) found; convert them to safetensors first")
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _expected_pieces(model) -> dict[str, set]:
+    """Native name -> the pieces that must be loaded into it (so that nothing stays uninitialised)."""
+    expected = {}
+    for name, _ in model.named_parameters():
+        if name.endswith("experts.gate_up_proj"):
+            expected[name] = {(p, e) for e in model.expert_ids for p in ("w1", "w3")}
+        elif name.endswith("experts.down_proj"):
+            expected[name] = {("w2", e) for e in model.expert_ids}
+        else:
+            expected[name] = {("all", None)}
+    return expected
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    expert_ids: list[int] | None = None,
+):
+    """Build on meta, allocate once, then copy each tensor in shard by shard (see Mixtral.from_pretrained)."""
+    from model.transformer import Mixtral
+
+    path = Path(path)
+    config = MixtralConfig.from_hf(path / "config.json")
+    dtype = dtype or config.dtype
+    files = _weight_files(path)
+    with torch.device("meta"):
+        model = Mixtral(config, expert_ids=expert_ids, dtype=dtype)
+    model = model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    local_of = {e: i for i, e in enumerate(model.expert_ids)}
+    ffn = config.intermediate_size
+    pending = _expected_pieces(model)
+    with torch.no_grad():
+        for file in files:
+            with safe_open(str(path / file), framework="pt", device="cpu") as shard:
+                for hf_name in shard.keys():
+                    target = hf_to_native(hf_name, where=str(path / file))
+                    if target.layer is not None and target.layer >= config.num_hidden_layers:
+                        raise ValueError(
+                            f"{path / file}: tensor {hf_name} is for layer {target.layer}, but config.json "
+                            f"has num_hidden_layers={config.num_hidden_layers}"
+                        )
+                    param = params[target.native]
+                    if target.piece == "stack":
+                        halves = ("w1", "w3") if target.native.endswith("gate_up_proj") else ("w2",)
+                        sliced = shard.get_slice(hf_name)
+                        expected = [config.num_local_experts, *param.shape[1:]]
+                        if list(sliced.get_shape()) != expected:
+                            _shape_error(hf_name, path / file, expected, sliced.get_shape())
+                        _claim(
+                            pending,
+                            target.native,
+                            [(p, e) for e in model.expert_ids for p in halves],
+                            hf_name,
+                            path / file,
+                        )
+                        for local, expert in enumerate(model.expert_ids):
+                            param[local].copy_(sliced[expert : expert + 1][0])
+                        continue
+                    if target.expert is not None:
+                        if target.expert >= config.num_local_experts:
+                            raise ValueError(
+                                f"{path / file}: tensor {hf_name} is for expert {target.expert}, but config.json "
+                                f"has num_local_experts={config.num_local_experts}"
+                            )
+                        if target.expert not in local_of:
+                            continue  # another rank's expert: never read
+                        local = local_of[target.expert]
+                        dest = {"w1": param[local, :ffn], "w3": param[local, ffn:], "w2": param[local]}[
+                            target.piece
+                        ]
+                        key = (target.piece, target.expert)
+                    else:
+                        dest, key = param, ("all", None)
+                    shape = shard.get_slice(hf_name).get_shape()
+                    if list(dest.shape) != list(shape):
+                        _shape_error(hf_name, path / file, list(dest.shape), shape)
+                    _claim(pending, target.native, [key], hf_name, path / file)
+                    dest.copy_(shard.get_tensor(hf_name))
+    missing = [f"{name} {sorted(map(str, pieces))}" for name, pieces in pending.items() if pieces]
+    if missing:
+        raise ValueError(
+            f"{path}: checkpoint is missing tensors for {len(missing)} parameter(s), e.g. {missing[:3]}"
+        )
+    return model
+
+
+def _claim(pending: dict[str, set], native: str, keys: list, hf_name: str, file: Path) -> None:
+    for key in keys:
+        if key not in pending[native]:
+            raise ValueError(
+                f"{file}: tensor {hf_name} fills {native} {key}, which another tensor already filled"
+            )
+        pending[native].discard(key)
+
+
+def _shape_error(hf_name: str, file: Path, expected, got) -> None:
+    raise ValueError(
+        f"{file}: tensor {hf_name} has shape {list(got)}, but config.json implies {list(expected)}; "
+        "the checkpoint and its config.json disagree"
+    )
+
+
+# ---- saving ------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: want an int of bytes or e.g. '5GB', '500MB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def save_pretrained(
+    model, path: str | Path, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+) -> None:
+    """config.json, generation_config.json and per-expert safetensors shards (+ index), written to
+    a temporary directory next to `path` and renamed into place; an existing `path` is replaced."""
+    path = Path(path)
+    limit = parse_size(max_shard_size)
+    if model.expert_ids != list(range(model.config.num_local_experts)):
+        raise ValueError(
+            "save_pretrained: this model holds only some experts; gather all experts before saving"
+        )
+    dtype = dtype or next(model.parameters()).dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"save_pretrained: dtype {dtype} is not one of {list(_DTYPE_NAMES)}")
+
+    # Plan the shards from shapes alone, so only one shard's tensors are ever copied at a time.
+    entries = [(name, tensor.shape) for name, tensor in hf_tensors(model)]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, shape in entries:
+        size = shape.numel() * itemsize
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += size
+    total_size = sum(shape.numel() for _, shape in entries) * itemsize
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        config = model.config.to_hf()
+        config["torch_dtype"] = _DTYPE_NAMES[dtype]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = {
+            "_from_model_config": True,
+            "bos_token_id": model.config.bos_token_id,
+            "eos_token_id": model.config.eos_token_id,
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        names = {name: i for i, shard in enumerate(shards) for name in shard}
+        file_names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        )
+        tensors_of = dict(hf_tensors(model))
+        for k, shard in enumerate(shards):
+            # clone: w1/w3 views share storage, which safetensors refuses to write.
+            data = {name: tensors_of[name].detach().to("cpu", dtype).clone() for name in shard}
+            save_file(data, str(tmp / file_names[k]), metadata={"format": "pt"})
+            del data
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total_size},
+                "weight_map": {name: file_names[k] for name, k in names.items()},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,127 @@
+"""Losses as small pure functions: language-model cross-entropy, router load balancing, router z-loss.
+
+Shape legend: T tokens, E experts, K top-k, V vocab, H hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """HF convention: position s predicts labels[s + 1]. labels [B, S] -> [B, S], last column ignored."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over tokens whose target is not -100, computed in fp32.
+
+    logits [T, V], targets [T] (already shifted). "mean" divides by the number of labelled tokens
+    (0 when there are none, instead of NaN); "sum" leaves that to the caller.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"masked_ce: reduction must be 'mean' or 'sum', got {reduction!r}")
+    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        (hidden @ lm_head_weight.T).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The LM loss without ever holding [T, V] logits: hidden [T, H], lm_head_weight [V, H], targets [T].
+
+    Each chunk of `chunk_size` tokens is checkpointed, so backward recomputes its logits one chunk
+    at a time too. Chunks with no labelled token are skipped.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"chunked_lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunked_lm_loss: logits_chunk_size must be > 0, got {chunk_size}")
+    labelled = targets != IGNORE_INDEX  # [T]
+    # Dropping unlabelled tokens first makes prompt-heavy SFT batches cheaper.
+    hidden, targets = hidden[labelled], targets[labelled]  # [T_lab, H], [T_lab]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], chunk_size):
+        stop = start + chunk_size
+        total = total + checkpoint(
+            _chunk_ce_sum, hidden[start:stop], lm_head_weight, targets[start:stop], use_reentrant=False
+        )
+    if reduction == "sum":
+        return total
+    return total / max(targets.shape[0], 1)
+
+
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor],
+    top_k: int,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss as transformers' `load_balancing_loss_func` defines it.
+
+    router_logits: one [T, E] tensor per layer; token_mask [T] (True/1 = real token) excludes padding.
+    With f_le the fraction of top-k slots layer l sends to expert e (per token, so sum_e f_le = K)
+    and P_le the mean router probability, the loss is E * sum_e mean_l(f_le) * mean_l(P_le):
+    counts and probabilities are averaged over layers before the product, exactly as HF does.
+    """
+    if len(router_logits) == 0:
+        raise ValueError("load_balancing_loss: router_logits is empty")
+    num_experts = router_logits[0].shape[-1]
+    device = router_logits[0].device
+    weight = (
+        None if token_mask is None else token_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    )  # [T]
+    slot_fraction = torch.zeros(num_experts, device=device)  # [E]
+    prob_sum = torch.zeros(num_experts, device=device)  # [E]
+    rows = 0.0
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        chosen = torch.topk(probs, top_k, dim=-1).indices  # [T, K]
+        slot_weight = (
+            torch.ones(chosen.shape, device=device)
+            if weight is None
+            else weight[:, None].expand(chosen.shape)
+        )
+        slot_fraction = slot_fraction + torch.zeros(num_experts, device=device).scatter_add(
+            0, chosen.reshape(-1), slot_weight.reshape(-1)
+        )
+        prob_sum = prob_sum + (probs.sum(0) if weight is None else (probs * weight[:, None]).sum(0))
+        rows = rows + (probs.shape[0] if weight is None else weight.sum())
+    return num_experts * torch.sum((slot_fraction / rows) * (prob_sum / rows))
+
+
+def router_z_loss(
+    router_logits: Sequence[torch.Tensor], token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over real tokens (and layers) of logsumexp(logits)^2.
+
+    router_logits: one [T, E] tensor per layer; token_mask [T] excludes padding.
+    """
+    if len(router_logits) == 0:
+        raise ValueError("router_z_loss: router_logits is empty")
+    per_layer = []
+    for logits in router_logits:
+        z = torch.logsumexp(logits.float(), dim=-1) ** 2  # [T]
+        if token_mask is None:
+            per_layer.append(z.mean())
+        else:
+            mask = token_mask.reshape(-1).to(z.dtype)
+            per_layer.append((z * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(per_layer).mean()

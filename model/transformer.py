@@ -1,0 +1,195 @@
+"""The Mixtral decoder: embeddings -> L x (attention + MoE) -> norm -> lm_head, with losses.
+
+Shape legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import Attention, RMSNorm, build_attention_mask, rope_cos_sin
+from model.config import MixtralConfig
+from model.losses import (
+    IGNORE_INDEX,
+    chunked_lm_loss,
+    load_balancing_loss,
+    masked_ce,
+    router_z_loss,
+    shift_labels,
+)
+from model.moe import MoEBlock, route_tokens
+
+
+@dataclass
+class MixtralOutput:
+    logits: torch.Tensor | None  # [B, S, V], None with logits_chunk_size
+    loss: torch.Tensor | None  # CE only; None without labels
+    num_label_tokens: torch.Tensor | None  # long scalar; None without labels
+    aux_loss: torch.Tensor  # load balancing (transformers' definition)
+    z_loss: torch.Tensor  # router z-loss
+    expert_counts: torch.Tensor  # [L, E] long, top-k slots per expert, padding excluded
+    router_logits: tuple[torch.Tensor, ...] | None  # L x [T, E] with output_router_logits
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, config: MixtralConfig, *, num_local_experts: int | None = None, device=None, dtype=None
+    ):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
+        self.self_attn = Attention(config, device=device, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype
+        )
+        self.moe = MoEBlock(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_local_experts,
+            config.num_experts_per_tok,
+            num_local_experts=num_local_experts,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(self, h, cos, sin, mask, token_mask):
+        """h [B, S, H] -> (h [B, S, H], router_logits [T, E])."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        moe_out, router_logits = self.moe(self.post_attention_layernorm(h), token_mask)
+        return h + moe_out, router_logits
+
+
+class Mixtral(nn.Module):
+    def __init__(
+        self, config: MixtralConfig, *, expert_ids: list[int] | None = None, device=None, dtype=None
+    ):
+        """`expert_ids`: the experts this model holds (expert parallelism); None = all of them."""
+        super().__init__()
+        self.config = config
+        if expert_ids is not None:
+            bad = [e for e in expert_ids if not 0 <= e < config.num_local_experts]
+            if bad or len(set(expert_ids)) != len(expert_ids) or not expert_ids:
+                raise ValueError(
+                    f"Mixtral: expert_ids={expert_ids} must be distinct ids in [0, {config.num_local_experts})"
+                )
+        self.expert_ids = list(range(config.num_local_experts)) if expert_ids is None else list(expert_ids)
+        self.gradient_checkpointing = False
+        H, V = config.hidden_size, config.vocab_size
+        self.embed_tokens = nn.Embedding(V, H, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, num_local_experts=len(self.expert_ids), device=device, dtype=dtype)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(H, config.rms_norm_eps, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(H, V, bias=False, device=device, dtype=dtype)
+        if torch.device(device or "cpu").type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for the norms (HF's init)."""
+        std = self.config.initializer_range
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+        logits_chunk_size: int | None = None,
+        output_router_logits: bool = False,
+    ) -> MixtralOutput:
+        B, S = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(S, device=device).expand(B, S)
+        token_mask = None  # [T] bool: real tokens (routed, counted in the router losses)
+        if attention_mask is not None:
+            token_mask = attention_mask.reshape(-1).bool()
+        if document_ids is not None and (token_mask is not None or (document_ids < 0).any()):
+            real_doc = document_ids.reshape(-1) >= 0
+            token_mask = real_doc if token_mask is None else token_mask & real_doc
+        mask = build_attention_mask(B, S, device, document_ids, attention_mask, self.config.sliding_window)
+
+        h = self.embed_tokens(input_ids)  # [B, S, H]
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        all_router_logits = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h, router_logits = checkpoint(layer, h, cos, sin, mask, token_mask, use_reentrant=False)
+            else:
+                h, router_logits = layer(h, cos, sin, mask, token_mask)
+            all_router_logits.append(router_logits)
+        h = self.norm(h)
+
+        logits = loss = num_label_tokens = None
+        if labels is None or logits_chunk_size is None:
+            logits = self.lm_head(h)  # [B, S, V]
+        if labels is not None:
+            targets = shift_labels(labels).reshape(-1)  # [T]
+            num_label_tokens = (targets != IGNORE_INDEX).sum()
+            if logits_chunk_size is not None:
+                loss = chunked_lm_loss(
+                    h.reshape(B * S, -1), self.lm_head.weight, targets, logits_chunk_size, loss_reduction
+                )
+            else:
+                loss = masked_ce(logits.reshape(B * S, -1), targets, loss_reduction)
+
+        top_k = self.config.num_experts_per_tok
+        return MixtralOutput(
+            logits=logits,
+            loss=loss,
+            num_label_tokens=num_label_tokens,
+            aux_loss=load_balancing_loss(all_router_logits, top_k, token_mask),
+            z_loss=router_z_loss(all_router_logits, token_mask),
+            expert_counts=_expert_counts(all_router_logits, top_k, token_mask),
+            router_logits=tuple(all_router_logits) if output_router_logits else None,
+        )
+
+    # ---- checkpoints (model/checkpoint.py holds the name table) --------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        expert_ids: list[int] | None = None,
+    ) -> Mixtral:
+        from model.checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device, expert_ids=expert_ids)
+
+    def save_pretrained(
+        self, path: str | Path, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+    ) -> None:
+        from model.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+
+@torch.no_grad()
+def _expert_counts(
+    router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """L x [T, E] -> [L, E] long: routed top-k slots per expert, with the routing the MoE blocks used."""
+    num_experts = router_logits[0].shape[-1]
+    counts = []
+    for logits in router_logits:
+        _, expert_ids = route_tokens(logits, top_k)  # [T, K]
+        if token_mask is not None:
+            expert_ids = expert_ids[token_mask]
+        counts.append(torch.bincount(expert_ids.reshape(-1), minlength=num_experts))
+    return torch.stack(counts)
