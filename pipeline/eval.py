@@ -1,0 +1,562 @@
+"""Evaluation: held-out loss per source, passkey retrieval and the Mixtral paper's routing analysis.
+
+    python -m pipeline.eval recipes/tiny/eval.yaml [key=value ...]                  # make eval (CPU)
+    python -m pipeline.eval recipes/mixtral-8x7b/eval.yaml models.sft=/runs/sft models.dpo=/runs/dpo
+
+Each entry of ``models`` (name -> directory) is evaluated in order: an SFT/DPO output directory
+(manifest.json: a full model, or a LoRA adapter over the base it names, merged here) or a plain HF
+Mixtral checkpoint. Missing directories are skipped (``missing_models: error`` refuses instead);
+when none is there, a random-init ``fallback_preset`` model is evaluated, and the run says so.
+
+Writes ``output_dir``: eval.json (every number), *.png (matplotlib), report.html (the plots and
+tables in one file), recipe.yaml; and logs the same to W&B unless ``tracking.report_to: none``
+(offline under output_dir when no WANDB_API_KEY is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import passkey as pk
+from pipeline import report
+from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
+from pipeline.routing import (
+    RoutingStats,
+    default_layers,
+    document_keys,
+    top_k_experts,
+    total_variation,
+)
+
+IGNORE_INDEX = -100
+# Mixtral has no pad id; padding is masked (attention_mask 0, document id -1), so any id works.
+PAD_ID = 0
+COLUMNS = ("input_ids", "labels")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSection:
+    # Held-out rows written by pipeline.prep (input_ids, labels, position_ids, document_ids, source).
+    dir: str = "outputs/tiny/data_sft/eval"
+    # When `dir` does not exist: run pipeline.prep on this recipe first (null: refuse).
+    prep_recipe: str | None = None
+    # Rows per source (the first ones); null = all.
+    max_rows_per_source: int | None = 32
+    batch_size: int = 4
+    # Tokenizer file/dir for passkey prompts and token display; null = Mixtral's (mistral-common v1).
+    tokenizer: str | None = None
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_rows_per_source is not None and self.max_rows_per_source < 1:
+            raise ValueError("data.max_rows_per_source must be >= 1 or null (all rows)")
+
+
+@dataclass
+class PasskeySection:
+    enabled: bool = True
+    # Prompt lengths in tokens (intro + filler + key line + question) and key depths in [0, 1].
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 2
+    max_new_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.lengths or not self.depths:
+            raise ValueError("passkey.lengths and passkey.depths must not be empty")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"passkey.depths must lie in [0, 1], got {self.depths}")
+        if self.trials < 1 or self.max_new_tokens < 1:
+            raise ValueError("passkey.trials and passkey.max_new_tokens must be >= 1")
+
+
+@dataclass
+class RoutingSection:
+    # Layers for the bar charts and coloured text; null = first, middle, last (0, 15, 31 for 8x7B).
+    layers: list[int] | None = None
+    # Held-out documents shown coloured by first-choice expert, per model, and tokens shown of each.
+    text_samples: int = 2
+    text_tokens: int = 160
+
+    def __post_init__(self):
+        if self.text_samples < 0 or self.text_tokens < 1:
+            raise ValueError("routing.text_samples must be >= 0 and routing.text_tokens >= 1")
+
+
+@dataclass
+class EvalTracking:
+    report_to: Literal["wandb", "none"] = "wandb"
+    project: str = "mixtral-tune"
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalRecipe:
+    output_dir: str
+    # name -> run dir (SFT/DPO output) or HF Mixtral checkpoint dir, compared in this order.
+    models: dict[str, str] = field(default_factory=dict)
+    missing_models: Literal["skip", "error"] = "skip"
+    # Evaluated (random init, `seed`) when no model directory exists; null = refuse.
+    fallback_preset: str | None = "tiny"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "auto"
+    seed: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    passkey: PasskeySection = field(default_factory=PasskeySection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
+    tracking: EvalTracking = field(default_factory=EvalTracking)
+
+    def __post_init__(self):
+        if not self.models and self.fallback_preset is None:
+            raise ValueError("give at least one entry in models (name: directory) or a fallback_preset")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A plain ``Mixtral`` from a stage output dir (full, or LoRA merged into its base) or an HF dir.
+
+    A LoRA run's manifest names its base (``base.checkpoint``), which may itself be a run dir.
+    """
+    from model import Mixtral
+
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        kind = manifest.get("kind")
+        if kind == "lora":
+            import peft
+
+            import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
+
+            base_dir = (manifest.get("base") or {}).get("checkpoint")
+            if not base_dir:
+                raise ValueError(f"{manifest_path}: a LoRA run must name its base in base.checkpoint")
+            base = load_model_dir(base_dir, torch.float32)
+            merged = peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+            return merged.to(dtype)
+        if kind != "full":
+            raise ValueError(f"{manifest_path}: kind must be 'lora' or 'full', got {kind!r}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a stage output (manifest.json) nor an HF checkpoint (config.json)")
+    return Mixtral.from_pretrained(path, dtype=dtype)
+
+
+def resolve_models(recipe: EvalRecipe, log=print) -> list[tuple[str, str | None]]:
+    """(name, directory) to evaluate; directory None = the random fallback model."""
+    found = []
+    for name, directory in recipe.models.items():
+        if Path(directory).is_dir():
+            found.append((name, directory))
+        elif recipe.missing_models == "error":
+            raise FileNotFoundError(f"models.{name}: {directory} does not exist (or set missing_models: skip)")
+        else:
+            log(f"eval: models.{name}: {directory} not found, skipped")
+    if not found:
+        if recipe.fallback_preset is None:
+            raise FileNotFoundError("eval: none of the model directories exist and fallback_preset is null")
+        log(f"eval: no trained model found; evaluating a RANDOM-INIT '{recipe.fallback_preset}' model "
+            f"(seed {recipe.seed}) — run `make sft` / `make dpo` first for real numbers")
+        found.append((f"random-{recipe.fallback_preset}", None))
+    return found
+
+
+def build_model(directory: str | None, recipe: EvalRecipe, device: torch.device):
+    from model import Mixtral, MixtralConfig
+
+    dtype = getattr(torch, recipe.dtype)
+    if directory is None:
+        torch.manual_seed(recipe.seed)
+        model = Mixtral(MixtralConfig.preset(recipe.fallback_preset)).to(dtype)
+    else:
+        model = load_model_dir(directory, dtype)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def load_eval_rows(section: DataSection, log=print) -> list[dict]:
+    """Held-out rows (at most ``max_rows_per_source`` per source), prepping them first if asked."""
+    import datasets
+
+    root = Path(section.dir)
+    if not root.is_dir():
+        if section.prep_recipe is None:
+            raise FileNotFoundError(f"data.dir: {root} does not exist; run `python -m pipeline.prep RECIPE` "
+                                    "or set data.prep_recipe")
+        from pipeline import prep
+
+        log(f"eval: {root} missing, preparing it with pipeline.prep {section.prep_recipe}")
+        prep.main([section.prep_recipe])
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.dir: {root} still missing after prepping {section.prep_recipe}; "
+                                    "does that recipe's data.output_dir match?")
+    table = datasets.load_from_disk(str(root))
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"data.dir: {root} lacks the columns {missing} (has {table.column_names}); "
+                         "point it at an SFT eval split written by pipeline.prep")
+    per_source: dict[str, int] = {}
+    rows = []
+    for row in table:
+        source = row.get("source") or "unknown"
+        if section.max_rows_per_source is not None and per_source.get(source, 0) >= section.max_rows_per_source:
+            continue
+        per_source[source] = per_source.get(source, 0) + 1
+        rows.append(row | {"source": source})
+    if not rows:
+        raise ValueError(f"data.dir: {root} holds no rows")
+    return rows
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Rows of different lengths -> right-padded [B, S] tensors; padding: mask 0, document id -1."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), PAD_ID, dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
+        batch["labels"][i, :n] = torch.tensor(row["labels"])
+        batch["position_ids"][i, :n] = torch.tensor(row.get("position_ids") or list(range(n)))
+        batch["document_ids"][i, :n] = torch.tensor(row.get("document_ids") or [0] * n)
+        batch["attention_mask"][i, :n] = 1
+    return batch
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL summed per row and the number of scored tokens per row: ([B], [B]).
+
+    ``labels`` [B, S] are unshifted (HF convention): position s scores the prediction for s + 1.
+    """
+    pred = logits[:, :-1].float()  # [B, S-1, V]
+    target = labels[:, 1:]  # [B, S-1]
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(target.shape)  # [B*(S-1)] -> [B, S-1]
+    return nll.sum(dim=1), (target != IGNORE_INDEX).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-model evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.device) -> tuple[dict, RoutingStats]:
+    """Held-out loss/perplexity per source and the routing statistics, in one pass over the rows."""
+    cfg = model.config
+    stats = RoutingStats(cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
+    nll_sum: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = collate(chunk)
+        out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                    document_ids=batch["document_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
+        row_nll, row_count = token_nll(out.logits, batch["labels"].to(device))
+        for row, nll, count in zip(chunk, row_nll.tolist(), row_count.tolist(), strict=True):
+            nll_sum[row["source"]] = nll_sum.get(row["source"], 0.0) + nll
+            counts[row["source"]] = counts.get(row["source"], 0) + count
+        keys = document_keys(batch["document_ids"], batch["attention_mask"], batch["input_ids"].shape)
+        stats.add([r.cpu() for r in out.router_logits], keys, [row["source"] for row in chunk])
+    nll_sum["all"], counts["all"] = sum(nll_sum.values()), sum(counts.values())
+    losses = {}
+    for source in sorted(nll_sum):
+        mean = nll_sum[source] / counts[source] if counts[source] else float("nan")
+        losses[source] = {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": counts[source]}
+    return losses, stats
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: int, device: torch.device) -> list[int]:
+    """Greedy continuation (full forward per token: prompts are short next to the model)."""
+    ids = torch.tensor([input_ids], device=device)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(ids).logits[0, -1]  # [V]
+        token = int(logits.argmax())
+        if token == eos_id:
+            break
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+    return new
+
+
+@torch.no_grad()
+def routing_text(model, rows: list[dict], layers: list[int], samples: int, max_tokens: int,
+                 device: torch.device) -> list[dict]:
+    """The first document of the first row of each source: tokens and first-choice expert per layer."""
+    picked, seen = [], set()
+    for row in rows:
+        if row["source"] not in seen and len(picked) < samples:
+            seen.add(row["source"])
+            picked.append(row)
+    out = []
+    for row in picked:
+        doc = row.get("document_ids") or [0] * len(row["input_ids"])
+        n = min(max_tokens, sum(1 for d in doc if d == doc[0]))
+        ids = torch.tensor([row["input_ids"][:n]], device=device)
+        router_logits = model(ids, output_router_logits=True).router_logits
+        experts = {layer: top_k_experts(router_logits[layer].cpu(), 1)[:, 0].tolist() for layer in layers}
+        out.append({"source": row["source"], "input_ids": row["input_ids"][:n], "experts": experts})
+    return out
+
+
+class PieceNames:
+    """Token id -> the tokenizer's piece ('▁The'), for display; from the same file as the Tokenizer."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.kind == "sentencepiece":
+            import sentencepiece
+
+            self._lookup = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer.path)).id_to_piece
+        else:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._lookup = HFTokenizer.from_file(str(tokenizer.path)).id_to_token
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        return [self._lookup(i) or "?" for i in ids]
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def routing_shift(results: dict[str, dict]) -> dict[str, dict]:
+    """Per layer, total variation between two models' expert-share distributions (all sources
+    together, and per shared source), for every ordered pair of evaluated models."""
+    names = list(results)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = results[a]["routing"]["expert_share"], results[b]["routing"]["expert_share"]
+            out[f"{b} vs {a}"] = {source: total_variation(torch.tensor(ra[source]), torch.tensor(rb[source])).tolist()
+                                  for source in ra if source in rb}
+    return out
+
+
+def make_report(out_dir: Path, results: dict[str, dict], shift: dict[str, dict], texts: dict[str, list[dict]],
+                pieces: PieceNames, layers: list[int], note: str) -> list[Path]:
+    """All PNGs and report.html; returns the PNG paths."""
+    pngs: list[Path] = []
+    sections = [("Run", f"<p class='note'>{note}</p>")]
+    ppl = {m: {s: v["perplexity"] for s, v in r["loss"].items()} for m, r in results.items()}
+    pngs.append(report.plot_bars(ppl, out_dir / "perplexity.png", ylabel="perplexity",
+                                 title="Held-out perplexity per source (answer tokens)"))
+    rows = [[m, s, v["loss"], v["perplexity"], v["tokens"]] for m, r in results.items() for s, v in r["loss"].items()]
+    sections.append(("Held-out loss", report.image_html(pngs[-1], "perplexity")
+                     + report.table_html(["model", "source", "loss", "perplexity", "tokens"], rows)))
+    for name, result in results.items():
+        routing = result["routing"]
+        num_experts = routing["num_experts"]
+        body = ""
+        shares_png = report.plot_expert_shares(
+            {s: v for s, v in routing["expert_share"].items() if s != "all"}, layers,
+            out_dir / f"expert_share_{name}.png", title=f"{name}: share of routed tokens per expert")
+        rep_png = report.plot_repetition(routing["repetition"], routing["baseline"], out_dir / f"repetition_{name}.png",
+                                         title=f"{name}: consecutive tokens routed alike")
+        pngs += [shares_png, rep_png]
+        body += report.image_html(shares_png, "expert shares") + report.image_html(rep_png, "repetition")
+        base = routing["baseline"]
+        rep = routing["repetition"]["all"]
+        body += report.table_html(
+            ["layer", "same first choice", f"random {base['same_first']:.3f}", "top-k overlap",
+             f"random {base['topk_overlap']:.3f}", "pairs"],
+            [[layer, rep["same_first"][layer], base["same_first"], rep["topk_overlap"][layer], base["topk_overlap"],
+              rep["pairs"][layer]] for layer in range(routing["num_layers"])])
+        for i, sample in enumerate(texts.get(name, [])):
+            names = pieces(sample["input_ids"])
+            text_png = report.plot_token_experts(names, {int(k): v for k, v in sample["experts"].items()}, num_experts,
+                                                 out_dir / f"routing_text_{name}_{i}.png",
+                                                 title=f"{name}: {sample['source']}")
+            pngs.append(text_png)
+            body += f"<h3>{sample['source']}: first-choice expert per token</h3>" + report.legend_html(num_experts)
+            for layer, experts in sample["experts"].items():
+                body += f"<p>layer {layer}</p>" + report.token_experts_html(names, experts, num_experts)
+            body += report.image_html(text_png, "routing text")
+        if "passkey" in result:
+            pk_png = report.plot_passkey(result["passkey"], out_dir / f"passkey_{name}.png",
+                                         title=f"{name}: passkey retrieval")
+            pngs.append(pk_png)
+            body += "<h3>Passkey retrieval</h3>" + report.image_html(pk_png, "passkey")
+        sections.append((f"Model: {name}", body))
+    if shift:
+        series = {pair: values["all"] for pair, values in shift.items()}
+        tv_png = report.plot_lines(series, out_dir / "routing_shift.png", xlabel="layer",
+                                   ylabel="total variation", title="How far fine-tuning moved expert shares")
+        pngs.append(tv_png)
+        rows = [[pair, layer, tv] for pair, values in series.items() for layer, tv in enumerate(values)]
+        sections.append(("Routing shift between models", report.image_html(tv_png, "routing shift")
+                         + report.table_html(["models", "layer", "total variation"], rows)))
+    report.write_html(out_dir / "report.html", "Mixtral evaluation", sections)
+    return pngs
+
+
+def log_wandb(recipe: EvalRecipe, out_dir: Path, summary: dict, pngs: list[Path], log=print) -> None:
+    """Images, tables and headline numbers to W&B (offline when no API key is set)."""
+    import wandb
+
+    from pipeline.tracking import redacted_config, wandb_offline_reason
+
+    reason = wandb_offline_reason()
+    run = wandb.init(project=recipe.tracking.project, name=recipe.tracking.run_name, tags=recipe.tracking.tags,
+                     dir=str(out_dir), config=redacted_config(recipe), job_type="eval",
+                     mode="offline" if reason else None)
+    data = {f"plots/{p.stem}": wandb.Image(str(p)) for p in pngs}
+    loss_rows = [[m, s, v["loss"], v["perplexity"], v["tokens"]]
+                 for m, r in summary["models"].items() for s, v in r["loss"].items()]
+    data["tables/loss"] = wandb.Table(columns=["model", "source", "loss", "perplexity", "tokens"], data=loss_rows)
+    rep_rows = []
+    for m, r in summary["models"].items():
+        base = r["routing"]["baseline"]
+        for source, rep in r["routing"]["repetition"].items():
+            for layer, (first, overlap) in enumerate(zip(rep["same_first"], rep["topk_overlap"], strict=True)):
+                rep_rows.append([m, source, layer, first, overlap, base["same_first"], base["topk_overlap"]])
+    data["tables/repetition"] = wandb.Table(
+        columns=["model", "source", "layer", "same_first", "topk_overlap", "random_same_first", "random_topk_overlap"],
+        data=rep_rows)
+    pk_rows = [[m, n, d, r["passkey"]["accuracy"][i][j]] for m, r in summary["models"].items() if "passkey" in r
+               for i, n in enumerate(r["passkey"]["lengths"]) for j, d in enumerate(r["passkey"]["depths"])]
+    if pk_rows:
+        data["tables/passkey"] = wandb.Table(columns=["model", "length", "depth", "accuracy"], data=pk_rows)
+    tv_rows = [[pair, source, layer, tv] for pair, by_source in summary["routing_shift"].items()
+               for source, values in by_source.items() for layer, tv in enumerate(values)]
+    if tv_rows:
+        data["tables/routing_shift"] = wandb.Table(columns=["models", "source", "layer", "tv"], data=tv_rows)
+    run.log(data)
+    for m, r in summary["models"].items():
+        run.summary[f"{m}/loss"] = r["loss"]["all"]["loss"]
+        run.summary[f"{m}/perplexity"] = r["loss"]["all"]["perplexity"]
+        if "passkey" in r:
+            run.summary[f"{m}/passkey_accuracy"] = r["passkey"]["mean_accuracy"]
+    run.finish()
+    if reason:
+        log(f"eval: W&B {reason}, logged offline under {out_dir / 'wandb'}; upload with `wandb sync`")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry
+# ----------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(recipe: EvalRecipe, log=print) -> dict:
+    """The whole stage; returns what eval.json holds."""
+    from data_prep import load_tokenizer
+
+    started = time.perf_counter()
+    # 1. Output dir, device, models to compare, tokenizer, held-out rows.
+    out_dir = Path(recipe.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out_dir / "recipe.yaml")
+    device = pick_device(recipe.device)
+    models = resolve_models(recipe, log)
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    rows = load_eval_rows(recipe.data, log)
+    sources = sorted({r["source"] for r in rows})
+    described = ", ".join(f"{n} ({d or 'random init'})" for n, d in models)
+    log(f"eval: {len(rows)} held-out rows ({', '.join(sources)}); models: {described}; device {device}")
+
+    # 2. Each model: loss per source + routing statistics, routing text, passkey grid.
+    results: dict[str, dict] = {}
+    texts: dict[str, list[dict]] = {}
+    layers: list[int] = []
+    for name, directory in models:
+        model = build_model(directory, recipe, device)
+        num_layers = model.config.num_hidden_layers
+        layers = recipe.routing.layers if recipe.routing.layers is not None else default_layers(num_layers)
+        bad = [layer for layer in layers if not 0 <= layer < num_layers]
+        if bad:
+            raise RecipeError(f"routing.layers: {bad} out of range for a {num_layers}-layer model")
+        t0 = time.perf_counter()
+        losses, stats = loss_and_routing(model, rows, recipe.data.batch_size, device)
+        results[name] = {"directory": directory, "loss": losses, "routing": stats.summary()}
+        texts[name] = routing_text(model, rows, layers, recipe.routing.text_samples, recipe.routing.text_tokens, device)
+        log(f"eval: {name}: loss {losses['all']['loss']:.4f} (perplexity {losses['all']['perplexity']:.2f}) "
+            f"in {time.perf_counter() - t0:.1f} s")
+        if recipe.passkey.enabled:
+            t0 = time.perf_counter()
+            p = recipe.passkey
+
+            def answer(ids, model=model):
+                return tokenizer.decode(greedy_generate(model, ids, p.max_new_tokens, tokenizer.eos_id, device))
+
+            grid = pk.run_grid(tokenizer.encode, answer, p.lengths, p.depths, p.trials, p.seed, tokenizer.bos_id)
+            grid["mean_accuracy"] = sum(map(sum, grid["accuracy"])) / (len(p.lengths) * len(p.depths))
+            results[name]["passkey"] = grid
+            log(f"eval: {name}: passkey accuracy {grid['mean_accuracy']:.1%} in {time.perf_counter() - t0:.1f} s")
+        del model
+
+    # 3. Routing shift between models, plots, HTML, eval.json.
+    shift = routing_shift(results)
+    random_note = any(d is None for _, d in models)
+    note = ("Evaluated a RANDOM-INIT model: no trained run directory was found." if random_note else
+            "Evaluated: " + ", ".join(f"{n} = {d}" for n, d in models) + ".")
+    pngs = make_report(out_dir, results, shift, texts, PieceNames(tokenizer), layers, note)
+    summary = {
+        "models": results, "routing_shift": shift, "layers": layers, "sources": sources,
+        "random_init": random_note, "note": note, "routing_text": texts,
+        "plots": [p.name for p in pngs], "report": "report.html",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    tmp = out_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out_dir / "eval.json")
+
+    # 4. Tracking.
+    if recipe.tracking.report_to == "wandb":
+        log_wandb(recipe, out_dir, summary, pngs, log)
+    log(f"eval: done in {summary['seconds']} s; {out_dir / 'report.html'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
+    raw = load_recipe_dict(path, overrides)
+    recipe = build(EvalRecipe, raw, source=str(path))
+    return run(recipe)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (RecipeError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

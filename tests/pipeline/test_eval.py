@@ -1,0 +1,223 @@
+import json
+import math
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from data_prep import encode_messages, load_tokenizer
+from model import Mixtral, MixtralConfig
+from pipeline.config import RecipeError
+from pipeline.eval import (
+    IGNORE_INDEX,
+    EvalRecipe,
+    collate,
+    greedy_generate,
+    load_model_dir,
+    main,
+    resolve_models,
+    token_nll,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_RECIPE = REPO / "recipes" / "tiny" / "eval.yaml"
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Mixtral(MixtralConfig.preset("tiny")).eval()
+
+
+def test_token_nll_by_hand():
+    # V = 2, logits [0, ln 3]: p(1) = 3/4, p(0) = 1/4. Position s scores the label at s + 1.
+    logits = torch.tensor([[[0.0, math.log(3)]] * 4])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 0, IGNORE_INDEX]])
+    nll, count = token_nll(logits, labels)
+    assert count.tolist() == [2]
+    assert nll.item() == pytest.approx(math.log(4 / 3) + math.log(4))
+
+
+def test_token_nll_matches_the_model_loss():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (3, 17), generator=gen)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    labels[1, 9:] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(ids, labels=labels, loss_reduction="sum")
+    nll, count = token_nll(out.logits, labels)
+    assert count.sum() == out.num_label_tokens
+    assert nll.sum().item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_collate_pads_with_masked_tokens():
+    rows = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6], "position_ids": [0, 0, 1], "document_ids": [0, 1, 1]},
+            {"input_ids": [1, 7], "labels": [-100, 7]}]
+    batch = collate(rows)
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 1, 0]]
+    assert batch["document_ids"].tolist() == [[0, 1, 1], [0, 0, -1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_greedy_generate_is_argmax_continuation():
+    model = tiny_model()
+    prompt = [1, 733, 16289, 28793]
+    new = greedy_generate(model, prompt, 4, eos_id=2, device=torch.device("cpu"))
+    ids = prompt + new
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    assert len(new) == 4
+    assert [int(logits[len(prompt) - 1 + i].argmax()) for i in range(4)] == new
+
+
+def test_load_full_and_lora_runs(tmp_path):
+    import model.lora  # noqa: F401
+    from model.lora import apply_lora
+
+    base = tiny_model(1)
+    base.save_pretrained(tmp_path / "base")
+    ids = torch.randint(3, 32000, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected_base = base(ids).logits
+    full = load_model_dir(tmp_path / "base")
+    with torch.no_grad():
+        assert torch.equal(full(ids).logits, expected_base)
+
+    # A LoRA run: adapter with non-zero B (a fresh adapter is a no-op) + a manifest naming the base.
+    peft_model = apply_lora(tiny_model(1), r=4, alpha=8, dropout=0.0,
+                            target_modules=("q_proj", "v_proj", "experts"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+        expected = peft_model(ids).logits
+    run = tmp_path / "sft"
+    peft_model.save_pretrained(run)
+    (run / "manifest.json").write_text(json.dumps({"kind": "lora", "base": {"checkpoint": str(tmp_path / "base")}}))
+    merged = load_model_dir(run)
+    assert isinstance(merged, Mixtral)
+    with torch.no_grad():
+        got = merged(ids).logits
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (got - expected_base).abs().max().item() > 1e-3
+
+    (run / "manifest.json").write_text(json.dumps({"kind": "lora", "base": {}}))
+    with pytest.raises(ValueError, match="base.checkpoint"):
+        load_model_dir(run)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_model_dir(tmp_path)
+
+
+def test_missing_models_skip_or_refuse(tmp_path):
+    (tmp_path / "here").mkdir()
+    logs = []
+    recipe = EvalRecipe(output_dir=str(tmp_path / "out"), models={"a": str(tmp_path / "here"), "b": str(tmp_path / "gone")})
+    assert resolve_models(recipe, logs.append) == [("a", str(tmp_path / "here"))]
+    assert "models.b" in logs[0] and "skipped" in logs[0]
+    recipe.models = {"b": str(tmp_path / "gone")}
+    assert resolve_models(recipe, logs.append) == [("random-tiny", None)]
+    assert "RANDOM-INIT" in logs[-1]
+    recipe.missing_models = "error"
+    with pytest.raises(FileNotFoundError, match="models.b"):
+        resolve_models(recipe, logs.append)
+
+
+def write_eval_data(root: Path) -> Path:
+    """Held-out rows in pipeline.prep's layout: two sources, one row packing two documents."""
+    tok = load_tokenizer()
+    chats = {
+        "arith": [("What is 65 + 27? Answer with the number only.", "92"),
+                  ("What is 3 * 4?", "12"), ("Add 10 and 5.", "15")],
+        "words": [("Convert to upper case: jvxptdun aniloy", "JVXPTDUN ANILOY"),
+                  ("List these words as a bulleted list: lemon, river", "- lemon\n- river")],
+    }
+    rows = []
+    for source, pairs in chats.items():
+        encoded = [encode_messages([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tok)
+                   for q, a in pairs]
+        first, second = encoded[0], encoded[1]  # packed into one row
+        rows.append({
+            "input_ids": first["input_ids"] + second["input_ids"],
+            "labels": first["labels"] + second["labels"],
+            "position_ids": list(range(len(first["input_ids"]))) + list(range(len(second["input_ids"]))),
+            "document_ids": [0] * len(first["input_ids"]) + [1] * len(second["input_ids"]),
+            "source": source, "num_documents": 2,
+        })
+        for enc in encoded[2:]:
+            n = len(enc["input_ids"])
+            rows.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "position_ids": list(range(n)),
+                         "document_ids": [0] * n, "source": source, "num_documents": 1})
+    path = root / "data_sft" / "eval"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+SMALL = ["passkey.lengths=[128,160]", "passkey.depths=[0.0,1.0]", "passkey.trials=1", "passkey.max_new_tokens=6",
+         "tracking.report_to=none", "routing.text_samples=2", "routing.text_tokens=40"]
+
+
+@pytest.mark.e2e
+def test_make_eval_entry_on_a_random_tiny_model(tmp_path, capsys):
+    data = write_eval_data(tmp_path)
+    out = tmp_path / "eval"
+    summary = main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", f"models.base={tmp_path}/none",
+                    f"models.sft={tmp_path}/none2", f"models.dpo={tmp_path}/none3", *SMALL])
+    assert "RANDOM-INIT 'tiny' model" in capsys.readouterr().out
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["random_init"] is True and saved["layers"] == [0, 1]
+    result = saved["models"]["random-tiny"]
+    assert set(result["loss"]) == {"arith", "words", "all"}
+    # A random model over a 32000-id vocab: loss near ln(32000) = 10.37.
+    assert abs(result["loss"]["all"]["loss"] - math.log(32000)) < 0.5
+    routing = result["routing"]
+    assert routing["baseline"] == {"same_first": 0.125, "topk_overlap": pytest.approx(13 / 28), "share": 0.125}
+    # Pairs never cross the packed boundary: each document of n tokens gives n - 1 pairs.
+    rows = datasets.load_from_disk(str(data))
+    expected_pairs = sum(len(r["input_ids"]) - r["num_documents"] for r in rows)
+    assert routing["repetition"]["all"]["pairs"] == [expected_pairs, expected_pairs]
+    assert result["passkey"]["accuracy"] == [[pytest.approx(a) for a in row] for row in result["passkey"]["accuracy"]]
+    assert len(result["passkey"]["samples"]) == 4
+    for name in saved["plots"]:
+        png = out / name
+        assert png.is_file() and png.stat().st_size > 2000, name
+    assert {"perplexity.png", "expert_share_random-tiny.png", "repetition_random-tiny.png",
+            "passkey_random-tiny.png", "routing_text_random-tiny_0.png"} <= set(saved["plots"])
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(saved["plots"])
+    assert "RANDOM-INIT" in page
+    assert (out / "recipe.yaml").is_file()
+
+
+@pytest.mark.e2e
+def test_routing_shift_between_models(tmp_path):
+    data = write_eval_data(tmp_path)
+    tiny_model(1).save_pretrained(tmp_path / "m1")
+    shutil.copytree(tmp_path / "m1", tmp_path / "m1_copy")
+    tiny_model(2).save_pretrained(tmp_path / "m2")
+    out = tmp_path / "eval"
+    summary = main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", "passkey.enabled=false",
+                    "tracking.report_to=none", "routing.text_samples=1",
+                    f"models={{base: {tmp_path}/m1, same: {tmp_path}/m1_copy, other: {tmp_path}/m2}}"])
+    shift = summary["routing_shift"]
+    assert set(shift) == {"same vs base", "other vs base", "other vs same"}
+    assert shift["same vs base"]["all"] == [0.0, 0.0]
+    assert all(tv > 0 for tv in shift["other vs base"]["all"])
+    assert shift["other vs base"]["all"] == shift["other vs same"]["all"]
+    assert (out / "routing_shift.png").stat().st_size > 2000
+    assert summary["random_init"] is False
+
+
+def test_bad_recipe_values_name_the_key(tmp_path):
+    with pytest.raises(RecipeError, match="passkey"):
+        main([str(TINY_RECIPE), "passkey.depths=[0.5,2.0]"])
+    with pytest.raises(RecipeError, match="did you mean 'routing.layers'"):
+        main([str(TINY_RECIPE), "routing.layer=[0]"])
+    data = write_eval_data(tmp_path)
+    with pytest.raises(RecipeError, match="routing.layers"):
+        main([str(TINY_RECIPE), f"output_dir={tmp_path / 'o'}", f"data.dir={data}", "routing.layers=[0,5]",
+              "models={}", "tracking.report_to=none", "passkey.enabled=false"])
