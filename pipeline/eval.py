@@ -332,6 +332,18 @@ def routing_text(model, rows: list[dict], layers: list[int], samples: int, max_t
     return out
 
 
+def passkey_grid(model, tokenizer, section: PasskeySection, device: torch.device) -> dict:
+    """Passkey accuracy per (length, depth) with greedy answers, plus the mean over all cells."""
+
+    def answer(ids: list[int]) -> str:
+        return tokenizer.decode(greedy_generate(model, ids, section.max_new_tokens, tokenizer.eos_id, device))
+
+    grid = pk.run_grid(tokenizer.encode, answer, section.lengths, section.depths, section.trials, section.seed,
+                       tokenizer.bos_id)
+    grid["mean_accuracy"] = sum(map(sum, grid["accuracy"])) / (len(section.lengths) * len(section.depths))
+    return grid
+
+
 class PieceNames:
     """Token id -> the tokenizer's piece ('▁The'), for display; from the same file as the Tokenizer."""
 
@@ -513,15 +525,9 @@ def run(recipe: EvalRecipe, log=print) -> dict:
             f"in {time.perf_counter() - t0:.1f} s")
         if recipe.passkey.enabled:
             t0 = time.perf_counter()
-            p = recipe.passkey
-
-            def answer(ids, model=model):
-                return tokenizer.decode(greedy_generate(model, ids, p.max_new_tokens, tokenizer.eos_id, device))
-
-            grid = pk.run_grid(tokenizer.encode, answer, p.lengths, p.depths, p.trials, p.seed, tokenizer.bos_id)
-            grid["mean_accuracy"] = sum(map(sum, grid["accuracy"])) / (len(p.lengths) * len(p.depths))
-            results[name]["passkey"] = grid
-            log(f"eval: {name}: passkey accuracy {grid['mean_accuracy']:.1%} in {time.perf_counter() - t0:.1f} s")
+            results[name]["passkey"] = passkey_grid(model, tokenizer, recipe.passkey, device)
+            log(f"eval: {name}: passkey accuracy {results[name]['passkey']['mean_accuracy']:.1%} "
+                f"in {time.perf_counter() - t0:.1f} s")
         del model
 
     # 3. Routing shift between models, plots, HTML, eval.json.
