@@ -1,0 +1,617 @@
+"""Direct preference optimisation of Mixtral on top of the SFT result, on the shared trainer.
+
+    python -m pipeline.dpo recipes/tiny/dpo.yaml [key=value ...]          # CPU demo (make dpo)
+    accelerate launch --config_file recipes/accelerate/<config>.yaml \\
+        -m pipeline.dpo recipes/mixtral-8x7b/dpo_lora.yaml model.sft_dir=outputs/mixtral-8x7b/sft
+
+Reads the SFT output (``model.sft_dir``, its manifest.json) and the preference rows
+``pipeline.prep`` wrote to ``data.output_dir``; writes ``output_dir``:
+
+    adapter_config.json + adapter_model.safetensors   the DPO adapter (PEFT format), or
+    config.json + model*.safetensors                  the full DPO model
+    recipe.yaml  metrics.jsonl  manifest.json  checkpoints/step-*/  wandb/
+
+Policy and reference. LoRA DPO: the SFT adapter is merged into the base weights at load, then a
+fresh DPO adapter is trained on that; with the DPO adapter disabled the model *is* the SFT model,
+so the reference costs no second copy. The manifest lists the chain for export: base checkpoint,
+then ``merged_adapters`` (the SFT adapter) merged in order, then this stage's adapter. Full DPO:
+the reference is a frozen copy of the SFT model, or none at all with precomputed log-probs.
+
+Reference log-probs with ``dpo.precompute_ref_log_probs`` are computed once before training and
+cached next to the dataset, in ``<data.output_dir>/ref_logps/``, keyed by a hash of the reference
+weights and the dataset fingerprints; training then runs no reference forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipeline.checkpointing import write_json
+from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
+from pipeline.dpo_loss import (
+    IGNORE_INDEX,
+    SMOOTHED_LOSS_TYPES,
+    chosen_nll,
+    preference_loss,
+    sequence_log_probs,
+    split_pairs,
+)
+from pipeline.optim import freeze_router
+from pipeline.recipe import LoraSection, ParallelSection, TrackingSection, TrainSection
+from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
+from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged, make_accelerator
+
+DPO_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
+PAD_ID = 0
+REF_CACHE_DIR = "ref_logps"
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPOModelSection:
+    # The SFT output directory (its manifest.json says base checkpoint + adapter, or full model).
+    sft_dir: str
+    # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    router_aux_loss_coef: float = 0.02
+    router_z_loss_coef: float = 0.0
+    # Full fine-tuning: keep the router fixed (LoRA never trains it unless lora.train_router).
+    freeze_router: bool = False
+
+    def __post_init__(self):
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ValueError("model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0")
+
+
+@dataclass
+class DPOSection:
+    # Strength of the KL anchor to the reference: small beta lets the policy move further.
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    # Assumed rate of flipped preference labels (cDPO with sigmoid, rDPO with robust).
+    label_smoothing: float = 0.0
+    # Weight of the token-mean NLL of the chosen completions added to the loss (RPO); 0 = off.
+    nll_coef: float = 0.0
+    # Reference log-probs computed once before training and cached with the dataset.
+    precompute_ref_log_probs: bool = True
+    # Pairs per forward when precomputing.
+    ref_batch_size: int = 8
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.label_smoothing and self.loss_type not in SMOOTHED_LOSS_TYPES:
+            raise ValueError(
+                f"dpo.label_smoothing is for loss_type {' or '.join(SMOOTHED_LOSS_TYPES)}; "
+                f"{self.loss_type} has no label-noise term: set it to 0"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.nll_coef < 0:
+            raise ValueError(f"dpo.nll_coef must be >= 0, got {self.nll_coef}")
+        if self.ref_batch_size < 1:
+            raise ValueError(f"dpo.ref_batch_size must be >= 1, got {self.ref_batch_size}")
+
+
+@dataclass
+class DPORecipe:
+    model: DPOModelSection
+    data: dict[str, Any]
+    output_dir: str
+    dpo: DPOSection = field(default_factory=DPOSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def __post_init__(self):
+        if not self.data.get("output_dir"):
+            raise ValueError("data.output_dir is required: where pipeline.prep wrote train/ and eval/")
+        if self.data.get("kind", "sft") != "dpo":
+            raise ValueError("data.kind must be dpo: the DPO stage trains on preference pairs")
+        if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
+            raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
+
+
+def load_recipe(path: str, overrides: list[str]) -> DPORecipe:
+    return build(DPORecipe, load_recipe_dict(path, overrides), source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: chosen and rejected in one padded forward
+# ----------------------------------------------------------------------------------------------
+
+
+def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """B preference rows -> one right-padded batch of 2B rows, ``[chosen; rejected]``.
+
+    input_ids/labels/attention_mask [2B, S]; with precomputed reference log-probs in the rows
+    also ref_chosen_logps/ref_rejected_logps [B].
+    """
+    seqs = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
+    seqs += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
+    width = max(len(ids) for ids, _ in seqs)
+    batch = {
+        "input_ids": torch.full((len(seqs), width), PAD_ID, dtype=torch.long),
+        "labels": torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(seqs), width), dtype=torch.long),
+    }
+    for i, (ids, labels) in enumerate(seqs):
+        batch["input_ids"][i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        batch["labels"][i, : len(labels)] = torch.as_tensor(labels, dtype=torch.long)
+        batch["attention_mask"][i, : len(ids)] = 1
+    if all(name in rows[0] for name in REF_COLUMNS):
+        for name in REF_COLUMNS:
+            batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.float32)
+    return batch
+
+
+def policy_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]):
+    """One forward over ``[chosen; rejected]`` -> (model output, summed completion log-probs [2B], counts [2B])."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logps, counts = sequence_log_probs(out.logits, batch["labels"])
+    return out, logps, counts
+
+
+class Reference:
+    """Reference log-probs computed on the fly: the policy with adapters disabled, or a frozen copy."""
+
+    def __init__(self, frozen: nn.Module | None, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m):
+        self.frozen = frozen
+        self.unwrap = unwrap
+
+    @torch.no_grad()
+    def __call__(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.frozen is not None:
+            return policy_log_probs(self.frozen, batch)[1]
+        peft_model = self.unwrap(policy)
+        with peft_model.disable_adapter():
+            return policy_log_probs(peft_model, batch)[1]
+
+
+class DPOTask:
+    """Preference rows -> ``[chosen; rejected]`` batch -> preference loss sum over pairs + router losses."""
+
+    def __init__(self, cfg: DPOSection, *, aux_coef: float, z_coef: float, reference: Reference | None):
+        self.cfg = cfg
+        self.aux_coef = aux_coef
+        self.z_coef = z_coef
+        self.reference = reference
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_pairs(rows)
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        out, logps, counts = policy_log_probs(model, batch)
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif self.reference is not None:
+            ref_chosen, ref_rejected = split_pairs(self.reference(model, batch))
+        else:
+            raise ValueError("DPO batch without reference log-probs and no reference model to compute them")
+        (chosen, rejected), (n_chosen, n_rejected) = split_pairs(logps), split_pairs(counts)
+        pref = preference_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.cfg.beta,
+            loss_type=self.cfg.loss_type,
+            label_smoothing=self.cfg.label_smoothing,
+            chosen_lengths=n_chosen,
+            rejected_lengths=n_rejected,
+        )
+        nll = chosen_nll(chosen, n_chosen)
+        extra = self.aux_coef * out.aux_loss + self.z_coef * out.z_loss
+        if self.cfg.nll_coef:
+            extra = extra + self.cfg.nll_coef * nll
+        margins = pref.chosen_rewards - pref.rejected_rewards
+        loss_sum = pref.losses.sum()
+        return TaskOutput(
+            loss_sum=loss_sum,
+            extra=extra,
+            tokens=int(batch["attention_mask"].sum()),
+            # Per-pair sums: the trainer divides by the pairs of the global batch -> exact means.
+            sums={
+                "loss": loss_sum.detach(),
+                "rewards/chosen": pref.chosen_rewards.sum(),
+                "rewards/rejected": pref.rejected_rewards.sum(),
+                "rewards/margins": margins.sum(),
+                "rewards/accuracies": (margins > 0).float().sum(),
+                "logps/chosen": chosen.detach().sum(),
+                "logps/rejected": rejected.detach().sum(),
+            },
+            means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach(), "nll": nll.detach()},
+            expert_counts=out.expert_counts,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Precomputed reference log-probs, cached with the dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_fingerprint(model: nn.Module) -> str:
+    """sha256 of the reference weights: every base parameter, none of the trainable adapters.
+
+    PEFT's trainable copies (``lora_*``, ``modules_to_save``) are left out: with the adapters
+    disabled the model computes with the other tensors only.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ref_cache_path(data_dir: str | os.PathLike, split: str, dataset, model_key: str, autocast: str) -> Path:
+    key = hashlib.sha256(f"{model_key}|{dataset._fingerprint}|{len(dataset)}|{autocast}".encode()).hexdigest()
+    return Path(data_dir) / REF_CACHE_DIR / f"{split}-{key[:24]}.safetensors"
+
+
+@torch.no_grad()
+def compute_reference_log_probs(
+    policy: nn.Module, reference: Reference, dataset, batch_size: int, autocast=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N], rejected [N]) reference log-probs of every pair, in dataset order."""
+    chosen, rejected = [], []
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collate_pairs(rows).items()}
+        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+            c, r = split_pairs(reference(policy, batch))
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    policy.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def attach_reference_log_probs(
+    dataset,
+    split: str,
+    *,
+    policy: nn.Module,
+    reference: Reference,
+    data_dir: str,
+    model_key: str,
+    batch_size: int,
+    accelerator,
+):
+    """The dataset with ref_chosen_logps/ref_rejected_logps columns, from the cache or computed now.
+
+    The main process computes and writes the cache (atomically); the others wait and read it.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = ref_cache_path(data_dir, split, dataset, model_key, str(accelerator.mixed_precision))
+    if accelerator.is_main_process and not path.is_file():
+        chosen, rejected = compute_reference_log_probs(
+            policy, reference, dataset, batch_size, autocast=accelerator.autocast
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        save_file({"chosen": chosen, "rejected": rejected}, str(tmp), metadata={"model_key": model_key})
+        os.replace(tmp, path)
+        accelerator.print(f"dpo: reference log-probs of {len(dataset)} {split} pairs cached in {path}")
+    accelerator.wait_for_everyone()
+    cached = load_file(str(path))
+    if cached["chosen"].shape[0] != len(dataset):
+        raise ValueError(
+            f"{path}: {cached['chosen'].shape[0]} cached pairs for {len(dataset)} rows; delete it"
+        )
+    dataset = dataset.add_column("ref_chosen_logps", cached["chosen"].tolist())
+    return dataset.add_column("ref_rejected_logps", cached["rejected"].tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy from the SFT output
+# ----------------------------------------------------------------------------------------------
+
+
+def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
+    path = Path(sft_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: model.sft_dir must be a finished SFT output directory (make sft writes "
+            f"outputs/tiny/sft)"
+        )
+    manifest = json.loads(path.read_text())
+    for key in ("kind", "base"):
+        if key not in manifest:
+            raise ValueError(f"{path}: field '{key}' missing; was it written by pipeline.sft?")
+    if manifest["kind"] not in ("lora", "full"):
+        raise ValueError(f"{path}: field 'kind' must be 'lora' or 'full', got {manifest['kind']!r}")
+    return manifest
+
+
+def load_sft_model(sft_dir: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
+
+    Returns (model, lineage), lineage being what export needs to rebuild these weights.
+    """
+    from model import Mixtral
+
+    manifest = read_sft_manifest(sft_dir)
+    if manifest["kind"] == "full":
+        model_dir = manifest.get("model_dir") or str(Path(sft_dir).resolve())
+        return Mixtral.from_pretrained(model_dir, dtype=dtype), {
+            "checkpoint": model_dir,
+            "merged_adapters": [],
+        }
+    from peft import PeftModel
+
+    # Registers the expert LoRA layer with PEFT, which PeftModel.from_pretrained needs.
+    importlib.import_module("model.lora")
+
+    base_dir = manifest["base"]["checkpoint"]
+    adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
+    base = Mixtral.from_pretrained(base_dir, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return merged, {"checkpoint": base_dir, "merged_adapters": [adapter_dir]}
+
+
+def build_policy(recipe: DPORecipe) -> tuple[nn.Module, nn.Module | None, dict]:
+    """(policy, frozen reference or None, lineage): SFT model -> checkpointing -> LoRA or full."""
+    m = recipe.model
+    model, lineage = load_sft_model(m.sft_dir, getattr(torch, m.dtype))
+    model.gradient_checkpointing = m.gradient_checkpointing
+    if recipe.lora.enabled:
+        from model.lora import apply_lora
+
+        for param in model.parameters():
+            param.requires_grad_(False)
+        lora = recipe.lora
+        model = apply_lora(
+            model, lora.r, lora.alpha, lora.dropout, lora.target_modules, train_router=lora.train_router
+        )
+        # Adapters train in fp32 even over a bf16 base: bf16 updates of small LoRA deltas round away.
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        return model, None, lineage
+    # PEFT left the merged SFT weights frozen; full DPO trains all of them.
+    model.requires_grad_(True)
+    if m.freeze_router:
+        freeze_router(model)
+    frozen = None
+    if not recipe.dpo.precompute_ref_log_probs:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    return model, frozen, lineage
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def load_datasets(recipe: DPORecipe):
+    import datasets
+
+    root = Path(recipe.data["output_dir"])
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(
+            f"{root}/train not found: run `python -m pipeline.prep <recipe>` first (make dpo does)"
+        )
+    train = datasets.load_from_disk(str(root / "train"))
+    missing = [c for c in DPO_COLUMNS if c not in train.column_names]
+    if missing:
+        raise ValueError(
+            f"{root}/train lacks the DPO columns {missing} (has {train.column_names}): was it prepared "
+            f"with data.kind: dpo?"
+        )
+    eval_set = datasets.load_from_disk(str(root / "eval")) if (root / "eval").is_dir() else None
+    if eval_set is not None and len(eval_set) == 0:
+        eval_set = None
+    return train, eval_set
+
+
+def write_manifest(recipe: DPORecipe, out: Path, *, files, lineage, data, final, steps, model_config) -> None:
+    import peft
+    import transformers
+
+    manifest = {
+        "stage": "dpo",
+        "kind": "lora" if recipe.lora.enabled else "full",
+        # Export rebuilds the weights as: base checkpoint, merge each of merged_adapters in order,
+        # then (kind lora) merge adapter_dir.
+        "base": {"checkpoint": lineage["checkpoint"], "config": model_config},
+        "merged_adapters": lineage["merged_adapters"],
+        "adapter_dir" if recipe.lora.enabled else "model_dir": str(out.resolve()),
+        "files": files,
+        "sft_dir": str(Path(recipe.model.sft_dir).resolve()),
+        "lora": {
+            "r": recipe.lora.r,
+            "alpha": recipe.lora.alpha,
+            "target_modules": recipe.lora.target_modules,
+            "train_router": recipe.lora.train_router,
+        }
+        if recipe.lora.enabled
+        else None,
+        "dpo": {
+            "beta": recipe.dpo.beta,
+            "loss_type": recipe.dpo.loss_type,
+            "label_smoothing": recipe.dpo.label_smoothing,
+            "nll_coef": recipe.dpo.nll_coef,
+        },
+        "data": data,
+        "steps": steps,
+        "final_metrics": {k: v for k, v in final.items() if not k.startswith("expert_load/")},
+        "recipe": "recipe.yaml",
+        "metrics": METRICS_FILE,
+        "versions": {
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+        },
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(out / "manifest.json", json.loads(redact_env_secrets(json.dumps(manifest))))
+
+
+def run(recipe: DPORecipe) -> Path:
+    """The whole stage; returns the output directory."""
+    import shutil
+
+    from accelerate.utils import set_seed
+
+    from pipeline.sft import resolve_resume, save_final
+
+    out = Path(recipe.output_dir)
+    # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
+    resume_from = resolve_resume(recipe)
+    accelerator = make_accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        backend=recipe.parallel.backend,
+        log_with="wandb" if recipe.tracking.report_to == "wandb" else None,
+        project_dir=str(out),
+    )
+    if resume_from is None and accelerator.is_main_process and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
+    set_seed(recipe.train.seed)
+
+    # 2. Data, policy and reference.
+    train, eval_set = load_datasets(recipe)
+    model, frozen, lineage = build_policy(recipe)
+    model.to(accelerator.device)
+    if frozen is not None:
+        frozen.to(accelerator.device)
+    elif not recipe.lora.enabled:
+        # Full DPO with precomputed log-probs: before the first update the policy is the reference.
+        frozen = model
+    reference = Reference(frozen, accelerator.unwrap_model)
+    base = model.get_base_model() if recipe.lora.enabled else model
+    model_config = base.config.to_hf()
+
+    # 3. Reference log-probs once, before any update: the policy still equals the reference here.
+    if recipe.dpo.precompute_ref_log_probs:
+        model_key = reference_fingerprint(model)
+        kw = dict(
+            policy=model,
+            reference=reference,
+            data_dir=recipe.data["output_dir"],
+            model_key=model_key,
+            batch_size=recipe.dpo.ref_batch_size,
+            accelerator=accelerator,
+        )
+        train = attach_reference_log_probs(train, "train", **kw)
+        if eval_set is not None:
+            eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
+        reference = None
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    accelerator.print(
+        f"dpo: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train pairs, "
+        f"{len(eval_set) if eval_set is not None else 0} eval pairs; reference: "
+        f"{'precomputed' if reference is None else 'adapters disabled' if frozen is None else 'frozen copy'}; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}"
+    )
+
+    # 4. Train.
+    tracker = Tracker(
+        accelerator,
+        out,
+        report_to=recipe.tracking.report_to,
+        project=recipe.tracking.project,
+        run_name=recipe.tracking.run_name,
+        tags=recipe.tracking.tags,
+        config=redacted_config(recipe),
+        resume_step=None
+        if resume_from is None
+        else json.loads((resume_from / "state.json").read_text())["step"],
+    )
+    task = DPOTask(
+        recipe.dpo,
+        aux_coef=recipe.model.router_aux_loss_coef,
+        z_coef=recipe.model.router_z_loss_coef,
+        reference=reference,
+    )
+    trainer = Trainer(
+        accelerator=accelerator,
+        model=model,
+        task=task,
+        train_data=train,
+        eval_data=eval_set,
+        config=recipe.train,
+        output_dir=out,
+        tracker=tracker,
+        resume_from=resume_from,
+        progress_bar=recipe.tracking.progress_bar,
+        log_expert_load=recipe.tracking.log_expert_load,
+    )
+    final = trainer.train()
+    tracker.finish()
+
+    # 5. Artifacts for export.
+    if accelerator.is_main_process:
+        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled)
+        data = {
+            "output_dir": recipe.data["output_dir"],
+            "train_fingerprint": train._fingerprint,
+            "train_rows": len(train),
+            "eval_rows": len(eval_set) if eval_set is not None else 0,
+        }
+        write_manifest(
+            recipe,
+            out,
+            files=files,
+            lineage=lineage,
+            data=data,
+            final=final,
+            steps=trainer.step,
+            model_config=model_config,
+        )
+        keys = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+        summary = ", ".join(f"{k} {final[k]:.4f}" for k in keys if k in final)
+        accelerator.print(f"dpo: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
+    try:
+        run(load_recipe(path, overrides))
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {redact_env_secrets(str(err))}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
