@@ -245,12 +245,23 @@ def load_pretrained(
                         _shape_error(hf_name, path / file, list(dest.shape), shape)
                     _claim(pending, target.native, [key], hf_name, path / file)
                     dest.copy_(shard.get_tensor(hf_name))
-    missing = [f"{name} {sorted(map(str, pieces))}" for name, pieces in pending.items() if pieces]
+    missing = sorted(
+        _hf_name(name, piece, expert) for name, pieces in pending.items() for piece, expert in pieces
+    )
     if missing:
         raise ValueError(
-            f"{path}: checkpoint is missing tensors for {len(missing)} parameter(s), e.g. {missing[:3]}"
+            f"{path}: checkpoint is missing {len(missing)} tensor(s) that config.json implies, "
+            f"e.g. {missing[:4]}"
         )
     return model
+
+
+def _hf_name(native: str, piece: str, expert: int | None) -> str:
+    for rule in NAME_TABLE:
+        match = _template_regex(rule.native).match(native)
+        if rule.export and match and rule.piece == piece:
+            return rule.hf.format(i=match.groupdict().get("i"), e=expert)
+    raise AssertionError(f"no export rule for {native} {piece}")
 
 
 def _claim(pending: dict[str, set], native: str, keys: list, hf_name: str, file: Path) -> None:

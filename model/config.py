@@ -55,8 +55,8 @@ class MixtralConfig:
     # Weight dtype written to config.json ("bfloat16" for the released checkpoints)
     torch_dtype: str = "bfloat16"
 
-    # HF fields with no effect here, kept so that to_hf() round-trips them
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Other config.json fields (no effect here), kept so that to_hf() writes them back
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -191,7 +191,8 @@ class MixtralConfig:
             hf.pop("torch_dtype", None)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in hf.items() if k in names}
-        extra = {k: v for k, v in hf.items() if k not in names}
+        written_by_to_hf = {"architectures", "model_type", "output_router_logits", "use_cache"}
+        extra = {k: v for k, v in hf.items() if k not in names and k not in written_by_to_hf}
         if isinstance(kwargs.get("eos_token_id"), list):
             raise ValueError(f"MixtralConfig.from_hf: {where} eos_token_id is a list; one id is supported")
         try:
