@@ -1,0 +1,959 @@
+"""Export a fine-tuned Mixtral in the Mixtral-8x7B-Instruct-v0.1 layout, verified.
+
+    python -m pipeline.export recipes/tiny/export.yaml [key=value ...]          # make export
+    python -m pipeline.export recipes/tiny/export.yaml source.run_dir=outputs/tiny/sft \\
+        export.dtype=float32 export.format=consolidated output_dir=outputs/tiny/export-mistral
+
+Input (``source``): a stage output dir with ``manifest.json`` (SFT/DPO, LoRA or full; chains of
+LoRA stages are followed back to the base checkpoint), or an HF checkpoint dir, plus optional extra
+PEFT adapter dirs. Output (``output_dir``), by ``export.format``:
+
+    hf            config.json  generation_config.json  model-0000k-of-0000n.safetensors
+                  model.safetensors.index.json  tokenizer.model  tokenizer.json
+                  tokenizer_config.json  special_tokens_map.json  README.md
+    consolidated  params.json  consolidated.safetensors  tokenizer.model  README.md
+                  (mistral-inference names, q/k rows permuted back to interleaved RoPE pairs)
+
+Steps: 1. resolve the source to a base checkpoint and the adapters to merge; 2. plan every output
+tensor and shard from shapes alone; 3. stream: read one native parameter, add every adapter's LoRA
+delta in fp32, cast, append its HF tensors to the open shard file; 4. tokenizer, configs, model
+card; 5. verify (transformers reload, names/shapes/dtypes, logits against our model); 6. rename the
+temporary dir into place. Peak memory is about one native parameter in fp32, never a shard or the
+model, so an 8x7B export needs a few GB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from model.checkpoint import hf_tensors, hf_to_native, parse_size
+from model.config import MixtralConfig
+from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
+
+# ----------------------------------------------------------------------------------------------
+# Recipe
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceSection:
+    # A stage output dir with manifest.json (SFT or DPO result), or an HF Mixtral checkpoint dir.
+    run_dir: str | None = None
+    # HF checkpoint dir to merge onto; overrides the base that the manifest names.
+    checkpoint: str | None = None
+    # Extra PEFT adapter dirs, merged in this order after those the manifests name.
+    adapters: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.run_dir is None and self.checkpoint is None:
+            raise ValueError(
+                "set source.run_dir (a stage output dir) or source.checkpoint (an HF checkpoint dir)"
+            )
+
+
+@dataclass
+class ExportSection:
+    format: Literal["hf", "consolidated"] = "hf"
+    # Weights are merged in float32, then cast to this dtype.
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    max_shard_size: str = "5GB"
+    # A non-empty output_dir is refused unless this is true (it is then replaced atomically).
+    overwrite: bool = False
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        parse_size(self.max_shard_size)
+
+
+@dataclass
+class VerifySection:
+    enabled: bool = True
+    # Reload with transformers and compare logits only for models up to this many parameters.
+    max_params: int = 2_000_000_000
+    # Largest allowed max |logit difference| against our model (both computed in fp32 from the
+    # exported weights, so the dtype cast does not count).
+    atol: float = 1e-4
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "Explain Machine Learning to me in a nutshell.",
+            "Write a haiku about experts that route tokens.",
+            "  Leading spaces,   runs of spaces, and unicode: 日本語 🎉",
+        ]
+    )
+
+
+@dataclass
+class TokenizerSection:
+    # SentencePiece tokenizer.model; null: mistral_common's tokenizer.model.v1 (Mixtral's).
+    spm_path: str | None = None
+
+
+@dataclass
+class ExportRecipe:
+    source: SourceSection
+    output_dir: str
+    export: ExportSection = field(default_factory=ExportSection)
+    verify: VerifySection = field(default_factory=VerifySection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    # Model card fields.
+    model_name: str = "Mixtral-8x7B-Instruct (fine-tuned)"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Source: base checkpoint + adapters
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    checkpoint: Path  # HF dir: config.json + safetensors (per-expert or fused names)
+    adapters: list[Path]  # PEFT dirs, merged in order
+    manifests: list[dict]  # stage manifests, oldest first (for the model card)
+
+
+def _is_hf_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    )
+
+
+def _manifest_path(value: str, manifest_dir: Path) -> Path:
+    path = Path(value)
+    if path.is_absolute() or path.exists():
+        return path
+    return manifest_dir / path
+
+
+def resolve_source(path: str | os.PathLike) -> Source:
+    """Follow manifests back to an HF checkpoint; collect the adapters to merge on the way.
+
+    Reads ``kind`` ("lora" or "full"), ``base.checkpoint`` (an HF dir or another stage dir),
+    ``base.adapters`` (adapters already under the base, optional), ``adapter_dir`` / ``model_dir``.
+    """
+    path = Path(path)
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        if _is_hf_checkpoint(path):
+            return Source(path, [], [])
+        if (path / "adapter_config.json").is_file():
+            raise ValueError(
+                f"{path}: a PEFT adapter without manifest.json; set source.checkpoint to its base model "
+                f"and source.adapters=[{str(path)!r}]"
+            )
+        raise FileNotFoundError(
+            f"{path}: neither a stage output dir (manifest.json) nor an HF checkpoint (config.json + "
+            "model*.safetensors); set source.run_dir or source.checkpoint"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest_file}: not valid JSON ({err})") from None
+    kind = manifest.get("kind")
+    if kind == "full":
+        model_dir = _manifest_path(manifest.get("model_dir", str(path)), path)
+        if not _is_hf_checkpoint(model_dir):
+            raise FileNotFoundError(f"{manifest_file}: kind 'full' but {model_dir} holds no HF checkpoint")
+        return Source(model_dir, [], [manifest])
+    if kind != "lora":
+        raise ValueError(f"{manifest_file}: field 'kind' must be 'lora' or 'full', got {kind!r}")
+    base = manifest.get("base")
+    base_dir = base.get("checkpoint") if isinstance(base, dict) else base
+    if not base_dir:
+        raise ValueError(
+            f"{manifest_file}: field 'base.checkpoint' (the model the adapter was trained on) is missing"
+        )
+    parent = resolve_source(_manifest_path(base_dir, path))
+    extra = [_manifest_path(a, path) for a in (base.get("adapters") or [])] if isinstance(base, dict) else []
+    adapter = _manifest_path(manifest.get("adapter_dir", str(path)), path)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{manifest_file}: adapter dir {adapter} has no adapter_config.json")
+    return Source(parent.checkpoint, parent.adapters + extra + [adapter], parent.manifests + [manifest])
+
+
+def source_from_recipe(section: SourceSection) -> Source:
+    if section.run_dir is not None:
+        source = resolve_source(section.run_dir)
+        if section.checkpoint is not None:
+            source = Source(Path(section.checkpoint), source.adapters, source.manifests)
+    else:
+        source = Source(Path(section.checkpoint), [], [])
+    if not _is_hf_checkpoint(source.checkpoint):
+        raise FileNotFoundError(f"source.checkpoint: {source.checkpoint} is not an HF checkpoint dir")
+    return Source(source.checkpoint, source.adapters + [Path(a) for a in section.adapters], source.manifests)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-3. Reading native parameters and merging LoRA, one parameter at a time
+# ----------------------------------------------------------------------------------------------
+
+
+class BaseReader:
+    """Native parameters of an HF checkpoint (per-expert or fused names), read one at a time in fp32."""
+
+    def __init__(self, checkpoint: Path, config: MixtralConfig):
+        self.dir = checkpoint
+        self.config = config
+        index = checkpoint / "model.safetensors.index.json"
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else ["model.safetensors"]
+        )
+        self.pieces: dict[str, list[tuple[str, str, object]]] = defaultdict(list)
+        for file in files:
+            with safe_open(str(checkpoint / file), framework="pt") as shard:
+                for hf_name in shard.keys():
+                    target = hf_to_native(hf_name, where=str(checkpoint / file))
+                    self.pieces[target.native].append((file, hf_name, target))
+
+    def read(self, native: str, shape: torch.Size) -> torch.Tensor:
+        pieces = self.pieces.get(native)
+        if not pieces:
+            raise ValueError(
+                f"{self.dir}: no tensor for {native} (the checkpoint and its config.json disagree)"
+            )
+        out = torch.empty(shape, dtype=torch.float32)
+        ffn = self.config.intermediate_size
+        filled = set()
+        for file, hf_name, target in pieces:
+            with safe_open(str(self.dir / file), framework="pt") as shard:
+                tensor = shard.get_tensor(hf_name)
+            if target.piece in ("all", "stack"):
+                dest, key = out, (target.piece, None)
+            else:
+                if target.expert >= shape[0]:
+                    raise ValueError(
+                        f"{self.dir / file}: {hf_name} is for expert {target.expert}, config.json has {shape[0]}"
+                    )
+                dest = {
+                    "w1": out[target.expert, :ffn],
+                    "w3": out[target.expert, ffn:],
+                    "w2": out[target.expert],
+                }[target.piece]
+                key = (target.piece, target.expert)
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{self.dir / file}: {hf_name} has shape {list(tensor.shape)}, config.json implies "
+                    f"{list(dest.shape)}"
+                )
+            if key in filled:
+                raise ValueError(f"{self.dir / file}: {hf_name} fills {native} {key} a second time")
+            filled.add(key)
+            dest.copy_(tensor)
+        expected = self._expected_keys(native, shape)
+        if expected - filled and not any(k[0] in ("all", "stack") for k in filled):
+            missing = sorted(expected - filled)
+            raise ValueError(f"{self.dir}: checkpoint is missing {native} pieces {missing[:4]}")
+        return out
+
+    @staticmethod
+    def _expected_keys(native: str, shape: torch.Size) -> set:
+        if native.endswith("experts.gate_up_proj"):
+            return {(p, e) for e in range(shape[0]) for p in ("w1", "w3")}
+        if native.endswith("experts.down_proj"):
+            return {("w2", e) for e in range(shape[0])}
+        return {("all", None)}
+
+
+_PEFT_PREFIX = "base_model.model."
+_EXPERT_LORA = re.compile(r"^(?P<module>.+\.experts)\.lora_(?P<which>gate_up|down)_(?P<ab>[AB])$")
+_LINEAR_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+@dataclass
+class Adapter:
+    """One PEFT adapter's tensors, grouped by the native parameter they change."""
+
+    dir: Path
+    scale: float
+    deltas: dict[str, dict[str, str]]  # native param -> {"A"/"B" or "gate_up_A"...: adapter key}
+    replacements: dict[str, str]  # native param -> adapter key (modules_to_save)
+
+    @classmethod
+    def open(cls, adapter_dir: str | os.PathLike) -> Adapter:
+        adapter_dir = Path(adapter_dir)
+        config_file = adapter_dir / "adapter_config.json"
+        weights = adapter_dir / "adapter_model.safetensors"
+        if not config_file.is_file() or not weights.is_file():
+            raise FileNotFoundError(
+                f"{adapter_dir}: a PEFT adapter needs adapter_config.json and adapter_model.safetensors "
+                "(pickle adapter_model.bin is not read)"
+            )
+        config = json.loads(config_file.read_text())
+        for key in ("rank_pattern", "alpha_pattern"):
+            if config.get(key):
+                raise ValueError(
+                    f"{config_file}: '{key}' is not supported by the export; train with one r and alpha"
+                )
+        if config.get("use_dora"):
+            raise ValueError(f"{config_file}: DoRA adapters are not supported by the export")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(
+                f"{config_file}: peft_type {config.get('peft_type')!r}; only LORA adapters merge"
+            )
+        r, alpha = config["r"], config["lora_alpha"]
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        deltas: dict[str, dict[str, str]] = defaultdict(dict)
+        replacements = {}
+        with safe_open(str(weights), framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            if not key.startswith(_PEFT_PREFIX):
+                raise ValueError(
+                    f"{weights}: tensor {key!r} does not start with {_PEFT_PREFIX!r}; not a PEFT adapter"
+                )
+            name = key[len(_PEFT_PREFIX) :]
+            if m := _EXPERT_LORA.match(name):
+                native = m["module"] + (".gate_up_proj" if m["which"] == "gate_up" else ".down_proj")
+                deltas[native][f"{m['which']}_{m['ab']}"] = key
+            elif m := _LINEAR_LORA.match(name):
+                deltas[m["module"] + ".weight"][m["ab"]] = key
+            elif "lora_" in name:
+                raise ValueError(
+                    f"{weights}: unsupported LoRA tensor {key!r} (only linear and expert LoRA merge)"
+                )
+            else:
+                replacements[name] = key
+        for native, parts in deltas.items():
+            need = (
+                {"gate_up_A", "gate_up_B"}
+                if native.endswith("gate_up_proj")
+                else ({"down_A", "down_B"} if native.endswith("experts.down_proj") else {"A", "B"})
+            )
+            if set(parts) != need:
+                raise ValueError(
+                    f"{weights}: {native} has LoRA tensors {sorted(parts)}, expected {sorted(need)}"
+                )
+        return cls(adapter_dir, scale, dict(deltas), replacements)
+
+    def apply(self, native: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (fp32) with this adapter's replacement and LoRA delta, in place where possible."""
+        weights = str(self.dir / "adapter_model.safetensors")
+        with safe_open(weights, framework="pt") as f:
+            if native in self.replacements:
+                new = f.get_tensor(self.replacements[native]).float()
+                if new.shape != weight.shape:
+                    raise ValueError(
+                        f"{weights}: {self.replacements[native]} has shape {list(new.shape)}, "
+                        f"the base {native} {list(weight.shape)}"
+                    )
+                weight = new
+            parts = {k: f.get_tensor(v).float() for k, v in self.deltas.get(native, {}).items()}
+        if parts:
+            add_lora_delta(weight, parts, self.scale)
+        return weight
+
+    def natives(self) -> set[str]:
+        return set(self.deltas) | set(self.replacements)
+
+
+def add_lora_delta(weight: torch.Tensor, parts: dict[str, torch.Tensor], scale: float) -> None:
+    """weight += scale * B @ A, per expert for the stacked expert adapters (model/lora.py layout)."""
+    if "A" in parts:
+        weight.addmm_(parts["B"], parts["A"], alpha=scale)  # [out, R] @ [R, in]
+    elif "gate_up_A" in parts:
+        a, b = parts["gate_up_A"], parts["gate_up_B"]  # [E, 2R, H], [E, 2F, R]
+        r, f = a.shape[1] // 2, b.shape[1] // 2
+        for e in range(weight.shape[0]):  # one expert at a time: no [E, 2F, H] temporary
+            weight[e, :f].addmm_(b[e, :f], a[e, :r], alpha=scale)  # w1
+            weight[e, f:].addmm_(b[e, f:], a[e, r:], alpha=scale)  # w3
+    else:
+        a, b = parts["down_A"], parts["down_B"]  # [E, R, F], [E, H, R]
+        for e in range(weight.shape[0]):
+            weight[e].addmm_(b[e], a[e], alpha=scale)
+
+
+def meta_state(config: MixtralConfig) -> dict[str, torch.Tensor]:
+    """The native parameters' names and shapes, without memory."""
+    from model.transformer import Mixtral
+
+    with torch.device("meta"):
+        return Mixtral(config).state_dict()
+
+
+def merged_native_params(
+    reader: BaseReader, adapters: list[Adapter], shapes: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(native name, merged fp32 tensor), one parameter at a time, in model order."""
+    unused = set().union(*(a.natives() for a in adapters)) - set(shapes) if adapters else set()
+    if unused:
+        raise ValueError(f"adapter tensors for parameters the model does not have: {sorted(unused)[:4]}")
+    for native, meta in shapes.items():
+        weight = reader.read(native, meta.shape)
+        for adapter in adapters:
+            weight = adapter.apply(native, weight)
+        yield native, weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming safetensors writer
+# ----------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def plan_shards(entries: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+    """Greedy, in order: a new shard when the next tensor would pass the limit (as transformers does)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def shard_file_names(n: int, prefix: str = "model") -> list[str]:
+    if n == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+class ShardWriter:
+    """Writes planned safetensors files tensor by tensor: the header comes from the plan, so no
+    shard is ever held in memory. Tensors must arrive in plan order."""
+
+    def __init__(
+        self, out_dir: Path, shards: list[list[TensorPlan]], dtype: torch.dtype, prefix: str = "model"
+    ):
+        self.out_dir, self.shards, self.dtype = out_dir, shards, dtype
+        self.files = shard_file_names(len(shards), prefix)
+        self.order = [(k, entry) for k, shard in enumerate(shards) for entry in shard]
+        self.position = 0
+        self.handle = None
+        self.open_shard = -1
+
+    def _header(self, shard: list[TensorPlan]) -> bytes:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for entry in shard:
+            header[entry.name] = {
+                "dtype": _ST_DTYPES[self.dtype],
+                "shape": list(entry.shape),
+                "data_offsets": [offset, offset + entry.nbytes],
+            }
+            offset += entry.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        return len(raw).to_bytes(8, "little") + raw
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.position >= len(self.order):
+            raise RuntimeError(f"ShardWriter: {name} arrives after every planned tensor was written")
+        k, entry = self.order[self.position]
+        if entry.name != name or tuple(tensor.shape) != entry.shape:
+            raise RuntimeError(
+                f"ShardWriter: expected {entry.name} {list(entry.shape)}, got {name} {list(tensor.shape)}"
+            )
+        if k != self.open_shard:
+            self._close()
+            self.handle = open(self.out_dir / self.files[k], "wb")  # noqa: SIM115 (closed in _close)
+            self.handle.write(self._header(self.shards[k]))
+            self.open_shard = k
+        data = tensor.detach().to(self.dtype).contiguous().view(torch.uint8).reshape(-1)
+        self.handle.write(memoryview(data.numpy()))
+        self.position += 1
+
+    def _close(self) -> None:
+        if self.handle is not None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.handle = None
+
+    def finish(self) -> dict:
+        """Close the last file; returns the index ({"metadata": {"total_size"}, "weight_map"})."""
+        self._close()
+        if self.position != len(self.order):
+            raise RuntimeError(
+                f"ShardWriter: {len(self.order) - self.position} planned tensors were never written"
+            )
+        return {
+            "metadata": {"total_size": sum(e.nbytes for _, e in self.order)},
+            "weight_map": {e.name: self.files[k] for k, e in self.order},
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Output formats
+# ----------------------------------------------------------------------------------------------
+
+
+def hf_plan(shapes: dict[str, torch.Tensor], dtype: torch.dtype) -> list[TensorPlan]:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [TensorPlan(n, tuple(t.shape), t.numel() * itemsize) for n, t in hf_tensors(shapes)]
+
+
+def generation_config(config: MixtralConfig) -> dict:
+    return {
+        "_from_model_config": True,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "transformers_version": "4.36.0.dev0",
+    }
+
+
+# HF per-expert names -> mistral-inference consolidated names (FORMATS.md section 4). A different
+# format, not a second HF<->native table: it maps names that model/checkpoint.py produced.
+CONSOLIDATED_NAMES: tuple[tuple[str, str], ...] = (
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight", r"layers.\1.feed_forward.gate.weight"),
+    (
+        r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight",
+        r"layers.\1.feed_forward.experts.\2.\3.weight",
+    ),
+)
+
+
+def consolidated_name(hf_name: str) -> str:
+    for pattern, replacement in CONSOLIDATED_NAMES:
+        if re.fullmatch(pattern, hf_name):
+            return re.sub(pattern, replacement, hf_name)
+    raise ValueError(f"consolidated export: no mistral-inference name for {hf_name!r}")
+
+
+def hf_to_interleaved_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q/k rows from HF's rotate_half order (j, j + hd/2) back to interleaved pairs (2j, 2j + 1).
+
+    Inverse of transformers' convert_mixtral_weights_to_hf permute (FORMATS.md section 5).
+    """
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    # [n_heads, 2, hd/2, cols] -> [n_heads, hd/2, 2, cols]: row (half h, index j) goes to 2j + h
+    return weight.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def params_json(config: MixtralConfig) -> dict:
+    params = {
+        "dim": config.hidden_size,
+        "n_layers": config.num_hidden_layers,
+        "head_dim": config.head_dim,
+        "hidden_dim": config.intermediate_size,
+        "n_heads": config.num_attention_heads,
+        "n_kv_heads": config.num_key_value_heads,
+        "norm_eps": config.rms_norm_eps,
+        "vocab_size": config.vocab_size,
+        "rope_theta": config.rope_theta,
+        "moe": {"num_experts_per_tok": config.num_experts_per_tok, "num_experts": config.num_local_experts},
+    }
+    if config.sliding_window is not None:
+        params["sliding_window"] = config.sliding_window
+    return params
+
+
+def consolidated_tensor(
+    hf_name: str, tensor: torch.Tensor, config: MixtralConfig
+) -> tuple[str, torch.Tensor]:
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        tensor = hf_to_interleaved_rope(tensor, config.num_attention_heads)
+    elif hf_name.endswith("self_attn.k_proj.weight"):
+        tensor = hf_to_interleaved_rope(tensor, config.num_key_value_heads)
+    return consolidated_name(hf_name), tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Output directory handling
+# ----------------------------------------------------------------------------------------------
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output_dir {out} is not empty; pass export.overwrite=true to replace it (or choose another output_dir)"
+        )
+
+
+def new_temp_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temp dir to ``out``; an existing ``out`` is moved aside first, then deleted."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------
+
+
+def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, report: list[str]) -> str:
+    lines = [
+        f"# {recipe.model_name}",
+        "",
+        "Mixtral (sparse mixture of experts, 8 SwiGLU experts per layer, top-2)",
+    ]
+    lines += [
+        "fine-tuned with this repository's pipeline (SFT -> DPO -> export), in the layout of",
+        "mistralai/Mixtral-8x7B-Instruct-v0.1.",
+        "",
+        "## Base model",
+        "",
+        f"- checkpoint: `{source.checkpoint}`",
+        f"- size: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_local_experts} experts "
+        f"(top-{config.num_experts_per_tok}), ffn {config.intermediate_size}, vocab {config.vocab_size}",
+        f"- merged adapters (in order): {', '.join(f'`{a}`' for a in source.adapters) or 'none'}",
+        f"- export: format `{recipe.export.format}`, dtype `{recipe.export.dtype}` (LoRA merged in float32)",
+        "",
+        "## Training stages",
+        "",
+    ]
+    if not source.manifests:
+        lines.append("No stage manifests: exported directly from a checkpoint.")
+    for manifest in source.manifests:
+        stage = manifest.get("stage", "?")
+        lines.append(f"### {stage} ({manifest.get('kind', '?')})")
+        lines.append("")
+        data = manifest.get("data")
+        if data:
+            lines.append(f"- data: `{json.dumps(data, ensure_ascii=False)[:500]}`")
+        if manifest.get("recipe"):
+            lines.append(f"- recipe: `{manifest['recipe']}` (in the stage output dir)")
+        if manifest.get("lora"):
+            lines.append(f"- LoRA: `{json.dumps(manifest['lora'])}`")
+        if manifest.get("steps") is not None:
+            lines.append(f"- steps: {manifest['steps']}")
+        metrics = manifest.get("final_metrics") or {}
+        if metrics:
+            lines += ["", "| metric | value |", "|---|---|"]
+            lines += [
+                f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
+                for k, v in metrics.items()
+            ]
+        lines.append("")
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer, MixtralForCausalLM",
+        "tok = AutoTokenizer.from_pretrained(path)",
+        'model = MixtralForCausalLM.from_pretrained(path, dtype="auto")',
+        'ids = tok.apply_chat_template([{"role": "user", "content": "Hi!"}], return_tensors="pt", return_dict=False)',
+        "out = model.generate(ids, max_new_tokens=64, do_sample=False)",
+        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "or `python -m pipeline.chat PATH`. The chat template reproduces mistral-common's v1 instruct",
+        "encoding token for token (system prompt prepended to the first user turn); the fast",
+        "tokenizer encodes like the SentencePiece `tokenizer.model`. Encode raw training text with",
+        "`split_special_tokens=True` so that a literal `</s>` in text stays text.",
+        "",
+        "## Export verification",
+        "",
+        *[f"- {line}" for line in report],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+def export(recipe: ExportRecipe, log: Callable[[str], None] = print) -> Path:
+    """Run the export described by ``recipe``; returns the output dir."""
+    started = time.perf_counter()
+    out = Path(recipe.output_dir)
+    check_output_dir(out, recipe.export.overwrite)
+
+    # 1. Source.
+    source = source_from_recipe(recipe.source)
+    config = MixtralConfig.from_hf(source.checkpoint / "config.json")
+    adapters = [Adapter.open(a) for a in source.adapters]
+    log(f"export: base {source.checkpoint}, {len(adapters)} adapter(s): {[str(a.dir) for a in adapters]}")
+
+    tmp = new_temp_dir(out)
+    try:
+        report = _write_weights(recipe, source, config, adapters, tmp, log)
+        save_recipe(recipe, tmp / "recipe.yaml")
+        (tmp / "README.md").write_text(model_card(recipe, source, config, report))
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"export: wrote {out} in {time.perf_counter() - started:.1f}s")
+    for line in report:
+        log(f"  {line}")
+    return out
+
+
+def _write_weights(
+    recipe: ExportRecipe, source: Source, config: MixtralConfig, adapters: list[Adapter], tmp: Path, log
+) -> list[str]:
+    from pipeline.hf_tokenizer import DEFAULT_SPM_PATH, save_tokenizer_files
+
+    dtype = DTYPES[recipe.export.dtype]
+    shapes = meta_state(config)
+    reader = BaseReader(source.checkpoint, config)
+    spm_path = Path(recipe.tokenizer.spm_path) if recipe.tokenizer.spm_path else DEFAULT_SPM_PATH
+    consolidated = recipe.export.format == "consolidated"
+
+    # 2. Plan every tensor from shapes alone.
+    plan = hf_plan(shapes, dtype)
+    if consolidated:
+        plan = [TensorPlan(consolidated_name(p.name), p.shape, p.nbytes) for p in plan]
+        shards = [plan]
+        writer = ShardWriter(tmp, shards, dtype, prefix="consolidated")
+    else:
+        shards = plan_shards(plan, parse_size(recipe.export.max_shard_size))
+        writer = ShardWriter(tmp, shards, dtype)
+    total = sum(p.nbytes for p in plan)
+    log(f"export: {len(plan)} tensors, {total / 1e9:.3f} GB {recipe.export.dtype} in {len(shards)} file(s)")
+
+    # 3. Stream: one native parameter at a time.
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not recipe.export.progress_bar)
+    with torch.no_grad():
+        for native, weight in merged_native_params(reader, adapters, shapes):
+            for hf_name, tensor in hf_tensors({native: weight}):
+                name, tensor = (
+                    consolidated_tensor(hf_name, tensor, config) if consolidated else (hf_name, tensor)
+                )
+                writer.write(name, tensor)
+                bar.update(tensor.numel() * dtype.itemsize)
+            del weight
+    bar.close()
+    index = writer.finish()
+
+    # 4. Configs and tokenizer.
+    shutil.copyfile(spm_path, tmp / "tokenizer.model")
+    if consolidated:
+        write_json(tmp / "params.json", params_json(config))
+        report = [f"consolidated.safetensors: {len(plan)} tensors, {total} bytes"]
+        if recipe.verify.enabled:
+            report += verify_consolidated(tmp, config, dtype, plan)
+        return report
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = recipe.export.dtype
+    write_json(tmp / "config.json", hf_config)
+    write_json(tmp / "generation_config.json", generation_config(config))
+    if len(shards) > 1:
+        write_json(tmp / "model.safetensors.index.json", index)
+    save_tokenizer_files(tmp, spm_path)
+
+    # 5. Verify.
+    report = [f"{len(plan)} tensors, {total} bytes in {len(shards)} shard(s)"]
+    if recipe.verify.enabled:
+        report += verify_hf_export(tmp, source, config, dtype, plan, recipe.verify, log=log)
+    return report
+
+
+def check_shards(out: Path, plan: list[TensorPlan], dtype: torch.dtype) -> str:
+    """Index and shard headers agree with each other and with the plan; returns a report line."""
+    index_file = out / "model.safetensors.index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        weight_map = index["weight_map"]
+        total = index["metadata"]["total_size"]
+    else:
+        weight_map, total = {p.name: "model.safetensors" for p in plan}, sum(p.nbytes for p in plan)
+    expected = {p.name: p for p in plan}
+    if set(weight_map) != set(expected):
+        raise RuntimeError(
+            f"verify: index names differ from the config's: {sorted(set(weight_map) ^ set(expected))[:4]}"
+        )
+    if total != sum(p.nbytes for p in plan):
+        raise RuntimeError(
+            f"verify: index total_size {total} != {sum(p.nbytes for p in plan)} bytes of tensors"
+        )
+    by_file = defaultdict(set)
+    for name, file in weight_map.items():
+        by_file[file].add(name)
+    for file, names in by_file.items():
+        with safe_open(str(out / file), framework="pt") as f:
+            if set(f.keys()) != names:
+                raise RuntimeError(
+                    f"verify: {file} holds {sorted(set(f.keys()) ^ names)[:4]} against the index"
+                )
+            for name in names:
+                sliced = f.get_slice(name)
+                if (
+                    tuple(sliced.get_shape()) != expected[name].shape
+                    or sliced.get_dtype() != _ST_DTYPES[dtype]
+                ):
+                    raise RuntimeError(
+                        f"verify: {file}:{name} is {sliced.get_dtype()} {sliced.get_shape()}, expected "
+                        f"{_ST_DTYPES[dtype]} {list(expected[name].shape)}"
+                    )
+    return f"verify: index and {len(by_file)} shard(s) agree: {len(plan)} names, shapes, dtype {dtype}, total_size {total}"
+
+
+def reference_model(source: Source, dtype: torch.dtype):
+    """Our model with every adapter merged by PEFT, weights rounded to the export dtype, in fp32."""
+    from peft import PeftModel
+
+    import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
+    from model.transformer import Mixtral
+
+    native = Mixtral.from_pretrained(source.checkpoint, dtype=torch.float32)
+    for adapter in source.adapters:
+        native = PeftModel.from_pretrained(native, str(adapter)).merge_and_unload()
+    with torch.no_grad():
+        for param in native.parameters():
+            param.copy_(param.to(dtype).float())
+    return native.eval()
+
+
+def verify_hf_export(
+    out: Path,
+    source: Source,
+    config: MixtralConfig,
+    dtype: torch.dtype,
+    plan: list[TensorPlan],
+    section: VerifySection,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Names, shapes and dtypes; transformers reload; chat template; logits against our model."""
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    report = [check_shards(out, plan, dtype)]
+    n_params = sum(math.prod(p.shape) for p in plan)
+    if n_params > section.max_params:
+        report.append(
+            f"verify: transformers reload and logits skipped ({n_params:,} parameters > verify.max_params)"
+        )
+        return report
+
+    hf_model, info = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    problems = {
+        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if problems:
+        raise RuntimeError(f"verify: transformers reload of {out}: {problems}")
+    hf_params = sum(p.numel() for p in hf_model.parameters())
+    if hf_params != n_params:
+        raise RuntimeError(f"verify: transformers holds {hf_params} parameters, the export {n_params}")
+    report.append(
+        f"verify: MixtralForCausalLM reloads with no missing/unexpected keys ({n_params:,} parameters)"
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in section.prompts]
+    conversations.append(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "  Why?  "},
+        ]
+    )
+    reference_ids = _mistral_common_ids(out / "tokenizer.model", conversations)
+    ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
+    if ids != reference_ids:
+        raise RuntimeError("verify: the exported chat template does not tokenize like mistral-common v1")
+    report.append(f"verify: chat template == mistral-common v1 on {len(conversations)} conversations")
+
+    native = reference_model(source, dtype)
+    worst = 0.0
+    with torch.no_grad():
+        for row in ids:
+            x = torch.tensor([row])
+            worst = max(worst, (hf_model(x).logits - native(x).logits).abs().max().item())
+    if worst > section.atol:
+        raise RuntimeError(
+            f"verify: max |logits difference| {worst:.3g} against our model > verify.atol={section.atol}"
+        )
+    report.append(
+        f"verify: logits of transformers vs our merged model on {len(ids)} prompts: max |diff| {worst:.2e}"
+    )
+    return report
+
+
+def _mistral_common_ids(spm_path: Path, conversations: list[list[dict]]) -> list[list[int]]:
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    roles = {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage}
+    tokenizer = MistralTokenizer.from_file(str(spm_path), mode=ValidationMode.test)
+    return [
+        tokenizer.encode_chat_completion(
+            ChatCompletionRequest(messages=[roles[m["role"]](content=m["content"]) for m in c])
+        ).tokens
+        for c in conversations
+    ]
+
+
+def verify_consolidated(
+    out: Path, config: MixtralConfig, dtype: torch.dtype, plan: list[TensorPlan]
+) -> list[str]:
+    with safe_open(str(out / "consolidated.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        for entry in plan:
+            sliced = f.get_slice(entry.name)
+            if tuple(sliced.get_shape()) != entry.shape or sliced.get_dtype() != _ST_DTYPES[dtype]:
+                raise RuntimeError(f"verify: {entry.name} is {sliced.get_dtype()} {sliced.get_shape()}")
+    if names != {p.name for p in plan}:
+        raise RuntimeError(
+            f"verify: consolidated.safetensors names differ from the plan: {sorted(names ^ {p.name for p in plan})[:4]}"
+        )
+    params = json.loads((out / "params.json").read_text())
+    if (
+        params["n_layers"] != config.num_hidden_layers
+        or params["moe"]["num_experts"] != config.num_local_experts
+    ):
+        raise RuntimeError("verify: params.json does not match the model config")
+    return [f"verify: names, shapes and dtypes of {len(plan)} tensors match params.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
+    try:
+        recipe = build(ExportRecipe, load_recipe_dict(path, overrides), source=path)
+        export(recipe)
+    except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"export: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""pipeline.export on a tiny Mixtral: stacked LoRA adapters merged, transformers reload, layouts, safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import MixtralForCausalLM
+
+import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
+from model import Mixtral, MixtralConfig
+from model.lora import apply_lora
+from pipeline.config import build
+from pipeline.export import ExportRecipe, export, hf_to_interleaved_rope
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = torch.tensor(
+    [[1, 733, 16289, 28793, 13702, 426, 13253, 17504, 298, 733, 28748, 16289, 28793, 5, 99]]
+)
+
+
+def _randomize_adapter(peft_model, seed):
+    # PEFT starts B at zero (delta 0); random adapters make the merge visible.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _manifest(path: Path, base: Path, stage: str):
+    manifest = {
+        "stage": stage,
+        "kind": "lora",
+        "base": {"checkpoint": str(base)},
+        "adapter_dir": str(path),
+        "final_metrics": {"loss": 1.25, "eval_loss": 1.5},
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """base/ (HF checkpoint), sft/ (LoRA + router on base), dpo/ (LoRA on the SFT-merged model)."""
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    cfg = MixtralConfig.preset("tiny")
+    Mixtral(cfg).save_pretrained(root / "base")
+
+    sft = apply_lora(
+        Mixtral.from_pretrained(root / "base", dtype=torch.float32), r=4, alpha=8, train_router=True
+    )
+    _randomize_adapter(sft, 1)
+    sft.save_pretrained(root / "sft")
+    _manifest(root / "sft", root / "base", "sft")
+
+    sft_merged = PeftModel.from_pretrained(
+        Mixtral.from_pretrained(root / "base", dtype=torch.float32), str(root / "sft")
+    ).merge_and_unload()
+    dpo = apply_lora(
+        sft_merged, r=2, alpha=4, use_rslora=True, target_modules=("q_proj", "v_proj", "experts")
+    )
+    _randomize_adapter(dpo, 2)
+    dpo.save_pretrained(root / "dpo")
+    _manifest(root / "dpo", root / "sft", "dpo")
+    with torch.no_grad():
+        reference = dpo.eval()(PROMPT).logits  # DPO adapter active (unmerged) on the SFT-merged model
+    return root, reference
+
+
+def _recipe(root: Path, out: str, **export_section):
+    raw = {
+        "source": {"run_dir": str(root / "dpo")},
+        "output_dir": str(root / out),
+        "export": {"progress_bar": False, **export_section},
+    }
+    return build(ExportRecipe, raw, source="test")
+
+
+@pytest.fixture(scope="module")
+def fp32_export(runs):
+    root, _ = runs
+    return export(_recipe(root, "export-fp32", dtype="float32", max_shard_size="3MB"), log=lambda _: None)
+
+
+def test_lora_export_loads_in_transformers_with_equal_logits(runs, fp32_export):
+    _, reference = runs
+    hf = MixtralForCausalLM.from_pretrained(fp32_export, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(PROMPT).logits
+    assert (logits - reference).abs().max().item() < 1e-4
+    # The adapters really changed the model: the base alone is far from the reference.
+    base = MixtralForCausalLM.from_pretrained(runs[0] / "base", dtype=torch.float32)
+    with torch.no_grad():
+        assert (base(PROMPT).logits - reference).abs().max().item() > 1e-2
+
+
+def test_index_and_shards_are_consistent(fp32_export):
+    index = json.loads((fp32_export / "model.safetensors.index.json").read_text())
+    cfg = MixtralConfig.from_hf(fp32_export / "config.json")
+    files = sorted(set(index["weight_map"].values()))
+    n = len(files)
+    assert n >= 3 and files == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        expected |= {
+            pre + s
+            for s in (
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "block_sparse_moe.gate.weight",
+            )
+        }
+        expected |= {f"{pre}self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        expected |= {
+            f"{pre}block_sparse_moe.experts.{e}.{w}.weight"
+            for e in range(cfg.num_local_experts)
+            for w in ("w1", "w2", "w3")
+        }
+    assert set(index["weight_map"]) == expected
+    total, seen = 0, set()
+    for file in files:
+        with safe_open(str(fp32_export / file), framework="pt") as f:
+            # A shard stays under the limit unless it is one tensor larger than the limit.
+            assert len(f.keys()) == 1 or (fp32_export / file).stat().st_size <= 3_000_000 + 100_000
+            for name in f.keys():
+                assert index["weight_map"][name] == file
+                tensor = f.get_tensor(name)
+                assert tensor.dtype == torch.float32
+                total += tensor.numel() * tensor.element_size()
+                seen.add(name)
+    assert seen == expected and index["metadata"]["total_size"] == total
+    config = json.loads((fp32_export / "config.json").read_text())
+    hub_fields = {
+        "architectures",
+        "attention_dropout",
+        "bos_token_id",
+        "eos_token_id",
+        "hidden_act",
+        "hidden_size",
+        "initializer_range",
+        "intermediate_size",
+        "max_position_embeddings",
+        "model_type",
+        "num_attention_heads",
+        "num_experts_per_tok",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "num_local_experts",
+        "output_router_logits",
+        "rms_norm_eps",
+        "rope_theta",
+        "router_aux_loss_coef",
+        "sliding_window",
+        "tie_word_embeddings",
+        "torch_dtype",
+        "use_cache",
+        "vocab_size",
+    }
+    assert hub_fields <= set(config) and config["architectures"] == ["MixtralForCausalLM"]
+    assert config["torch_dtype"] == "float32"
+    assert json.loads((fp32_export / "generation_config.json").read_text())["eos_token_id"] == 2
+    for name in (
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+    ):
+        assert (fp32_export / name).is_file(), name
+    card = (fp32_export / "README.md").read_text()
+    assert "eval_loss" in card and "logits" in card
+
+
+def test_bf16_default_from_a_full_checkpoint_equals_the_cast_weights(runs):
+    root, _ = runs
+    raw = {
+        "source": {"checkpoint": str(root / "base")},
+        "output_dir": str(root / "export-bf16"),
+        "export": {"progress_bar": False},
+        "verify": {"enabled": False},
+    }
+    out = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    with (
+        safe_open(str(root / "base" / "model.safetensors"), framework="pt") as base,
+        safe_open(str(out / "model.safetensors"), framework="pt") as got,
+    ):
+        assert set(base.keys()) == set(got.keys())
+        for name in base.keys():
+            assert torch.equal(got.get_tensor(name), base.get_tensor(name).to(torch.bfloat16)), name
+
+
+def _permute_to_hf(w, n_heads):
+    # transformers' convert_mixtral_weights_to_hf.py permute (consolidated -> HF), written from FORMATS.md.
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def test_consolidated_export_converts_back_to_the_hf_export(runs, fp32_export):
+    root, _ = runs
+    out = export(
+        _recipe(root, "export-consolidated", dtype="float32", format="consolidated"), log=lambda _: None
+    )
+    params = json.loads((out / "params.json").read_text())
+    assert params["moe"] == {"num_experts_per_tok": 2, "num_experts": 8} and params["n_layers"] == 2
+    index = json.loads((fp32_export / "model.safetensors.index.json").read_text())["weight_map"]
+    back = {}
+    with safe_open(str(out / "consolidated.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if name == "tok_embeddings.weight":
+                back["model.embed_tokens.weight"] = t
+            elif name == "norm.weight":
+                back["model.norm.weight"] = t
+            elif name == "output.weight":
+                back["lm_head.weight"] = t
+            else:
+                _, i, group, *rest = name.split(".")
+                pre = f"model.layers.{i}."
+                if group == "attention":
+                    proj = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}[rest[0]]
+                    if proj == "q_proj":
+                        t = _permute_to_hf(t, params["n_heads"])
+                    elif proj == "k_proj":
+                        t = _permute_to_hf(t, params["n_kv_heads"])
+                    back[pre + f"self_attn.{proj}.weight"] = t
+                elif group == "attention_norm":
+                    back[pre + "input_layernorm.weight"] = t
+                elif group == "ffn_norm":
+                    back[pre + "post_attention_layernorm.weight"] = t
+                elif rest[0] == "gate":
+                    back[pre + "block_sparse_moe.gate.weight"] = t
+                else:
+                    back[pre + f"block_sparse_moe.experts.{rest[1]}.{rest[2]}.weight"] = t
+    assert set(back) == set(index)
+    for name, file in index.items():
+        with safe_open(str(fp32_export / file), framework="pt") as f:
+            assert torch.equal(back[name], f.get_tensor(name)), name
+
+
+def test_rope_permutation_is_the_inverse_of_the_hf_conversion():
+    w = torch.arange(8 * 16 * 3, dtype=torch.float32).view(8 * 16, 3)  # 8 heads of head_dim 16
+    assert torch.equal(_permute_to_hf(hf_to_interleaved_rope(w, 8), 8), w)
+    # Within a head, consolidated row 2j + h comes from HF row h * hd/2 + j.
+    assert torch.equal(hf_to_interleaved_rope(w, 8)[1], w[8]) and torch.equal(
+        hf_to_interleaved_rope(w, 8)[2], w[1]
+    )
+
+
+def test_non_empty_output_dir_is_refused_unless_overwrite(runs):
+    root, _ = runs
+    out = root / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    raw = {
+        "source": {"checkpoint": str(root / "base")},
+        "output_dir": str(out),
+        "export": {"progress_bar": False},
+        "verify": {"enabled": False},
+    }
+    with pytest.raises(FileExistsError, match="export.overwrite=true"):
+        export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    raw["export"]["overwrite"] = True
+    export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not list(root.glob(".occupied.*"))  # no temp or old dirs left behind
+
+
+def test_bad_adapter_config_is_a_clear_error(runs, tmp_path):
+    root, _ = runs
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    config = json.loads((root / "sft" / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"q_proj": 8}
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    (bad / "adapter_model.safetensors").write_bytes((root / "sft" / "adapter_model.safetensors").read_bytes())
+    raw = {
+        "source": {"checkpoint": str(root / "base"), "adapters": [str(bad)]},
+        "output_dir": str(tmp_path / "o"),
+    }
+    with pytest.raises(ValueError, match="rank_pattern"):
+        export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_killed_export_leaves_no_final_dir(runs, tmp_path):
+    root, _ = runs
+    recipe = tmp_path / "export.yaml"
+    out = tmp_path / "killed"
+    recipe.write_text(
+        f"source: {{run_dir: {root / 'dpo'}}}\noutput_dir: {out}\n"
+        "export: {dtype: float32, max_shard_size: 1MB, progress_bar: false}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.export", str(recipe)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        # Kill once the first shard is on disk in the temporary dir, i.e. in the middle of writing.
+        while not list(tmp_path.glob(".killed.tmp-*/model-00002-of-*.safetensors")):
+            assert proc.poll() is None, "the export ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
