@@ -99,18 +99,37 @@ def validate(section: ParallelSection, *, num_experts: int, world_size: int) -> 
         )
 
 
-def launched_zero_stage() -> int | None:
-    """The ZeRO stage an `accelerate launch` config asked for, or None without DeepSpeed."""
+def _check_launch(section: ParallelSection) -> None:
+    """The accelerate config and the recipe must describe the same DeepSpeed setup."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return None
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return int(stage) if stage else None
+        if section.zero_stage > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ParallelError(
+                f"parallel.zero_stage={section.zero_stage} but the launch config does not use DeepSpeed; "
+                f"launch with recipes/accelerate/zero{section.zero_stage}*.yaml"
+            )
+        return
+    launched = {
+        "zero_stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", section.zero_stage)),
+        "offload_optimizer": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none",
+        "offload_params": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none",
+    }
+    wrong = [f"parallel.{k}={launched[k]}" for k in launched if launched[k] != getattr(section, k)]
+    if wrong:
+        raise ParallelError(
+            f"the accelerate config launches DeepSpeed with {', '.join(wrong)} but the recipe says otherwise; "
+            f"pass {' '.join(wrong).lower()} or use the matching recipes/accelerate/*.yaml"
+        )
+    # The DeepSpeed config is built from the recipe; accelerate refuses a config object while its
+    # launch config also names DeepSpeed fields, which we have just checked agree.
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
 
 
 def deepspeed_config(
-    section: ParallelSection, *, micro_batch_size: int, grad_accum_steps: int, bf16: bool
+    section: ParallelSection, *, micro_batch_size: int, grad_accum_steps: int, bf16: bool,
+    max_grad_norm: float | None = None,
 ) -> dict:
-    """The DeepSpeed JSON for a ZeRO stage; clipping and the schedule stay with the trainer."""
+    """The DeepSpeed JSON for a ZeRO stage. The engine steps inside `accelerator.backward`, so it
+    also does the clipping (0 = none; accelerate would otherwise fill in 1.0)."""
     zero: dict = {"stage": section.zero_stage}
     if section.zero_stage in (1, 2):
         # DeepSpeed's MoE path asserts both (runtime/zero/stage_1_and_2.py `_configure_moe_settings`).
@@ -124,6 +143,7 @@ def deepspeed_config(
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": float(max_grad_norm or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
@@ -139,6 +159,7 @@ def make_accelerator(
     *,
     micro_batch_size: int,
     grad_accum_steps: int,
+    max_grad_norm: float | None = None,
     mixed_precision: str = "no",
     log_with: str | None = None,
     project_dir: str | None = None,
@@ -147,17 +168,7 @@ def make_accelerator(
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
 
-    launched = launched_zero_stage()
-    if launched is not None and launched != section.zero_stage:
-        raise ParallelError(
-            f"the accelerate config launches DeepSpeed ZeRO-{launched} but the recipe has "
-            f"parallel.zero_stage={section.zero_stage}; make them agree (e.g. parallel.zero_stage={launched})"
-        )
-    if launched is None and section.zero_stage > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ParallelError(
-            f"parallel.zero_stage={section.zero_stage} but the launch config does not use DeepSpeed; "
-            f"launch with recipes/accelerate/zero{section.zero_stage}*.yaml"
-        )
+    _check_launch(section)
     backend = section.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -169,7 +180,7 @@ def make_accelerator(
     plugin = None
     if section.zero_stage > 0:
         ds = deepspeed_config(section, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-                              bf16=mixed_precision == "bf16")
+                              bf16=mixed_precision == "bf16", max_grad_norm=max_grad_norm)
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
     acc = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
                       deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum_steps)
