@@ -162,7 +162,8 @@ class MoEBlock(nn.Module):
 
     `num_local_experts` < `num_experts` builds a block that holds only some experts (expert
     parallelism); the router still scores all E, and dispatch to other ranks is applied from
-    outside the model, so such a block cannot run its own forward.
+    outside the model (hooks on `experts`, which set `expert_parallel = True`); without them such a
+    block refuses to run.
     """
 
     def __init__(
@@ -181,6 +182,7 @@ class MoEBlock(nn.Module):
             raise ValueError(f"MoEBlock: top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.num_experts = num_experts
         self.top_k = top_k
+        self.expert_parallel = False
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
         self.experts = MixtralExperts(
             num_experts if num_local_experts is None else num_local_experts,
@@ -193,7 +195,7 @@ class MoEBlock(nn.Module):
     def forward(
         self, h: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.experts.num_experts != self.num_experts:
+        if self.experts.num_experts != self.num_experts and not self.expert_parallel:
             raise RuntimeError(
                 f"MoEBlock holds {self.experts.num_experts} of {self.num_experts} experts: "
                 "run it under the expert-parallel dispatch (pipeline/parallel.py)"
