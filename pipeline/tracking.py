@@ -93,9 +93,9 @@ class Tracker:
             os.environ["WANDB_MODE"] = "offline"
         self.wandb_dir = self.output_dir
         os.environ.setdefault("WANDB_SILENT", "true")
-        init_kwargs = {"wandb": {"dir": str(self.wandb_dir), "tags": list(tags)}}
+        init_kwargs = {"wandb": {"dir": str(self.wandb_dir), "tags": [redact_env_secrets(t) for t in tags]}}
         if run_name:
-            init_kwargs["wandb"]["name"] = run_name
+            init_kwargs["wandb"]["name"] = redact_env_secrets(run_name)
         self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
         if reason is not None:
             run = self.accelerator.get_tracker("wandb", unwrap=True)

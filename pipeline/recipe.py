@@ -1,0 +1,157 @@
+"""The SFT recipe: one dataclass per YAML section, checked in ``__post_init__``.
+
+The ``data`` section is ``data_prep.config.DataConfig`` (pipeline.prep acts on it); SFT reads
+``data.output_dir`` from it, where prep wrote the ``train/`` and ``eval/`` datasets.
+
+    raw = load_recipe_dict("recipes/tiny/sft.yaml", ["train.lr=1e-5"])
+    recipe = build(SFTRecipe, raw, source="recipes/tiny/sft.yaml")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_prep.config import DataConfig
+
+MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "mixtral-8x7b")
+
+
+@dataclass
+class ModelSection:
+    # Where the weights come from: an HF Mixtral checkpoint dir, or a preset with random init.
+    checkpoint: str | None = None
+    preset: str | None = None
+    # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    # Loss in chunks of this many tokens so [T, V] logits never exist at once (None: plain logits).
+    logits_chunk_size: int | None = None
+    router_aux_loss_coef: float = 0.02
+    router_z_loss_coef: float = 0.0
+    # Full fine-tuning: keep the router fixed (LoRA never trains it unless lora.train_router).
+    freeze_router: bool = False
+
+    def __post_init__(self):
+        if (self.checkpoint is None) == (self.preset is None):
+            raise ValueError("set exactly one of model.checkpoint (HF Mixtral dir) or model.preset (random init)")
+        if self.preset is not None and self.preset not in MODEL_PRESETS:
+            raise ValueError(f"model.preset must be one of {', '.join(MODEL_PRESETS)}, got {self.preset!r}")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ValueError("model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0")
+        if self.logits_chunk_size is not None and self.logits_chunk_size <= 0:
+            raise ValueError("model.logits_chunk_size must be a positive number of tokens or null")
+
+
+@dataclass
+class TrainSection:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    # The schedule ends at lr * min_lr_ratio.
+    min_lr_ratio: float = 0.0
+    epochs: int = 1
+    # Optimizer steps; null = as many as `epochs` of data give.
+    max_steps: int | None = None
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    # "auto": bf16 where the device supports it, fp32 elsewhere (CPU).
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int | None = None
+    eval_max_batches: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    # "auto": continue from the newest complete checkpoint in output_dir if there is one;
+    # "never": start fresh; any other value: a checkpoint directory to continue from.
+    resume: str = "auto"
+    # Start fresh over an output_dir that already holds a finished or started run.
+    overwrite_output_dir: bool = False
+
+    def __post_init__(self):
+        positive = ("micro_batch_size", "grad_accum_steps", "epochs", "log_every", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "eval_max_batches", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name} must be >= 1 or null, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError("train.max_grad_norm must be > 0, or null for no clipping")
+
+
+@dataclass
+class LoraSection:
+    # false: full fine-tuning of every weight (minus the router with model.freeze_router).
+    enabled: bool = True
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "experts"])
+    # Train a full copy of the router next to the adapters (saved with them).
+    train_router: bool = False
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrackingSection:
+    report_to: Literal["wandb", "none"] = "wandb"
+    project: str = "mixtral-tune"
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # Per-layer expert load charts (E + 1 series per layer).
+    log_expert_load: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelSection:
+    # Processes are started by `accelerate launch`; this names the process-group backend
+    # ("auto": nccl with GPUs, gloo on hosts without CUDA).
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Experts of each layer split over this many ranks (divides the expert count and world size).
+    expert_parallel_size: int = 1
+    # DeepSpeed ZeRO stage (null: plain data parallel through accelerate).
+    zero_stage: int | None = None
+
+    def __post_init__(self):
+        if self.expert_parallel_size < 1:
+            raise ValueError(f"parallel.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 0, 1, 2, 3 or null, got {self.zero_stage}")
+
+
+@dataclass
+class SFTRecipe:
+    model: ModelSection
+    data: DataConfig
+    output_dir: str
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    # Which stage the file is for (a DPO recipe handed to SFT fails here, not half way).
+    stage: Literal["sft"] = "sft"
+
+    def __post_init__(self):
+        if self.data.kind != "sft":
+            raise ValueError(f"data.kind is {self.data.kind!r}; the SFT stage needs data.kind: sft")
+        if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
+            raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")

@@ -1,0 +1,319 @@
+"""Supervised fine-tuning of Mixtral (LoRA on attention + experts, or full), on the shared trainer.
+
+    python -m pipeline.sft recipes/tiny/sft.yaml [key=value ...]          # CPU demo (make sft)
+    accelerate launch --config_file recipes/accelerate/<config>.yaml \\
+        -m pipeline.sft recipes/mixtral-8x7b/sft_lora.yaml model.checkpoint=/models/Mixtral-8x7B-v0.1
+
+Reads the token rows ``pipeline.prep`` wrote to ``data.output_dir`` and writes ``output_dir``:
+
+    adapter_config.json + adapter_model.safetensors   LoRA (PEFT format), or
+    config.json + model*.safetensors                  full fine-tuning (save_pretrained)
+    base/                                             the random-init base weights (model.preset only)
+    recipe.yaml  metrics.jsonl  manifest.json  checkpoints/step-*/  wandb/
+
+The loss is next-token cross-entropy on the answer tokens, averaged over every label token of the
+global batch, plus ``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.checkpointing import latest_checkpoint, write_json
+from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
+from pipeline.optim import freeze_router
+from pipeline.recipe import SFTRecipe
+from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
+from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged, make_accelerator
+
+SFT_COLUMNS = ("input_ids", "labels", "position_ids", "document_ids")
+IGNORE_INDEX = -100
+# Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
+PAD_ID = 0
+
+
+class SFTTask:
+    """Packed SFT rows -> padded tensors -> CE sum over answer tokens + router losses."""
+
+    def __init__(self, *, aux_coef: float, z_coef: float, logits_chunk_size: int | None):
+        self.aux_coef = aux_coef
+        self.z_coef = z_coef
+        self.logits_chunk_size = logits_chunk_size
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), PAD_ID, dtype=torch.long),
+            "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+            "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            for name in SFT_COLUMNS:
+                batch[name][i, :n] = torch.as_tensor(row[name], dtype=torch.long)
+            batch["attention_mask"][i, :n] = 1
+        return batch
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        # The model shifts labels inside (HF convention): the first position never carries a label.
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
+        out = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            document_ids=batch["document_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            loss_reduction="sum",
+            logits_chunk_size=self.logits_chunk_size,
+        )
+        return TaskOutput(
+            loss_sum=out.loss,
+            extra=self.aux_coef * out.aux_loss + self.z_coef * out.z_loss,
+            tokens=int(batch["attention_mask"].sum()),
+            sums={"loss": out.loss.detach()},
+            means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach()},
+            expert_counts=out.expert_counts,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps of a run
+# ----------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str, overrides: list[str]) -> SFTRecipe:
+    raw = load_recipe_dict(path, overrides)
+    return build(SFTRecipe, raw, source=str(path))
+
+
+def resolve_resume(recipe: SFTRecipe) -> Path | None:
+    """Which checkpoint to continue from; refuses to overwrite a run it was not told to."""
+    out = Path(recipe.output_dir)
+    resume = recipe.train.resume
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise RecipeError(f"train.resume={resume}: not a checkpoint directory (no state.json there)")
+        return path
+    if resume == "auto":
+        found = latest_checkpoint(out / "checkpoints")
+        if found is not None:
+            return found
+    if out.exists() and any(out.iterdir()):
+        if not recipe.train.overwrite_output_dir:
+            raise RecipeError(
+                f"output_dir {out} already holds a run; pass train.resume=auto to continue it, "
+                f"train.overwrite_output_dir=true to start over, or choose another output_dir"
+            )
+    return None
+
+
+def load_datasets(recipe: SFTRecipe):
+    import datasets
+
+    root = Path(recipe.data.output_dir)
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(
+            f"{root}/train not found: run `python -m pipeline.prep <recipe>` first (make sft does)"
+        )
+    train = datasets.load_from_disk(str(root / "train"))
+    missing = [c for c in SFT_COLUMNS if c not in train.column_names]
+    if missing:
+        raise ValueError(
+            f"{root}/train lacks the SFT columns {missing} (has {train.column_names}): was it prepared "
+            f"with data.kind: sft?"
+        )
+    eval_set = datasets.load_from_disk(str(root / "eval")) if (root / "eval").is_dir() else None
+    if eval_set is not None and len(eval_set) == 0:
+        eval_set = None
+    return train, eval_set
+
+
+def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
+    manifest = Path(recipe.data.output_dir) / "manifest.json"
+    prep = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    return {
+        "output_dir": recipe.data.output_dir,
+        "prep_fingerprint": prep.get("fingerprint"),
+        "train_fingerprint": train._fingerprint,
+        "eval_fingerprint": eval_set._fingerprint if eval_set is not None else None,
+        "train_rows": len(train),
+        "eval_rows": len(eval_set) if eval_set is not None else 0,
+    }
+
+
+def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool) -> nn.Module:
+    """Base weights -> activation checkpointing -> router freezing -> LoRA: the one place a model is set up."""
+    from model import Mixtral, MixtralConfig
+
+    m = recipe.model
+    dtype = getattr(torch, m.dtype)
+    if m.checkpoint is not None:
+        model = Mixtral.from_pretrained(m.checkpoint, dtype=dtype)
+    else:
+        model = Mixtral(MixtralConfig.preset(m.preset)).to(dtype)
+        if is_main:
+            save_base(model, output_dir / "base")
+    model.gradient_checkpointing = m.gradient_checkpointing
+    if recipe.lora.enabled:
+        from model.lora import apply_lora
+
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model = apply_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout,
+                           recipe.lora.target_modules, train_router=recipe.lora.train_router)
+        # Adapters train in fp32 even over a bf16 base: bf16 updates of small LoRA deltas round away.
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    elif m.freeze_router:
+        freeze_router(model)
+    return model
+
+
+def save_base(model: nn.Module, path: Path) -> None:
+    """The random-init base, so the next stage loads the same weights the adapter was trained on."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def save_final(model: nn.Module, output_dir: Path, lora: bool) -> list[str]:
+    """Adapter (PEFT format) or full model into ``output_dir``: written aside, then renamed in."""
+    tmp = output_dir / ".tmp-final"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in names:
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+    return names
+
+
+def write_manifest(recipe: SFTRecipe, output_dir: Path, *, files: list[str], data: dict,
+                   final: dict[str, float], steps: int, model_config: dict) -> None:
+    import peft
+    import transformers
+
+    base_dir = recipe.model.checkpoint or str((output_dir / "base").resolve())
+    manifest = {
+        "stage": "sft",
+        "kind": "lora" if recipe.lora.enabled else "full",
+        "base": {"checkpoint": base_dir, "preset": recipe.model.preset, "config": model_config},
+        "adapter_dir" if recipe.lora.enabled else "model_dir": str(output_dir.resolve()),
+        "files": files,
+        "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target_modules": recipe.lora.target_modules,
+                 "train_router": recipe.lora.train_router} if recipe.lora.enabled else None,
+        "data": data,
+        "steps": steps,
+        "final_metrics": {k: v for k, v in final.items() if not k.startswith("expert_load/")},
+        "recipe": "recipe.yaml",
+        "metrics": METRICS_FILE,
+        "versions": {"torch": torch.__version__, "peft": peft.__version__,
+                     "transformers": transformers.__version__},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(output_dir / "manifest.json", json.loads(redact_env_secrets(json.dumps(manifest))))
+
+
+def run(recipe: SFTRecipe) -> Path:
+    """The whole stage; returns the output directory."""
+    from accelerate.utils import set_seed
+
+    out = Path(recipe.output_dir)
+    if recipe.parallel.expert_parallel_size > 1 or recipe.parallel.zero_stage is not None:
+        raise RecipeError(
+            "parallel.expert_parallel_size > 1 and parallel.zero_stage are not wired into the SFT "
+            "trainer yet; use parallel.expert_parallel_size=1 parallel.zero_stage=null (data parallel)"
+        )
+    # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
+    resume_from = resolve_resume(recipe)
+    accelerator = make_accelerator(
+        mixed_precision=recipe.train.mixed_precision, backend=recipe.parallel.backend,
+        log_with="wandb" if recipe.tracking.report_to == "wandb" else None, project_dir=str(out),
+    )
+    if resume_from is None and accelerator.is_main_process and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
+    set_seed(recipe.train.seed)
+
+    # 2. Data and model.
+    train, eval_set = load_datasets(recipe)
+    model = build_model(recipe, out, accelerator.is_main_process)
+    model_config = (model.get_base_model() if recipe.lora.enabled else model).config.to_hf()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    accelerator.print(f"sft: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train rows, "
+                      f"{len(eval_set) if eval_set is not None else 0} eval rows; "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
+
+    # 3. Train.
+    tracker = Tracker(
+        accelerator, out, report_to=recipe.tracking.report_to, project=recipe.tracking.project,
+        run_name=recipe.tracking.run_name, tags=recipe.tracking.tags, config=redacted_config(recipe),
+        resume_step=_checkpoint_step(resume_from),
+    )
+    trainer = Trainer(
+        accelerator=accelerator, model=model, task=SFTTask(
+            aux_coef=recipe.model.router_aux_loss_coef, z_coef=recipe.model.router_z_loss_coef,
+            logits_chunk_size=recipe.model.logits_chunk_size),
+        train_data=train, eval_data=eval_set, config=recipe.train, output_dir=out, tracker=tracker,
+        resume_from=resume_from, progress_bar=recipe.tracking.progress_bar,
+        log_expert_load=recipe.tracking.log_expert_load,
+    )
+    final = trainer.train()
+    tracker.finish()
+
+    # 4. Artifacts for the next stage.
+    if accelerator.is_main_process:
+        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled)
+        write_manifest(recipe, out, files=files, data=data_fingerprint(recipe, train, eval_set),
+                       final=final, steps=trainer.step, model_config=model_config)
+        summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss") if k in final)
+        accelerator.print(f"sft: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _checkpoint_step(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
+    try:
+        recipe = load_recipe(path, overrides)
+        run(recipe)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {redact_env_secrets(str(err))}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
