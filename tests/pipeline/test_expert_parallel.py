@@ -119,7 +119,7 @@ def _worker(rank: int, world: int, init_file: str, lora: bool, use_grouped_mm: b
             if name.endswith("moe.experts"):
                 (module.get_base_layer() if lora else module).use_grouped_mm = None if use_grouped_mm else False
         tagged = tag_expert_params(model, placement)
-        assert tagged == (4 if lora else 2)
+        assert tagged == (6 if lora else 2)  # gate_up_proj, down_proj (+ 4 expert LoRA A/B)
         stats = install_dispatch(model, placement, dist.group.WORLD)
 
         loss = _loss(model, rank)
