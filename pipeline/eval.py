@@ -54,6 +54,9 @@ class DataSection:
     dir: str = "outputs/tiny/data_sft/eval"
     # When `dir` does not exist: run pipeline.prep on this recipe first (null: refuse).
     prep_recipe: str | None = None
+    # More prepared splits (e.g. the train split) for the routing analysis only: more domains.
+    # Their loss is not reported (it would not be held out).
+    routing_dirs: list[str] = field(default_factory=list)
     # Rows per source (the first ones); null = all.
     max_rows_per_source: int | None = 32
     batch_size: int = 4
@@ -200,9 +203,8 @@ def build_model(directory: str | None, recipe: EvalRecipe, device: torch.device)
 
 
 def load_eval_rows(section: DataSection, log=print) -> list[dict]:
-    """Held-out rows (at most ``max_rows_per_source`` per source), prepping them first if asked."""
-    import datasets
-
+    """Held-out rows, then the routing-only rows (``heldout`` False), at most
+    ``max_rows_per_source`` per source and directory; prepares ``dir`` first if asked."""
     root = Path(section.dir)
     if not root.is_dir():
         if section.prep_recipe is None:
@@ -215,21 +217,32 @@ def load_eval_rows(section: DataSection, log=print) -> list[dict]:
         if not root.is_dir():
             raise FileNotFoundError(f"data.dir: {root} still missing after prepping {section.prep_recipe}; "
                                     "does that recipe's data.output_dir match?")
+    rows = read_rows(root, "data.dir", section.max_rows_per_source, heldout=True)
+    for i, extra in enumerate(section.routing_dirs):
+        if not Path(extra).is_dir():
+            raise FileNotFoundError(f"data.routing_dirs.{i}: {extra} does not exist (prepare it, or drop it)")
+        rows += read_rows(Path(extra), f"data.routing_dirs.{i}", section.max_rows_per_source, heldout=False)
+    return rows
+
+
+def read_rows(root: Path, key: str, max_per_source: int | None, heldout: bool) -> list[dict]:
+    import datasets
+
     table = datasets.load_from_disk(str(root))
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"data.dir: {root} lacks the columns {missing} (has {table.column_names}); "
-                         "point it at an SFT eval split written by pipeline.prep")
+        raise ValueError(f"{key}: {root} lacks the columns {missing} (has {table.column_names}); "
+                         "point it at an SFT split written by pipeline.prep")
     per_source: dict[str, int] = {}
     rows = []
     for row in table:
         source = row.get("source") or "unknown"
-        if section.max_rows_per_source is not None and per_source.get(source, 0) >= section.max_rows_per_source:
+        if max_per_source is not None and per_source.get(source, 0) >= max_per_source:
             continue
         per_source[source] = per_source.get(source, 0) + 1
-        rows.append(row | {"source": source})
+        rows.append(row | {"source": source, "heldout": heldout})
     if not rows:
-        raise ValueError(f"data.dir: {root} holds no rows")
+        raise ValueError(f"{key}: {root} holds no rows")
     return rows
 
 
@@ -272,7 +285,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.device) -> tuple[dict, RoutingStats]:
-    """Held-out loss/perplexity per source and the routing statistics, in one pass over the rows."""
+    """Held-out loss/perplexity per source and the routing statistics (all rows), in one pass."""
     cfg = model.config
     stats = RoutingStats(cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     nll_sum: dict[str, float] = {}
@@ -285,6 +298,8 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
                     attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
         row_nll, row_count = token_nll(out.logits, batch["labels"].to(device))
         for row, nll, count in zip(chunk, row_nll.tolist(), row_count.tolist(), strict=True):
+            if not row["heldout"]:
+                continue
             nll_sum[row["source"]] = nll_sum.get(row["source"], 0.0) + nll
             counts[row["source"]] = counts.get(row["source"], 0) + count
         keys = document_keys(batch["document_ids"], batch["attention_mask"], batch["input_ids"].shape)

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def expert_colours(num_experts: int) -> list[str]:
@@ -67,6 +68,8 @@ def plot_repetition(repetition: dict[str, dict[str, list[float]]], baseline: dic
                     path: str | os.PathLike, title: str = "") -> Path:
     """Per layer: consecutive tokens with the same first choice / overlapping top-k, vs random."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), squeeze=False)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, key, label in ((axes[0, 0], "same_first", "same first-choice expert"),
                            (axes[0, 1], "topk_overlap", "top-k sets share an expert")):
         for source, rates in repetition.items():
@@ -103,6 +106,7 @@ def plot_lines(series: dict[str, list[float]], path: str | os.PathLike, *, xlabe
                title: str) -> Path:
     """One line per series over its index (e.g. total variation per layer, one line per model pair)."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name, values in series.items():
         ax.plot(range(len(values)), values, marker="o", markersize=3, label=name)
     ax.set_xlabel(xlabel)
@@ -155,8 +159,8 @@ def plot_token_experts(pieces: Sequence[str], experts_by_layer: dict[int, Sequen
         col += max(len(word), 1)
     lines = line + 1
     layers = list(experts_by_layer)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(width_chars * 0.085, (0.22 * lines + 0.5) * len(layers)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(width_chars * 0.085, (0.22 * lines + 0.5) * len(layers) + 0.6),
+                             squeeze=False, layout="constrained")
     for ax, layer in zip(axes[:, 0], layers, strict=True):
         ax.set_xlim(0, width_chars)
         ax.set_ylim(lines, -0.5)
@@ -166,8 +170,7 @@ def plot_token_experts(pieces: Sequence[str], experts_by_layer: dict[int, Sequen
             ax.text(column, row + 0.5, word, family="monospace", fontsize=8, va="center", parse_math=False,
                     bbox={"facecolor": palette[expert], "alpha": 0.55, "pad": 0.6, "edgecolor": "none"})
     handles = [matplotlib.patches.Patch(color=palette[e], alpha=0.55, label=f"expert {e}") for e in range(num_experts)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(num_experts, 8), fontsize=7, frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(num_experts, 8), fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

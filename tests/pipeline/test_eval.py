@@ -154,6 +154,9 @@ def write_eval_data(root: Path) -> Path:
                          "document_ids": [0] * n, "source": source, "num_documents": 1})
     path = root / "data_sft" / "eval"
     datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    # A "train" split with another domain, for data.routing_dirs (routing only, no loss).
+    extra = [dict(rows[0], source="extra"), dict(rows[1], source="extra")]
+    datasets.Dataset.from_list(extra).save_to_disk(str(root / "data_sft" / "train"))
     return path
 
 
@@ -165,13 +168,14 @@ SMALL = ["passkey.lengths=[128,160]", "passkey.depths=[0.0,1.0]", "passkey.trial
 def test_make_eval_entry_on_a_random_tiny_model(tmp_path, capsys):
     data = write_eval_data(tmp_path)
     out = tmp_path / "eval"
-    main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", f"models.base={tmp_path}/none",
-                    f"models.sft={tmp_path}/none2", f"models.dpo={tmp_path}/none3", *SMALL])
+    main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", f"data.routing_dirs=[{data.parent / 'train'}]",
+          f"models.base={tmp_path}/none", f"models.sft={tmp_path}/none2", f"models.dpo={tmp_path}/none3", *SMALL])
     assert "RANDOM-INIT 'tiny' model" in capsys.readouterr().out
     saved = json.loads((out / "eval.json").read_text())
     assert saved["random_init"] is True and saved["layers"] == [0, 1]
     result = saved["models"]["random-tiny"]
-    assert set(result["loss"]) == {"arith", "words", "all"}
+    assert set(result["loss"]) == {"arith", "words", "all"}  # "extra" is routing-only
+    assert set(result["routing"]["expert_share"]) == {"arith", "words", "extra", "all"}
     # A random model over a 32000-id vocab: loss near ln(32000) = 10.37.
     assert abs(result["loss"]["all"]["loss"] - math.log(32000)) < 0.5
     routing = result["routing"]
@@ -179,6 +183,7 @@ def test_make_eval_entry_on_a_random_tiny_model(tmp_path, capsys):
     # Pairs never cross the packed boundary: each document of n tokens gives n - 1 pairs.
     rows = datasets.load_from_disk(str(data))
     expected_pairs = sum(len(r["input_ids"]) - r["num_documents"] for r in rows)
+    expected_pairs += sum(len(r["input_ids"]) - r["num_documents"] for r in list(rows)[:2])  # "extra"
     assert routing["repetition"]["all"]["pairs"] == [expected_pairs, expected_pairs]
     grid = result["passkey"]
     assert grid["lengths"] == [128, 160] and grid["depths"] == [0.0, 1.0] and len(grid["samples"]) == 4
@@ -204,7 +209,8 @@ def test_routing_shift_between_models(tmp_path):
     shutil.copytree(tmp_path / "m1", tmp_path / "m1_copy")
     tiny_model(2).save_pretrained(tmp_path / "m2")
     out = tmp_path / "eval"
-    summary = main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", "passkey.enabled=false",
+    summary = main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", "data.routing_dirs=[]",
+                    "passkey.enabled=false",
                     "tracking.report_to=none", "routing.text_samples=1",
                     f"models={{base: {tmp_path}/m1, same: {tmp_path}/m1_copy, other: {tmp_path}/m2}}"])
     shift = summary["routing_shift"]
@@ -224,4 +230,5 @@ def test_bad_recipe_values_name_the_key(tmp_path):
     data = write_eval_data(tmp_path)
     with pytest.raises(RecipeError, match="routing.layers"):
         main([str(TINY_RECIPE), f"output_dir={tmp_path / 'o'}", f"data.dir={data}", "routing.layers=[0,5]",
+              "data.routing_dirs=[]",
               "models={}", "tracking.report_to=none", "passkey.enabled=false"])
