@@ -317,3 +317,16 @@ def test_safe_merge_refuses_non_finite_weights_and_leaves_the_base_untouched():
     with pytest.raises(ValueError, match="non-finite weights in expert 3"):
         layer.merge(safe_merge=True)
     assert not layer.merged and torch.equal(layer.get_base_layer().gate_up_proj, before)
+
+
+def test_lora_grads_are_the_same_under_activation_checkpointing():
+    input_ids, labels = batch()
+    grads = []
+    for checkpointing in (False, True):
+        peft_model = trained_lora_model()
+        peft_model.base_model.model.gradient_checkpointing = checkpointing
+        peft_model(input_ids, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
