@@ -139,7 +139,9 @@ class EvalRecipe:
 def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """A plain ``Mixtral`` from a stage output dir (full, or LoRA merged into its base) or an HF dir.
 
-    A LoRA run's manifest names its base (``base.checkpoint``), which may itself be a run dir.
+    A LoRA run's manifest names its base (``base.checkpoint``), which may itself be a run dir: a DPO
+    run over an SFT run over a base checkpoint merges both adapters, in order. (``pipeline.dpo``'s
+    ``load_sft_model`` reads one level only, which is all DPO needs.)
     """
     from model import Mixtral
 
@@ -156,13 +158,15 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
             base_dir = (manifest.get("base") or {}).get("checkpoint")
             if not base_dir:
                 raise ValueError(f"{manifest_path}: a LoRA run must name its base in base.checkpoint")
-            base = load_model_dir(base_dir, torch.float32)
-            merged = peft.PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-            return merged.to(dtype)
+            base = load_model_dir(base_dir, dtype)
+            adapter_dir = manifest.get("adapter_dir") or str(path)
+            return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         if kind != "full":
             raise ValueError(f"{manifest_path}: kind must be 'lora' or 'full', got {kind!r}")
+        path = Path(manifest.get("model_dir") or path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: neither a stage output (manifest.json) nor an HF checkpoint (config.json)")
+        raise FileNotFoundError(
+            f"{path}: neither a stage output (manifest.json) nor an HF checkpoint (config.json)")
     return Mixtral.from_pretrained(path, dtype=dtype)
 
 

@@ -106,6 +106,21 @@ def test_load_full_and_lora_runs(tmp_path):
     assert (got - expected).abs().max().item() < 1e-4
     assert (got - expected_base).abs().max().item() > 1e-3
 
+    # A DPO run over the SFT run: its base is the SFT dir, whose base is the checkpoint.
+    dpo_model = apply_lora(load_model_dir(run), r=2, alpha=4, dropout=0.0, target_modules=("o_proj", "experts"))
+    with torch.no_grad():
+        for name, param in dpo_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+        expected_dpo = dpo_model(ids).logits
+    dpo = tmp_path / "dpo"
+    dpo_model.save_pretrained(dpo)
+    (dpo / "manifest.json").write_text(json.dumps({"kind": "lora", "base": {"checkpoint": str(run)}}))
+    with torch.no_grad():
+        got_dpo = load_model_dir(dpo)(ids).logits
+    assert (got_dpo - expected_dpo).abs().max().item() < 1e-4
+    assert (got_dpo - got).abs().max().item() > 1e-3
+
     (run / "manifest.json").write_text(json.dumps({"kind": "lora", "base": {}}))
     with pytest.raises(ValueError, match="base.checkpoint"):
         load_model_dir(run)
