@@ -247,3 +247,30 @@ def test_bad_recipe_values_name_the_key(tmp_path):
         main([str(TINY_RECIPE), f"output_dir={tmp_path / 'o'}", f"data.dir={data}", "routing.layers=[0,5]",
               "data.routing_dirs=[]",
               "models={}", "tracking.report_to=none", "passkey.enabled=false"])
+
+
+@pytest.mark.slow
+def test_wandb_offline_gets_every_plot_and_table(tmp_path, monkeypatch):
+    from pipeline.eval import log_wandb
+    from pipeline.report import plot_lines
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pngs = [plot_lines({"a": [0.1, 0.2]}, tmp_path / f"plot{i}.png", xlabel="layer", ylabel="tv", title="t")
+            for i in range(2)]
+    routing = {"baseline": {"same_first": 0.125, "topk_overlap": 13 / 28},
+               "repetition": {"all": {"same_first": [0.2, 0.3], "topk_overlap": [0.5, 0.6]}}}
+    summary = {"models": {"m": {"loss": {"all": {"loss": 2.0, "perplexity": 7.39, "tokens": 10}}, "routing": routing,
+                                "passkey": {"lengths": [128], "depths": [0.5], "accuracy": [[1.0]], "mean_accuracy": 1.0}}},
+               "routing_shift": {"m vs b": {"all": [0.1, 0.2]}}}
+    recipe = EvalRecipe(output_dir=str(tmp_path))
+    logs = []
+    log_wandb(recipe, tmp_path, summary, pngs, logs.append)
+    assert "offline" in logs[-1]
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    images = sorted(p.name.split("_")[0] for p in (run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert images == ["plot0", "plot1"]
+    tables = sorted(p.name.split("_")[0] for p in (run_dir / "files" / "media" / "table").rglob("*.table.json"))
+    assert tables == ["loss", "passkey", "repetition", "routing"]
+    assert list(run_dir.glob("*.wandb"))
