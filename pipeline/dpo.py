@@ -13,8 +13,9 @@ Reads the SFT output (``model.sft_dir``, its manifest.json) and the preference r
 
 Policy and reference. LoRA DPO: the SFT adapter is merged into the base weights at load, then a
 fresh DPO adapter is trained on that; with the DPO adapter disabled the model *is* the SFT model,
-so the reference costs no second copy. The manifest lists the chain for export: base checkpoint,
-then ``merged_adapters`` (the SFT adapter) merged in order, then this stage's adapter. Full DPO:
+so the reference costs no second copy. The manifest's ``base.checkpoint`` is the SFT output dir,
+whose own manifest names the base and the SFT adapter: export merges base <- SFT adapter <- DPO
+adapter, the same weights this stage trained on. Full DPO:
 the reference is a frozen copy of the SFT model, or none at all with precomputed log-probs.
 
 Reference log-probs with ``dpo.precompute_ref_log_probs`` are computed once before training and
@@ -118,6 +119,8 @@ class DPORecipe:
     model: DPOModelSection
     data: dict[str, Any]
     output_dir: str
+    # Names the stage a recipe is for, so an SFT recipe given to DPO fails here.
+    stage: Literal["dpo"] = "dpo"
     dpo: DPOSection = field(default_factory=DPOSection)
     train: TrainSection = field(default_factory=TrainSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -353,20 +356,14 @@ def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_sft_model(sft_dir: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Module, dict]:
-    """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
-
-    Returns (model, lineage), lineage being what export needs to rebuild these weights.
-    """
+def load_sft_model(sft_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
+    """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights."""
     from model import Mixtral
 
     manifest = read_sft_manifest(sft_dir)
     if manifest["kind"] == "full":
         model_dir = manifest.get("model_dir") or str(Path(sft_dir).resolve())
-        return Mixtral.from_pretrained(model_dir, dtype=dtype), {
-            "checkpoint": model_dir,
-            "merged_adapters": [],
-        }
+        return Mixtral.from_pretrained(model_dir, dtype=dtype)
     from peft import PeftModel
 
     # Registers the expert LoRA layer with PEFT, which PeftModel.from_pretrained needs.
@@ -375,14 +372,13 @@ def load_sft_model(sft_dir: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.M
     base_dir = manifest["base"]["checkpoint"]
     adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
     base = Mixtral.from_pretrained(base_dir, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    return merged, {"checkpoint": base_dir, "merged_adapters": [adapter_dir]}
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def build_policy(recipe: DPORecipe) -> tuple[nn.Module, nn.Module | None, dict]:
-    """(policy, frozen reference or None, lineage): SFT model -> checkpointing -> LoRA or full."""
+def build_policy(recipe: DPORecipe) -> tuple[nn.Module, nn.Module | None]:
+    """(policy, frozen reference or None): SFT model -> checkpointing -> LoRA or full."""
     m = recipe.model
-    model, lineage = load_sft_model(m.sft_dir, getattr(torch, m.dtype))
+    model = load_sft_model(m.sft_dir, getattr(torch, m.dtype))
     model.gradient_checkpointing = m.gradient_checkpointing
     if recipe.lora.enabled:
         from model.lora import apply_lora
@@ -397,7 +393,7 @@ def build_policy(recipe: DPORecipe) -> tuple[nn.Module, nn.Module | None, dict]:
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-        return model, None, lineage
+        return model, None
     # PEFT left the merged SFT weights frozen; full DPO trains all of them.
     model.requires_grad_(True)
     if m.freeze_router:
@@ -405,7 +401,7 @@ def build_policy(recipe: DPORecipe) -> tuple[nn.Module, nn.Module | None, dict]:
     frozen = None
     if not recipe.dpo.precompute_ref_log_probs:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    return model, frozen, lineage
+    return model, frozen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,20 +430,19 @@ def load_datasets(recipe: DPORecipe):
     return train, eval_set
 
 
-def write_manifest(recipe: DPORecipe, out: Path, *, files, lineage, data, final, steps, model_config) -> None:
+def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, model_config) -> None:
     import peft
     import transformers
 
     manifest = {
         "stage": "dpo",
         "kind": "lora" if recipe.lora.enabled else "full",
-        # Export rebuilds the weights as: base checkpoint, merge each of merged_adapters in order,
-        # then (kind lora) merge adapter_dir.
-        "base": {"checkpoint": lineage["checkpoint"], "config": model_config},
-        "merged_adapters": lineage["merged_adapters"],
+        # The SFT output dir: its manifest names the base and the SFT adapter (merged into the
+        # weights this stage trained on); export follows it, then merges adapter_dir on top.
+        "base": {"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
+        "reference": "the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
         "adapter_dir" if recipe.lora.enabled else "model_dir": str(out.resolve()),
         "files": files,
-        "sft_dir": str(Path(recipe.model.sft_dir).resolve()),
         "lora": {
             "r": recipe.lora.r,
             "alpha": recipe.lora.alpha,
@@ -504,7 +499,7 @@ def run(recipe: DPORecipe) -> Path:
 
     # 2. Data, policy and reference.
     train, eval_set = load_datasets(recipe)
-    model, frozen, lineage = build_policy(recipe)
+    model, frozen = build_policy(recipe)
     model.to(accelerator.device)
     if frozen is not None:
         frozen.to(accelerator.device)
@@ -587,7 +582,6 @@ def run(recipe: DPORecipe) -> Path:
             recipe,
             out,
             files=files,
-            lineage=lineage,
             data=data,
             final=final,
             steps=trainer.step,

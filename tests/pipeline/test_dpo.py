@@ -153,9 +153,8 @@ def test_task_loss_is_the_preference_loss_sum_plus_router_terms():
 
 
 def test_disabled_adapters_reference_equals_the_sft_model(sft_dir):
-    policy, frozen, lineage = build_policy(_recipe(sft_dir))
+    policy, frozen = build_policy(_recipe(sft_dir))
     assert frozen is None
-    assert lineage == {"checkpoint": str(sft_dir / "base"), "merged_adapters": [str(sft_dir)]}
     # Move the DPO adapter away from zero as training would.
     with torch.no_grad():
         for p in policy.parameters():
@@ -175,7 +174,7 @@ def test_disabled_adapters_reference_equals_the_sft_model(sft_dir):
 def test_full_dpo_reference_is_a_frozen_copy_of_the_sft_model(sft_dir):
     recipe = _recipe(sft_dir, precompute_ref_log_probs=False)
     recipe.lora.enabled = False
-    policy, frozen, _ = build_policy(recipe)
+    policy, frozen = build_policy(recipe)
     assert frozen is not None and frozen is not policy
     assert not any(p.requires_grad for p in frozen.parameters())
     assert all(p.requires_grad for p in policy.parameters())
@@ -192,7 +191,7 @@ def test_full_dpo_reference_is_a_frozen_copy_of_the_sft_model(sft_dir):
 def test_precomputed_equals_on_the_fly_and_is_cached(sft_dir, tmp_path):
     from accelerate import Accelerator
 
-    policy, _, _ = build_policy(_recipe(sft_dir))
+    policy, _ = build_policy(_recipe(sft_dir))
     dataset = Dataset.from_list(_pairs(7, seed=6))
     kw = dict(
         policy=policy,
@@ -229,7 +228,7 @@ def test_precomputed_equals_on_the_fly_and_is_cached(sft_dir, tmp_path):
 
 
 def test_cache_key_follows_the_weights_and_the_data(sft_dir, tmp_path):
-    policy, _, _ = build_policy(_recipe(sft_dir))
+    policy, _ = build_policy(_recipe(sft_dir))
     key = reference_fingerprint(policy)
     data = Dataset.from_list(_pairs(3))
     # Training the adapter does not change the reference, so the key stays.
@@ -249,7 +248,7 @@ def test_cache_key_follows_the_weights_and_the_data(sft_dir, tmp_path):
 
 
 def test_compute_reference_restores_train_mode(sft_dir):
-    policy, _, _ = build_policy(_recipe(sft_dir))
+    policy, _ = build_policy(_recipe(sft_dir))
     policy.train()
     c, r = compute_reference_log_probs(policy, Reference(None), Dataset.from_list(_pairs(3)), batch_size=2)
     assert policy.training and c.shape == r.shape == (3,)
