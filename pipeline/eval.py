@@ -420,13 +420,13 @@ def make_report(out_dir: Path, results: dict[str, dict], shift: dict[str, dict],
                                          title=f"{name}: consecutive tokens routed alike")
         pngs += [shares_png, rep_png]
         body += report.image_html(shares_png, "expert shares") + report.image_html(rep_png, "repetition")
+        # The paper's Table 5: per domain and layer, how often consecutive tokens keep their experts.
         base = routing["baseline"]
-        rep = routing["repetition"]["all"]
         body += report.table_html(
-            ["layer", "same first choice", f"random {base['same_first']:.3f}", "top-k overlap",
-             f"random {base['topk_overlap']:.3f}", "pairs"],
-            [[layer, rep["same_first"][layer], base["same_first"], rep["topk_overlap"][layer], base["topk_overlap"],
-              rep["pairs"][layer]] for layer in range(routing["num_layers"])])
+            ["source", "layer", "same first choice", "top-k overlap", "token pairs"],
+            [[source, layer, rep["same_first"][layer], rep["topk_overlap"][layer], rep["pairs"][layer]]
+             for source, rep in routing["repetition"].items() for layer in range(routing["num_layers"])]
+            + [["random router", "any", base["same_first"], base["topk_overlap"], ""]])
         for i, sample in enumerate(texts.get(name, [])):
             names = pieces(sample["input_ids"])
             text_png = report.plot_token_experts(names, {int(k): v for k, v in sample["experts"].items()}, num_experts,
@@ -536,6 +536,9 @@ def run(recipe: EvalRecipe, log=print) -> dict:
         bad = [layer for layer in layers if not 0 <= layer < num_layers]
         if bad:
             raise RecipeError(f"routing.layers: {bad} out of range for a {num_layers}-layer model")
+        if recipe.passkey.enabled and max(recipe.passkey.lengths) > model.config.max_position_embeddings:
+            log(f"eval: {name}: passkey.lengths go beyond the model's max_position_embeddings "
+                f"({model.config.max_position_embeddings}); expect those cells to fail")
         t0 = time.perf_counter()
         losses, stats = loss_and_routing(model, rows, recipe.data.batch_size, device)
         results[name] = {"directory": directory, "loss": losses, "routing": stats.summary()}
