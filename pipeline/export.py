@@ -715,6 +715,7 @@ def export(recipe: ExportRecipe, log: Callable[[str], None] = print) -> Path:
         report = _write_weights(recipe, source, config, adapters, tmp, log)
         save_recipe(recipe, tmp / "recipe.yaml")
         (tmp / "README.md").write_text(model_card(recipe, source, config, report))
+        check_output_dir(out, recipe.export.overwrite)  # again: something may have appeared meanwhile
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
