@@ -21,14 +21,17 @@ from collections.abc import Sequence
 
 import torch
 
+from model.moe import route_tokens
+
 
 def top_k_experts(router_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """[T, E] logits -> [T, K] expert ids, best first (softmax is monotone, so logits suffice)."""
+    """[T, E] logits -> [T, K] expert ids, best first: exactly the experts the MoE block used
+    (the model's own ``route_tokens``, so ties and bf16 logits resolve the same way)."""
     if router_logits.dim() != 2:
         raise ValueError(f"router logits must be [T, E], got shape {tuple(router_logits.shape)}")
     if not 1 <= k <= router_logits.shape[1]:
         raise ValueError(f"top-k must be in 1..{router_logits.shape[1]} (experts), got {k}")
-    return router_logits.float().topk(k, dim=-1).indices
+    return route_tokens(router_logits, k)[1]
 
 
 def document_keys(document_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
