@@ -180,3 +180,22 @@ def test_default_layers_first_middle_last(layers, expected):
 
 def test_hoeffding_radius_formula():
     assert hoeffding_radius(1000, 0.05) == pytest.approx(math.sqrt(math.log(40) / 2000))
+
+
+def test_routing_stats_with_a_uniform_router_report_the_baselines():
+    # The same iid-Bernoulli argument as above, per layer and per source, through RoutingStats.
+    gen = torch.Generator().manual_seed(2)
+    batch, seq, layers, num_experts, k = 8, 6000, 2, 8, 2
+    stats = RoutingStats(layers, num_experts, k)
+    doc_ids = torch.cumsum(torch.rand(batch, seq, generator=gen) < 0.005, dim=1)
+    keys = document_keys(doc_ids, None, (batch, seq))
+    logits = [torch.randn(batch * seq, num_experts, generator=gen) for _ in range(layers)]
+    stats.add(logits, keys, ["a", "b"] * (batch // 2))
+    summary = stats.summary()
+    for source in ("a", "b", "all"):
+        rep = summary["repetition"][source]
+        for layer in range(layers):
+            radius = hoeffding_radius(rep["pairs"][layer], 1e-6)
+            assert abs(rep["same_first"][layer] - 1 / 8) < radius
+            assert abs(rep["topk_overlap"][layer] - 13 / 28) < radius
+    assert summary["repetition"]["all"]["pairs"][0] == sum(summary["repetition"][s]["pairs"][0] for s in "ab")
