@@ -47,8 +47,8 @@ def plot_expert_shares(shares: dict[str, list[list[float]]], layers: Sequence[in
     """
     sources = list(shares)
     num_experts = len(next(iter(shares.values()))[0])
-    fig, axes = plt.subplots(len(layers), 1, figsize=(max(6, num_experts * 0.9), 2.4 * len(layers)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(max(6, num_experts * 0.9) + 2.5, 2.4 * len(layers)),
+                             squeeze=False, sharex=True, layout="constrained")
     width = 0.8 / len(sources)
     for ax, layer in zip(axes[:, 0], layers, strict=True):
         for i, source in enumerate(sources):
@@ -59,7 +59,8 @@ def plot_expert_shares(shares: dict[str, list[list[float]]], layers: Sequence[in
         ax.set_title(f"layer {layer}", fontsize=9)
     axes[-1, 0].set_xticks(range(num_experts))
     axes[-1, 0].set_xlabel("expert")
-    axes[0, 0].legend(fontsize=7, ncol=min(4, len(sources)), loc="upper right")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside right upper", title="source", title_fontsize=8)
     fig.suptitle(title or "Share of routed tokens per expert")
     return _save(fig, path)
 
