@@ -35,11 +35,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from data_prep.config import DataConfig
 from pipeline.checkpointing import write_json
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
 from pipeline.dpo_loss import (
@@ -117,7 +118,7 @@ class DPOSection:
 @dataclass
 class DPORecipe:
     model: DPOModelSection
-    data: dict[str, Any]
+    data: DataConfig
     output_dir: str
     # Names the stage a recipe is for, so an SFT recipe given to DPO fails here.
     stage: Literal["dpo"] = "dpo"
@@ -128,10 +129,8 @@ class DPORecipe:
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def __post_init__(self):
-        if not self.data.get("output_dir"):
-            raise ValueError("data.output_dir is required: where pipeline.prep wrote train/ and eval/")
-        if self.data.get("kind", "sft") != "dpo":
-            raise ValueError("data.kind must be dpo: the DPO stage trains on preference pairs")
+        if self.data.kind != "dpo":
+            raise ValueError(f"data.kind is {self.data.kind!r}; the DPO stage needs data.kind: dpo")
         if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
             raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
 
@@ -412,7 +411,7 @@ def build_policy(recipe: DPORecipe) -> tuple[nn.Module, nn.Module | None]:
 def load_datasets(recipe: DPORecipe):
     import datasets
 
-    root = Path(recipe.data["output_dir"])
+    root = Path(recipe.data.output_dir)
     if not (root / "train").is_dir():
         raise FileNotFoundError(
             f"{root}/train not found: run `python -m pipeline.prep <recipe>` first (make dpo does)"
@@ -481,6 +480,11 @@ def run(recipe: DPORecipe) -> Path:
     from pipeline.sft import resolve_resume, save_final
 
     out = Path(recipe.output_dir)
+    if recipe.parallel.expert_parallel_size > 1 or recipe.parallel.zero_stage is not None:
+        raise RecipeError(
+            "parallel.expert_parallel_size > 1 and parallel.zero_stage are not wired into the shared "
+            "trainer yet; use parallel.expert_parallel_size=1 parallel.zero_stage=null (data parallel)"
+        )
     # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
     resume_from = resolve_resume(recipe)
     accelerator = make_accelerator(
@@ -516,7 +520,7 @@ def run(recipe: DPORecipe) -> Path:
         kw = dict(
             policy=model,
             reference=reference,
-            data_dir=recipe.data["output_dir"],
+            data_dir=recipe.data.output_dir,
             model_key=model_key,
             batch_size=recipe.dpo.ref_batch_size,
             accelerator=accelerator,
@@ -573,7 +577,7 @@ def run(recipe: DPORecipe) -> Path:
     if accelerator.is_main_process:
         files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled)
         data = {
-            "output_dir": recipe.data["output_dir"],
+            "output_dir": recipe.data.output_dir,
             "train_fingerprint": train._fingerprint,
             "train_rows": len(train),
             "eval_rows": len(eval_set) if eval_set is not None else 0,

@@ -76,7 +76,7 @@ def sft_dir(tmp_path_factory):
 def _recipe(sft_dir, data_dir="unused", **dpo):
     raw = {
         "model": {"sft_dir": str(sft_dir)},
-        "data": {"kind": "dpo", "output_dir": str(data_dir)},
+        "data": {"kind": "dpo", "output_dir": str(data_dir), "sources": [{"path": "pairs.jsonl"}]},
         "output_dir": "unused",
         "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]},
         "dpo": dpo,
