@@ -59,8 +59,9 @@ class TrainSection:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
-    # "auto": bf16 where the device supports it, fp32 elsewhere (CPU).
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # "auto": bf16 where the device supports it, fp32 elsewhere (CPU). "fp32" is the same as "no"
+    # (a bare `no` in YAML or an override reads as false).
+    mixed_precision: Literal["auto", "no", "fp32", "bf16"] = "auto"
     seed: int = 0
     log_every: int = 1
     eval_every: int | None = None
@@ -74,6 +75,8 @@ class TrainSection:
     overwrite_output_dir: bool = False
 
     def __post_init__(self):
+        if self.mixed_precision == "fp32":
+            self.mixed_precision = "no"
         positive = ("micro_batch_size", "grad_accum_steps", "epochs", "log_every", "keep_last")
         for name in positive:
             if getattr(self, name) < 1:

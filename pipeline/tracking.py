@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,9 @@ class Tracker:
         if reason is not None:
             os.environ["WANDB_MODE"] = "offline"
         self.wandb_dir = self.output_dir
+        # W&B records the command line (sys.argv, read whenever it builds run metadata), and an
+        # override may carry a secret: the process's argv is redacted for good, it has been parsed.
+        sys.argv[:] = [redact_env_secrets(arg) for arg in sys.argv]
         os.environ.setdefault("WANDB_SILENT", "true")
         init_kwargs = {"wandb": {"dir": str(self.wandb_dir), "tags": [redact_env_secrets(t) for t in tags]}}
         if run_name:

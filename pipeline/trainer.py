@@ -165,7 +165,7 @@ class Trainer:
         last: dict[str, float] = {}
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < self.total_steps:
-            metrics, tokens = self._train_step()
+            metrics, tokens = self.train_step()
             self.step += 1
             window_tokens += tokens
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -188,7 +188,8 @@ class Trainer:
     def _due(self, every: int | None) -> bool:
         return every is not None and self.step % every == 0
 
-    def _train_step(self) -> tuple[dict[str, float], int]:
+    def train_step(self) -> tuple[dict[str, float], int]:
+        """One optimizer step at self.step (not advanced here): (metrics, tokens over all processes)."""
         cfg = self.cfg
         self.model.train()
         batches = [self.task.collate([self.train_data[i] for i in self._indices(micro)])
