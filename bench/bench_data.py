@@ -72,19 +72,19 @@ def hf_tokenizer(sp_path: str):
 def run_ours(records: list[dict], max_len: int, procs: int) -> tuple[float, int, int]:
     from data_prep.config import DataConfig, SourceConfig
     from data_prep.pack import pack
-    from data_prep.prepare import _encode_chunk
+    from data_prep.prepare import _encode_chunk, _encode_in_worker, _init_worker
     from data_prep.tokenizer import load_tokenizer
 
     cfg = DataConfig(sources=[SourceConfig(path="bench")], max_seq_len=max_len, overlength="truncate")
     start = time.perf_counter()
     tok = load_tokenizer()
-    jobs = [(cfg, "bench", "messages", [(str(i), r) for i, r in enumerate(records[s : s + 1000], s)], tok)
+    jobs = [(cfg, "bench", "messages", [(str(i), r) for i, r in enumerate(records[s : s + 1000], s)])
             for s in range(0, len(records), 1000)]
     if procs > 1:
-        with multiprocessing.get_context("fork").Pool(procs) as pool:
-            results = pool.map(_encode_chunk, jobs, chunksize=4)
+        with multiprocessing.get_context("fork").Pool(procs, initializer=_init_worker, initargs=(tok,)) as pool:
+            results = pool.map(_encode_in_worker, jobs, chunksize=4)
     else:
-        results = [_encode_chunk(job) for job in jobs]
+        results = [_encode_chunk(job, tok) for job in jobs]
     examples = [e for r in results for e in r.examples]
     rows = pack(examples, max_len)
     seconds = time.perf_counter() - start
@@ -93,7 +93,6 @@ def run_ours(records: list[dict], max_len: int, procs: int) -> tuple[float, int,
 
 def run_trl(records: list[dict], max_len: int, procs: int, tok) -> tuple[float, int, int]:
     import datasets
-    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -111,7 +110,6 @@ def run_trl(records: list[dict], max_len: int, procs: int, tok) -> tuple[float, 
         packed = trainer._prepare_dataset(dataset, tok, args, True, None, "bench")
         seconds = time.perf_counter() - start
     tokens = int(sum(sum(x) for x in packed["seq_lengths"])) if "seq_lengths" in packed.column_names else 0
-    del torch
     return seconds, tokens, len(packed)
 
 

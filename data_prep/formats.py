@@ -26,6 +26,9 @@ class RecordError(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):  # malformed lines travel to worker processes as RecordErrors
+        return (RecordError, (self.reason, self.detail))
+
 
 @dataclass(frozen=True)
 class Preference:

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,9 +61,22 @@ class ChunkResult:
     read: int = 0
 
 
-def _encode_chunk(job: tuple) -> ChunkResult:
+# Each worker process opens the tokenizer once (in _init_worker), not once per chunk.
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(job: tuple) -> ChunkResult:
+    return _encode_chunk(job, _WORKER_TOKENIZER)
+
+
+def _encode_chunk(job: tuple, tokenizer: Tokenizer) -> ChunkResult:
     """Validate, encode and length-check one chunk of (locator, record) pairs of one source."""
-    cfg, source_name, fmt, records, tokenizer = job
+    cfg, source_name, fmt, records = job
     result = ChunkResult()
     valid = []  # (locator, normalized turns | Preference)
     for locator, record in records:
@@ -259,17 +273,20 @@ def _process_source(cfg: DataConfig, raw: RawSource, tokenizer: Tokenizer) -> Ch
     jobs = []
     for start in range(0, len(indices), cfg.batch_size):
         records = [(raw.locators[i], raw.record(i)) for i in indices[start : start + cfg.batch_size]]
-        jobs.append((cfg, name, raw.config.format, records, tokenizer))
+        jobs.append((cfg, name, raw.config.format, records))
     total = ChunkResult()
     bar = tqdm(total=len(indices), desc=f"encode {name}", unit="rec", disable=len(indices) < 20_000 or None, leave=False)
     if cfg.num_proc > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(cfg.num_proc) as pool:
-            results = pool.imap(_encode_chunk, jobs)
-            for result in results:
+        # spawn, not fork: the parent may hold threads (tokenizers, torch) that fork would copy mid-state.
+        # A pool executor (not multiprocessing.Pool) so that a worker that dies raises instead of hanging.
+        context = multiprocessing.get_context("spawn")
+        workers = min(cfg.num_proc, len(jobs))
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+            for result in pool.map(_encode_in_worker, jobs):
                 _merge(total, result, bar)
     else:
         for job in jobs:
-            _merge(total, _encode_chunk(job), bar)
+            _merge(total, _encode_chunk(job, tokenizer), bar)
     bar.close()
     total.read = len(indices)
     return total

@@ -277,3 +277,19 @@ def test_bundled_sample_data_is_small_and_regenerates_identically(tmp_path):
         committed = REPO / "data_prep" / "data" / path.name
         assert committed.read_bytes() == path.read_bytes(), f"{committed} differs from the generator's output"
         assert path.stat().st_size < 1_000_000
+
+
+def test_worker_processes_and_an_hf_tokenizer_json_give_the_same_rows(tmp_path):
+    from pipeline.hf_tokenizer import save_tokenizer_files
+
+    records = [conv(f"q {i}  with  spaces", f" answer {i} </s> [INST]") for i in range(60)] + ['{"broken']
+    src = write_jsonl(tmp_path / "d.jsonl", records)
+    tok_dir = tmp_path / "tok"
+    save_tokenizer_files(tok_dir)
+    (tok_dir / "tokenizer.model").unlink()  # leave tokenizer.json only: the `tokenizers` backend
+    outputs = []
+    for name, extra in (("one", {}), ("two", {"num_proc": 2, "batch_size": 16}), ("hf", {"tokenizer": str(tok_dir)})):
+        m = prepare(DataConfig(sources=[SourceConfig(path=src)], output_dir=str(tmp_path / name), **extra), log=quiet)
+        assert m["counts"][src]["rejected"] == {"malformed_json": 1}
+        outputs.append(datasets.load_from_disk(str(tmp_path / name / "train")).to_dict())
+    assert outputs[0] == outputs[1] == outputs[2]
