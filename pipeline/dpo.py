@@ -48,6 +48,7 @@ from pipeline.dpo_loss import (
     SMOOTHED_LOSS_TYPES,
     chosen_nll,
     preference_loss,
+    reward_sums,
     sequence_log_probs,
     split_pairs,
 )
@@ -230,22 +231,13 @@ class DPOTask:
         extra = self.aux_coef * out.aux_loss + self.z_coef * out.z_loss
         if self.cfg.nll_coef:
             extra = extra + self.cfg.nll_coef * nll
-        margins = pref.chosen_rewards - pref.rejected_rewards
         loss_sum = pref.losses.sum()
         return TaskOutput(
             loss_sum=loss_sum,
             extra=extra,
             tokens=int(batch["attention_mask"].sum()),
             # Per-pair sums: the trainer divides by the pairs of the global batch -> exact means.
-            sums={
-                "loss": loss_sum.detach(),
-                "rewards/chosen": pref.chosen_rewards.sum(),
-                "rewards/rejected": pref.rejected_rewards.sum(),
-                "rewards/margins": margins.sum(),
-                "rewards/accuracies": (margins > 0).float().sum(),
-                "logps/chosen": chosen.detach().sum(),
-                "logps/rejected": rejected.detach().sum(),
-            },
+            sums={"loss": loss_sum.detach(), **reward_sums(pref, chosen, rejected)},
             means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach(), "nll": nll.detach()},
             expert_counts=out.expert_counts,
         )

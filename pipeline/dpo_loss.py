@@ -184,16 +184,19 @@ def chosen_nll(chosen_token_logps_sum: torch.Tensor, chosen_lengths: torch.Tenso
     return -chosen_token_logps_sum.sum() / chosen_lengths.sum().clamp_min(1)
 
 
-def reward_metrics(
+def reward_sums(
     out: PreferenceLoss, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
-) -> dict[str, float]:
-    """Batch means of the DPO diagnostics (TRL's names), as Python floats for the tracker."""
+) -> dict[str, torch.Tensor]:
+    """The DPO diagnostics (TRL's names) summed over the pairs, detached.
+
+    Sums, not means, so that a trainer can divide by the pairs of the whole global batch.
+    """
     margins = out.chosen_rewards - out.rejected_rewards
     return {
-        "rewards/chosen": out.chosen_rewards.mean().item(),
-        "rewards/rejected": out.rejected_rewards.mean().item(),
-        "rewards/margins": margins.mean().item(),
-        "rewards/accuracies": (margins > 0).float().mean().item(),
-        "logps/chosen": chosen_logps.detach().mean().item(),
-        "logps/rejected": rejected_logps.detach().mean().item(),
+        "rewards/chosen": out.chosen_rewards.sum(),
+        "rewards/rejected": out.rejected_rewards.sum(),
+        "rewards/margins": margins.sum(),
+        "rewards/accuracies": (margins > 0).float().sum(),
+        "logps/chosen": chosen_logps.detach().sum(),
+        "logps/rejected": rejected_logps.detach().sum(),
     }

@@ -12,7 +12,7 @@ from pipeline.dpo_loss import (
     hinge_loss,
     ipo_loss,
     preference_loss,
-    reward_metrics,
+    reward_sums,
     robust_loss,
     sequence_log_probs,
     sigmoid_loss,
@@ -120,13 +120,13 @@ def test_chosen_nll_and_metrics_hand_worked():
     assert chosen_nll(_t(-6.0, -2.0), torch.tensor([3, 1])).item() == pytest.approx(2.0)
     out = preference_loss(_t(-1.0, -5.0), _t(-2.0, -1.0), _t(-1.5, -4.0), _t(-1.5, -2.0), beta=0.1)
     # rewards: chosen 0.1 * (0.5, -1) ; rejected 0.1 * (-0.5, 1); margins (0.1, -0.2)
-    m = reward_metrics(out, _t(-1.0, -5.0), _t(-2.0, -1.0))
-    assert m["rewards/chosen"] == pytest.approx(-0.025)
-    assert m["rewards/rejected"] == pytest.approx(0.025)
-    assert m["rewards/margins"] == pytest.approx(-0.05)
-    assert m["rewards/accuracies"] == 0.5
-    assert m["logps/chosen"] == pytest.approx(-3.0)
-    assert m["logps/rejected"] == pytest.approx(-1.5)
+    m = {k: v.item() for k, v in reward_sums(out, _t(-1.0, -5.0), _t(-2.0, -1.0)).items()}
+    assert m["rewards/chosen"] == pytest.approx(-0.05)
+    assert m["rewards/rejected"] == pytest.approx(0.05)
+    assert m["rewards/margins"] == pytest.approx(-0.1)
+    assert m["rewards/accuracies"] == 1.0
+    assert m["logps/chosen"] == pytest.approx(-6.0)
+    assert m["logps/rejected"] == pytest.approx(-3.0)
 
 
 def test_token_log_probs_equal_log_softmax_gather_and_ignore_masked():
@@ -233,7 +233,8 @@ def _trl_loss_and_ours(
     )
     ours = out.losses.mean() + nll * chosen_nll(pc, nc)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return trl_loss.detach(), ours, metrics, reward_metrics(out, pc, pr)
+    means = {k: v.item() / len(pc) for k, v in reward_sums(out, pc, pr).items()}
+    return trl_loss.detach(), ours, metrics, means
 
 
 @pytest.mark.parametrize(
