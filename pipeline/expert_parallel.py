@@ -136,12 +136,15 @@ class ExpertParallelDispatch:
         self._pending.append((send_splits, recv_splits, order))
 
         local_counts = recv_counts.sum(0)  # [El]
-        row_bytes = x_sorted.shape[1] * x_sorted.element_size()
-        self.stats.all_to_all_bytes += 2 * row_bytes * (sum(send_splits) - send_splits[self.placement.ep_rank])
-        self.stats.local_expert_rows = (
-            local_counts if self.stats.local_expert_rows is None else self.stats.local_expert_rows + local_counts
-        )
-        self.stats.calls += 1
+        # Activation checkpointing re-runs this forward inside backward: count each step's tokens once
+        # (the counters are per forward; recomputation repeats the same traffic).
+        if torch._C._current_graph_task_id() == -1:
+            row_bytes = x_sorted.shape[1] * x_sorted.element_size()
+            self.stats.all_to_all_bytes += 2 * row_bytes * (sum(send_splits) - send_splits[self.placement.ep_rank])
+            self.stats.local_expert_rows = (
+                local_counts if self.stats.local_expert_rows is None else self.stats.local_expert_rows + local_counts
+            )
+            self.stats.calls += 1
         return received[order], local_counts.to(tokens_per_expert.device)
 
     def combine(self, module: nn.Module, args: tuple, y_local: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ multi-process test checks that expert weights stay different across EP ranks aft
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,7 @@ from pipeline.expert_parallel import (
     EP_GROUP_NAME,
     ExpertParallelStats,
     ExpertPlacement,
+    expert_params,
     experts_modules,
     gather_expert_tensor,
     install_dispatch,
@@ -61,15 +63,19 @@ class ParallelSection:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Experts of each layer are split over groups of this many ranks (1 = every rank holds all).
     expert_parallel_size: int = 1
-    # 0 = plain DDP (no DeepSpeed); 1/2/3 = DeepSpeed ZeRO stage.
-    zero_stage: int = 0
+    # null or 0 = plain data parallel through accelerate (no DeepSpeed); 1/2/3 = DeepSpeed ZeRO stage.
+    zero_stage: int | None = None
     # Keep optimizer state (and under ZeRO-3 the params) in CPU memory.
     offload_optimizer: bool = False
     offload_params: bool = False
 
+    @property
+    def deepspeed(self) -> bool:
+        return bool(self.zero_stage)
+
     def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero_stage must be 0 (no DeepSpeed), 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be null or 0 (no DeepSpeed), 1, 2 or 3, got {self.zero_stage}")
         if self.expert_parallel_size < 1:
             raise ValueError(f"parallel.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
         if self.expert_parallel_size > 1 and self.zero_stage not in (1, 2):
@@ -78,7 +84,7 @@ class ParallelSection:
                 f"(got {self.zero_stage}): expert parallelism runs on DeepSpeed's MoE path, which ZeRO-3 and "
                 "plain DDP do not have; use zero_stage: 2, or expert_parallel_size: 1 with zero_stage: 3"
             )
-        if self.offload_optimizer and self.zero_stage == 0:
+        if self.offload_optimizer and not self.zero_stage:
             raise ValueError("parallel.offload_optimizer needs DeepSpeed: set parallel.zero_stage to 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("parallel.offload_params needs parallel.zero_stage: 3 (only ZeRO-3 partitions params)")
@@ -102,14 +108,14 @@ def validate(section: ParallelSection, *, num_experts: int, world_size: int) -> 
 def _check_launch(section: ParallelSection) -> None:
     """The accelerate config and the recipe must describe the same DeepSpeed setup."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        if section.zero_stage > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if section.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ParallelError(
                 f"parallel.zero_stage={section.zero_stage} but the launch config does not use DeepSpeed; "
                 f"launch with recipes/accelerate/zero{section.zero_stage}*.yaml"
             )
         return
     launched = {
-        "zero_stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", section.zero_stage)),
+        "zero_stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", section.zero_stage or 0)),
         "offload_optimizer": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none",
         "offload_params": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none",
     }
@@ -178,12 +184,15 @@ def make_accelerator(
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     plugin = None
-    if section.zero_stage > 0:
+    if section.deepspeed:
         ds = deepspeed_config(section, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
                               bf16=mixed_precision == "bf16", max_grad_norm=max_grad_norm)
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
+    # Without DeepSpeed, accelerate would divide every loss by its accumulation steps: the trainer
+    # already normalises by the global batch. DeepSpeed's engine counts them itself (config above).
     acc = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                      deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum_steps)
+                      deepspeed_plugin=plugin,
+                      gradient_accumulation_steps=grad_accum_steps if plugin is not None else 1)
     return acc
 
 
@@ -264,10 +273,11 @@ def moe_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
     Done in place, before the first step (no state to move). A no-op without tagged params.
     """
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-
-    if not any(is_moe_param(p) for g in optimizer.param_groups for p in g["params"]):
+    # Checked before importing DeepSpeed, which single-process and DDP runs never need.
+    if not any(getattr(p, "allreduce", True) is False for g in optimizer.param_groups for p in g["params"]):
         return optimizer
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
     if optimizer.state:
         raise ParallelError("split the optimizer's expert groups before its first step")
     groups = [dict(g, name=g.get("name", f"group{i}")) for i, g in enumerate(optimizer.param_groups)]
@@ -275,11 +285,13 @@ def moe_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, trainable_only: bool = False):
-    """The whole model's tensors on every rank: expert tensors gathered from their EP group.
+def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, trainable_only: bool = False,
+                    main_only: bool = False):
+    """The whole model's tensors: expert tensors gathered from their EP group (every rank must call).
 
-    Names are the model's own (`named_parameters`); expert params come back with all E experts.
-    Under ZeRO-3 use the accelerator's `get_state_dict` instead (EP is not allowed there).
+    Names are the model's own (`named_parameters`); expert params come back with all E experts, on
+    the CPU. `main_only`: other ranks return {} (they still take part in the gathers), so a full
+    model only ever exists on rank 0. Under ZeRO-3 see `consolidated_state_dict`.
     """
     expert_names = set()
     if place.ep_size > 1:
@@ -290,7 +302,9 @@ def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, train
         if trainable_only and not p.requires_grad:
             continue
         t = p.detach()
-        out[name] = gather_expert_tensor(t, ep_group) if name in expert_names else t.clone()
+        t = gather_expert_tensor(t, ep_group) if name in expert_names else t
+        if not main_only or not dist.is_initialized() or dist.get_rank() == 0:
+            out[name] = t.to("cpu", copy=True)
     return out
 
 
@@ -309,3 +323,139 @@ def expert_load_imbalance(stats: ExpertParallelStats, ep_group) -> dict[str, flo
         "ep/rank_rows_min": loads.min().item(),
         "ep/load_imbalance": loads.max().item() / mean if mean > 0 else 1.0,
     }
+
+
+def placement_independent_lora_init(model: nn.Module, place: ExpertPlacement, seed: int) -> int:
+    """Re-draw every LoRA A so that it does not depend on how the experts are placed.
+
+    Drawn in one pass over the model, a rank holding experts 4..7 would give them the numbers a
+    single process gives experts 0..3, and every later adapter would shift too: ep=2 would not train
+    the model ep=1 trains. Here each A is drawn whole ([E, ...] for expert adapters) from a
+    generator seeded by (seed, its name) and the rank keeps its experts' slice. Same distribution
+    as PEFT's default (kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B stays 0.
+    Returns how many tensors were drawn.
+    """
+    expert_names = {name for name, _ in expert_params(model)} if _has_experts(model) else set()
+    drawn = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.split(".")[-2] if name.count(".") else name
+            if not (leaf.startswith("lora_") and leaf.endswith("_A")):
+                continue
+            shape = (place.num_experts, *p.shape[1:]) if name in expert_names else tuple(p.shape)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            bound = 1.0 / float(shape[-1]) ** 0.5
+            full = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+            if name in expert_names:
+                full = full[place.first:place.first + place.num_local]  # [El, ...]
+            p.copy_(full)
+            drawn += 1
+    return drawn
+
+
+def _has_experts(model: nn.Module) -> bool:
+    return any(name.endswith("moe.experts") for name, _ in model.named_modules())
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints under DeepSpeed: every rank keeps its own shard
+# ------------------------------------------------------------------------------------------------
+# ZeRO partitions the optimizer state (and under ZeRO-3 the params), and under EP each rank holds
+# different experts, so every rank writes what it holds, in safetensors: its trainable params as it
+# sees them (ZeRO-3: its partition), the fp32 master partition DeepSpeed steps, and the state of the
+# torch optimizer under DeepSpeed. Resuming needs the same launch (world size, EP, ZeRO stage).
+
+
+def _zero_optimizer(optimizer):
+    """The DeepSpeed ZeRO optimizer behind accelerate's wrapper."""
+    zero = getattr(optimizer, "optimizer", optimizer)
+    if not hasattr(zero, "refresh_fp32_params"):
+        raise ParallelError(f"expected a DeepSpeed ZeRO optimizer, got {type(zero).__name__}")
+    return zero
+
+
+def _fp32_partitions(zero) -> list[torch.Tensor]:
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(zero.single_partition_of_fp32_groups)
+    return list(zero.fp32_partitioned_groups_flat)  # ZeRO-3
+
+
+def _local_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    # ZeRO-3 params are empty placeholders; `ds_tensor` is this rank's partition of each.
+    return {n: getattr(p, "ds_tensor", p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
+    """model-rank{r}.safetensors + optimizer-rank{r}.safetensors/.json of this rank (every rank calls)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from pipeline.checkpointing import optimizer_to_flat
+
+    directory = Path(directory)
+    zero = _zero_optimizer(optimizer)
+    save_file({n: t.detach().contiguous().cpu() for n, t in _local_trainable(model).items()},
+              directory / f"model-rank{rank}.safetensors")
+    tensors, meta = optimizer_to_flat(zero.optimizer.state_dict())
+    tensors = {f"state.{k}": v.cpu() for k, v in tensors.items()}
+    tensors.update({f"fp32.{i}": t.detach().cpu() for i, t in enumerate(_fp32_partitions(zero))})
+    save_file(tensors, directory / f"optimizer-rank{rank}.safetensors")
+    (directory / f"optimizer-rank{rank}.json").write_text(json.dumps(meta))
+
+
+def load_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
+    """Inverse of `save_rank_shard`; raises naming the file and what differs."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pipeline.checkpointing import optimizer_from_flat
+
+    directory = Path(directory)
+    files = [f"model-rank{rank}.safetensors", f"optimizer-rank{rank}.safetensors", f"optimizer-rank{rank}.json"]
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {directory} has no {', '.join(missing)}: it was not written by a DeepSpeed run with "
+            "this many processes; resume with the launch config and parallel: section that wrote it"
+        )
+    zero = _zero_optimizer(optimizer)
+    saved = load_file(directory / files[0])
+    local = _local_trainable(model)
+    for name, t in local.items():
+        if name not in saved or saved[name].shape != t.shape:
+            raise ValueError(
+                f"{directory / files[0]}: {name} is {tuple(saved[name].shape) if name in saved else 'missing'}, "
+                f"this run holds {tuple(t.shape)}: resume with the recipe and launch config that wrote it"
+            )
+    with torch.no_grad():
+        for name, t in local.items():
+            t.copy_(saved[name])
+    flat = load_file(directory / files[1])
+    for i, t in enumerate(_fp32_partitions(zero)):
+        with torch.no_grad():
+            t.copy_(flat[f"fp32.{i}"])
+    state = {k.removeprefix("state."): v for k, v in flat.items() if k.startswith("state.")}
+    zero.optimizer.load_state_dict(optimizer_from_flat(state, json.loads((directory / files[2]).read_text())))
+
+
+def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSection, place: ExpertPlacement,
+                            *, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The whole (unwrapped) model's tensors on rank 0, {} elsewhere; every rank must call.
+
+    EP: expert tensors gathered from the EP group. ZeRO-3: DeepSpeed's 16-bit gather, module by
+    module onto rank 0 (`stage3_gather_16bit_weights_on_model_save`). Otherwise every rank already
+    holds everything.
+    """
+    inner = accelerator.unwrap_model(model)
+    if section.zero_stage == 3:
+        state = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return {}
+        trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
+        return {n: t.cpu() for n, t in state.items() if not trainable_only or n in trainable}
+    ep_group = expert_groups(place.ep_size)[0] if place.ep_size > 1 else None
+    return full_state_dict(inner, place, ep_group, trainable_only=trainable_only, main_only=True)
