@@ -239,3 +239,21 @@ def test_existing_output_dir_is_not_overwritten_silently(tmp_path):
         resolve_resume(recipe)
     recipe.train.overwrite_output_dir = True
     assert resolve_resume(recipe) is None
+
+
+@pytest.mark.e2e
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, capsys):
+    from pipeline.sft import main
+
+    out = work / "diverged"
+    # lr 1e30: the first update blows the adapters up, the second step's loss is not finite
+    rc = main([str(RECIPE), *overrides(work, "diverged", **{
+        "train.lr": 1e30, "train.warmup_steps": 0, "train.save_every": 1, "train.eval_every": "null",
+        "lora.dropout": 0.0, "tracking.report_to": "none"})])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "step 2: loss is nan" in err or "step 2: loss is inf" in err, err
+    assert "the last good checkpoint is" in err and "step-000001" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert not (out / "manifest.json").exists()
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
