@@ -257,3 +257,24 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, capsy
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
     assert not (out / "manifest.json").exists()
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.e2e
+def test_full_finetuning_with_frozen_router_saves_a_loadable_model(work):
+    from model import Mixtral
+    from pipeline.sft import main
+
+    out = work / "full"
+    rc = main([str(RECIPE), *overrides(work, "full", **{
+        "lora.enabled": "false", "model.freeze_router": "true", "train.max_steps": 2, "train.lr": 1e-3,
+        "train.save_every": "null", "train.eval_every": "null", "tracking.report_to": "none"})])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "full" and manifest["model_dir"] == str(out.resolve())
+    tuned, base = Mixtral.from_pretrained(out), Mixtral.from_pretrained(out / "base")
+    tuned_params, base_params = dict(tuned.named_parameters()), dict(base.named_parameters())
+    for name, param in tuned_params.items():
+        if ".moe.gate." in name:
+            assert torch.equal(param, base_params[name]), name
+    assert not torch.equal(tuned_params["layers.0.self_attn.q_proj.weight"], base_params["layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(tuned_params["layers.0.moe.experts.down_proj"], base_params["layers.0.moe.experts.down_proj"])
