@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import MixtralForCausalLM
 
 import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
@@ -245,6 +246,63 @@ def test_consolidated_export_converts_back_to_the_hf_export(runs, fp32_export):
     for name, file in index.items():
         with safe_open(str(fp32_export / file), framework="pt") as f:
             assert torch.equal(back[name], f.get_tensor(name)), name
+
+
+def test_adapter_export_loads_with_peft_onto_transformers_with_equal_logits(runs):
+    # SFT (r=4, alpha=8, all targets, router trained fully) and DPO (r=2, rslora alpha=4, q/v/experts)
+    # stacked: one PEFT adapter whose ranks add where both adapted a module.
+    root, reference = runs
+    out = export(_recipe(root, "export-adapter", format="adapter", dtype="float32"), log=lambda _: None)
+    assert not list(out.glob("model*.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert sorted(config["target_modules"]) == [
+        f"self_attn.{p}" for p in ("k_proj", "o_proj", "q_proj", "v_proj")
+    ]
+    assert config["lora_dropout"] == 0.0 and config["modules_to_save"] == ["mlp.gate"]
+    # q, v, down_proj: 4 + 2 (the default); gate_up: 2 * 4 + 2 * 2; k, o: SFT's 4. alpha = scale * r
+    # with the SFT's scale 8 / 4 = 2 (the DPO factors carry the ratio of their scale to it).
+    assert (config["r"], config["lora_alpha"]) == (6, 12.0)
+    assert config["rank_pattern"] == {
+        "self_attn.k_proj": 4,
+        "self_attn.o_proj": 4,
+        "mlp.experts.gate_up_proj": 12,
+    }
+    assert config["alpha_pattern"] == {
+        "self_attn.k_proj": 8.0,
+        "self_attn.o_proj": 8.0,
+        "mlp.experts.gate_up_proj": 24.0,
+    }
+    hf = MixtralForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(hf, str(out)).eval()
+    with torch.no_grad():
+        logits = adapted(PROMPT).logits
+        assert (logits - reference).abs().max().item() < 1e-4
+        with adapted.disable_adapter():  # and the adapter is what makes the difference
+            assert (adapted(PROMPT).logits - reference).abs().max().item() > 1e-2
+    assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_adapter_export_of_a_full_model_or_a_rank_shard_is_a_clear_error(runs, tmp_path):
+    root, _ = runs
+    raw = {
+        "source": {"checkpoint": str(root / "base")},
+        "output_dir": str(tmp_path / "o"),
+        "export": {"format": "adapter", "progress_bar": False},
+    }
+    with pytest.raises(ValueError, match="needs a LoRA source"):
+        export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    # An expert-parallel rank's adapter holds only its experts.
+    part = tmp_path / "rank0"
+    part.mkdir()
+    (part / "adapter_config.json").write_text((root / "sft" / "adapter_config.json").read_text())
+    with safe_open(str(root / "sft" / "adapter_model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k)[:4] if ".experts.lora_" in k else f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(part / "adapter_model.safetensors"))
+    raw["source"]["adapters"] = [str(part)]
+    with pytest.raises(ValueError, match="holds 4 experts, the model 8: an expert-parallel"):
+        export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    assert not (tmp_path / "o").exists()
 
 
 def test_rope_permutation_is_the_inverse_of_the_hf_conversion():
