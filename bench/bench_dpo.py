@@ -14,7 +14,8 @@ beta 0.1, sigmoid loss, router aux loss 0.02, AdamW, clipping at 1.0.
   forward per step) or precomputed.
 - peer: `trl.DPOTrainer` with `peft_config` (`target_modules` q/k/v/o, `target_parameters` on
   `mlp.experts.gate_up_proj` / `down_proj`), transformers' grouped_mm experts, TRL's reference
-  (adapter disabled, or `precompute_ref_log_probs`), gradient checkpointing off as on our side.
+  (adapter disabled, or `precompute_ref_log_probs`), gradient checkpointing off and bf16 off (TRL
+  turns bf16 autocast on by default, also on CPU) as on our side.
   Step times come from a TrainerCallback (on_step_begin -> on_step_end).
 
 Each side runs in its own subprocess. The first step is a warm-up and is not timed. The
@@ -166,7 +167,7 @@ def run_peer(args, pairs: list[dict], weights: str) -> dict:
             output_dir=tmp, beta=BETA, loss_type=["sigmoid"], learning_rate=LR, lr_scheduler_type="constant",
             per_device_train_batch_size=args.pairs, max_steps=args.steps + 1, max_length=None,
             precompute_ref_log_probs=args.precompute, router_aux_loss_coef=AUX, gradient_checkpointing=False,
-            max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
             dataloader_num_workers=0, seed=0, disable_tqdm=True,
         )
         trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
