@@ -53,8 +53,10 @@ def make_pairs(args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(args.pairs):
-        prompt, chosen, rejected = (torch.randint(3, 32000, (k,), generator=g).tolist()
-                                    for k in (args.prompt, args.completion - 1, args.completion - 1))
+        prompt, chosen, rejected = (
+            torch.randint(3, 32000, (k,), generator=g).tolist()
+            for k in (args.prompt, args.completion - 1, args.completion - 1)
+        )
         rows.append({"prompt": prompt, "chosen": chosen + [EOS], "rejected": rejected + [EOS]})
     return rows
 
@@ -81,13 +83,15 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
     rows = []
     for p in pairs:
         prompt = p["prompt"]
-        rows.append({
-            "prompt_input_ids": prompt,
-            "chosen_input_ids": prompt + p["chosen"],
-            "chosen_labels": [-100] * len(prompt) + p["chosen"],
-            "rejected_input_ids": prompt + p["rejected"],
-            "rejected_labels": [-100] * len(prompt) + p["rejected"],
-        })
+        rows.append(
+            {
+                "prompt_input_ids": prompt,
+                "chosen_input_ids": prompt + p["chosen"],
+                "chosen_labels": [-100] * len(prompt) + p["chosen"],
+                "rejected_input_ids": prompt + p["rejected"],
+                "rejected_labels": [-100] * len(prompt) + p["rejected"],
+            }
+        )
     torch.manual_seed(0)
     model = Mixtral.from_pretrained(weights, dtype=torch.float32)
     model.requires_grad_(False)
@@ -98,17 +102,37 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
 
         data = Dataset.from_list(rows)
         chosen, rejected = compute_reference_log_probs(model, reference, data, args.pairs)
-        rows = [{**r, "ref_chosen_logps": float(c), "ref_rejected_logps": float(j)}
-                for r, c, j in zip(rows, chosen, rejected, strict=True)]
+        rows = [
+            {**r, "ref_chosen_logps": float(c), "ref_rejected_logps": float(j)}
+            for r, c, j in zip(rows, chosen, rejected, strict=True)
+        ]
         reference = None
-    cfg = TrainSection(lr=LR, micro_batch_size=args.pairs, grad_accum_steps=1, max_steps=args.steps + 1,
-                       mixed_precision="no", max_grad_norm=1.0, schedule="constant")
+    cfg = TrainSection(
+        lr=LR,
+        micro_batch_size=args.pairs,
+        grad_accum_steps=1,
+        max_steps=args.steps + 1,
+        mixed_precision="no",
+        max_grad_norm=1.0,
+        schedule="constant",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         accelerator = make_accelerator(mixed_precision="no", backend="auto", log_with=None, project_dir=tmp)
-        tracker = Tracker(accelerator, tmp, report_to="none", project="bench", run_name=None, tags=[], config={})
+        tracker = Tracker(
+            accelerator, tmp, report_to="none", project="bench", run_name=None, tags=[], config={}
+        )
         task = DPOTask(DPOSection(beta=BETA), aux_coef=AUX, z_coef=0.0, reference=reference)
-        trainer = Trainer(accelerator=accelerator, model=model, task=task, train_data=rows, eval_data=None,
-                          config=cfg, output_dir=tmp, tracker=tracker, progress_bar=False)
+        trainer = Trainer(
+            accelerator=accelerator,
+            model=model,
+            task=task,
+            train_data=rows,
+            eval_data=None,
+            config=cfg,
+            output_dir=tmp,
+            tracker=tracker,
+            progress_bar=False,
+        )
         times, first = [], None
         for step in range(args.steps + 1):
             start = time.perf_counter()
@@ -117,8 +141,12 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
             if step > 0:
                 times.append(time.perf_counter() - start)
             first = metrics if first is None else first
-    return {"times": times, "logps_chosen": first["logps/chosen"], "loss": first["loss"],
-            "impl": "native grouped expert LoRA, one [chosen; rejected] forward"}
+    return {
+        "times": times,
+        "logps_chosen": first["logps/chosen"],
+        "loss": first["loss"],
+        "impl": "native grouped expert LoRA, one [chosen; rejected] forward",
+    }
 
 
 def run_peer(args, pairs: list[dict], weights: str) -> dict:
@@ -132,21 +160,31 @@ def run_peer(args, pairs: list[dict], weights: str) -> dict:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 32000)}}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<unk>", eos_token="</s>",
-                                        bos_token="<s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<unk>", eos_token="</s>", bos_token="<s>"
+    )
 
     def text(ids):
         return " ".join(f"w{i}" for i in ids)
 
     # TRL appends the EOS to each completion itself.
-    data = Dataset.from_dict({
-        "prompt": [text(p["prompt"]) for p in pairs],
-        "chosen": [" " + text(p["chosen"][:-1]) for p in pairs],
-        "rejected": [" " + text(p["rejected"][:-1]) for p in pairs],
-    })
-    model = MixtralForCausalLM.from_pretrained(weights, dtype=torch.float32, experts_implementation="grouped_mm")
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    data = Dataset.from_dict(
+        {
+            "prompt": [text(p["prompt"]) for p in pairs],
+            "chosen": [" " + text(p["chosen"][:-1]) for p in pairs],
+            "rejected": [" " + text(p["rejected"][:-1]) for p in pairs],
+        }
+    )
+    model = MixtralForCausalLM.from_pretrained(
+        weights, dtype=torch.float32, experts_implementation="grouped_mm"
+    )
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -164,19 +202,44 @@ def run_peer(args, pairs: list[dict], weights: str) -> dict:
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         config = DPOConfig(
-            output_dir=tmp, beta=BETA, loss_type=["sigmoid"], learning_rate=LR, lr_scheduler_type="constant",
-            per_device_train_batch_size=args.pairs, max_steps=args.steps + 1, max_length=None,
-            precompute_ref_log_probs=args.precompute, router_aux_loss_coef=AUX, gradient_checkpointing=False,
-            max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-            dataloader_num_workers=0, seed=0, disable_tqdm=True,
+            output_dir=tmp,
+            beta=BETA,
+            loss_type=["sigmoid"],
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            per_device_train_batch_size=args.pairs,
+            max_steps=args.steps + 1,
+            max_length=None,
+            precompute_ref_log_probs=args.precompute,
+            router_aux_loss_coef=AUX,
+            gradient_checkpointing=False,
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            dataloader_num_workers=0,
+            seed=0,
+            disable_tqdm=True,
         )
-        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[timer])
+        trainer = DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[timer],
+        )
         trainer.train()
     first = next(log for log in timer.logs if "logps/chosen" in log)
     impl = getattr(model.config, "_experts_implementation", None) or "default"
-    return {"times": timer.times[1:], "logps_chosen": first["logps/chosen"], "loss": first["loss"],
-            "impl": f"TRL DPOTrainer, transformers {impl} experts + PEFT target_parameters"}
+    return {
+        "times": timer.times[1:],
+        "logps_chosen": first["logps/chosen"],
+        "loss": first["loss"],
+        "impl": f"TRL DPOTrainer, transformers {impl} experts + PEFT target_parameters",
+    }
 
 
 def child(args) -> None:
@@ -197,7 +260,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--completion", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step")
-    parser.add_argument("--precompute", action="store_true", help="precomputed reference log-probs on both sides")
+    parser.add_argument(
+        "--precompute", action="store_true", help="precomputed reference log-probs on both sides"
+    )
     parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,10 +270,25 @@ def main() -> None:
         child(args)
         return
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TQDM_DISABLE": "1"}
-    shared = ["--steps", str(args.steps), "--threads", str(args.threads), "--prompt", str(args.prompt),
-              "--completion", str(args.completion), "--pairs", str(args.pairs)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TQDM_DISABLE": "1",
+    }
+    shared = [
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--prompt",
+        str(args.prompt),
+        "--completion",
+        str(args.completion),
+        "--pairs",
+        str(args.pairs),
+    ]
     shared += ["--precompute"] if args.precompute else []
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,22 +299,28 @@ def main() -> None:
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 raise SystemExit(f"{side} side failed:\n{proc.stderr[-4000:]}")
-            results[side] = json.loads(line[0][len("RESULT "):])
+            results[side] = json.loads(line[0][len("RESULT ") :])
 
     pps = {k: args.pairs * len(r["times"]) / sum(r["times"]) for k, r in results.items()}
     ref = "precomputed" if args.precompute else "adapter disabled, on the fly"
-    print(f"\nLoRA DPO step, CPU fp32, {args.threads} threads, {args.pairs} pairs x (prompt {args.prompt} + "
-          f"completion {args.completion}), r=16 on attention + experts, reference {ref}, "
-          f"{args.steps} timed steps (+1 warm-up)\n")
+    print(
+        f"\nLoRA DPO step, CPU fp32, {args.threads} threads, {args.pairs} pairs x (prompt {args.prompt} + "
+        f"completion {args.completion}), r=16 on attention + experts, reference {ref}, "
+        f"{args.steps} timed steps (+1 warm-up)\n"
+    )
     print("| side | implementation | pairs/s | s/step | peak RSS (MB) | logps/chosen, step 1 |")
     print("|---|---|---:|---:|---:|---:|")
     for name, key in (("TRL + transformers + PEFT", "peer"), ("ours (pipeline)", "ours")):
         r = results[key]
-        print(f"| {name} | {r['impl']} | {pps[key]:.3f} | {sum(r['times']) / len(r['times']):.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['logps_chosen']:.2f} |")
+        print(
+            f"| {name} | {r['impl']} | {pps[key]:.3f} | {sum(r['times']) / len(r['times']):.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['logps_chosen']:.2f} |"
+        )
     ours, peer = results["ours"], results["peer"]
-    print(f"| **ours / TRL** | | **{pps['ours'] / pps['peer']:.2f}x** | | "
-          f"**{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x** | |")
+    print(
+        f"| **ours / TRL** | | **{pps['ours'] / pps['peer']:.2f}x** | | "
+        f"**{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x** | |"
+    )
     print("\ntarget: pairs/s >= 2x")
 
 
