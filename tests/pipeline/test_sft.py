@@ -136,7 +136,7 @@ def test_adapter_loads_back_and_merges(reference, work):
 
     # reloaded adapter reproduces the eval loss logged at the last step
     _, eval_set = load_datasets(recipe)
-    task = SFTTask(aux_coef=0.0, z_coef=0.0, logits_chunk_size=None)
+    task = SFTTask(aux_coef=0.0, z_coef=0.0, logits_chunk_size=recipe.model.logits_chunk_size)
     mbs = recipe.train.micro_batch_size
     total = units = 0.0
     with torch.no_grad():
