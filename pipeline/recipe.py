@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_prep.config import DataConfig
+from pipeline.parallel import ParallelSection
 
 MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "mixtral-8x7b")
 
@@ -122,23 +123,6 @@ class TrackingSection:
     # Per-layer expert load charts (E + 1 series per layer).
     log_expert_load: bool = True
     progress_bar: bool = True
-
-
-@dataclass
-class ParallelSection:
-    # Processes are started by `accelerate launch`; this names the process-group backend
-    # ("auto": nccl with GPUs, gloo on hosts without CUDA).
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    # Experts of each layer split over this many ranks (divides the expert count and world size).
-    expert_parallel_size: int = 1
-    # DeepSpeed ZeRO stage (null: plain data parallel through accelerate).
-    zero_stage: int | None = None
-
-    def __post_init__(self):
-        if self.expert_parallel_size < 1:
-            raise ValueError(f"parallel.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero_stage must be 0, 1, 2, 3 or null, got {self.zero_stage}")
 
 
 @dataclass

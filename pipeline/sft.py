@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import parallel
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
+from pipeline.expert_parallel import ExpertPlacement, shard_experts
 from pipeline.optim import freeze_router
+from pipeline.parallel import placement_independent_lora_init
 from pipeline.recipe import SFTRecipe
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
-from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged, make_accelerator
+from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged
 
 SFT_COLUMNS = ("input_ids", "labels", "position_ids", "document_ids")
 IGNORE_INDEX = -100
@@ -154,18 +157,24 @@ def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
     }
 
 
-def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool) -> nn.Module:
-    """Base weights -> activation checkpointing -> router freezing -> LoRA: the one place a model is set up."""
+def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
+                place: ExpertPlacement | None = None) -> nn.Module:
+    """Base weights (this rank's experts only, under EP) -> activation checkpointing -> router
+    freezing -> LoRA: the one place a model is set up. `parallel.apply` comes after (run())."""
     from model import Mixtral, MixtralConfig
 
     m = recipe.model
     dtype = getattr(torch, m.dtype)
+    expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
     if m.checkpoint is not None:
-        model = Mixtral.from_pretrained(m.checkpoint, dtype=dtype)
+        model = Mixtral.from_pretrained(m.checkpoint, dtype=dtype, expert_ids=expert_ids)
     else:
+        # Every rank draws the same full init (same seed), saves it as the base, then keeps its experts.
         model = Mixtral(MixtralConfig.preset(m.preset)).to(dtype)
         if is_main:
             save_base(model, output_dir / "base")
+        if expert_ids is not None:
+            shard_experts(model, place)
     model.gradient_checkpointing = m.gradient_checkpointing
     if recipe.lora.enabled:
         from model.lora import apply_lora
@@ -174,6 +183,10 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool) -> nn.Module
             param.requires_grad_(False)
         model = apply_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout,
                            recipe.lora.target_modules, train_router=recipe.lora.train_router)
+        # The same adapters whatever the expert placement, so ep=N trains what ep=1 trains.
+        placement_independent_lora_init(
+            model, place or ExpertPlacement(model.get_base_model().config.num_local_experts, 1, 0),
+            recipe.train.seed)
         # Adapters train in fp32 even over a bf16 base: bf16 updates of small LoRA deltas round away.
         for param in model.parameters():
             if param.requires_grad:
@@ -194,12 +207,29 @@ def save_base(model: nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_final(model: nn.Module, output_dir: Path, lora: bool) -> list[str]:
-    """Adapter (PEFT format) or full model into ``output_dir``: written aside, then renamed in."""
+def save_final(model: nn.Module, output_dir: Path, lora: bool,
+               state_dict: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Adapter (PEFT format) or full model into ``output_dir``: written aside, then renamed in.
+
+    ``state_dict``: the consolidated tensors when ``model`` holds only a shard (EP, ZeRO-3), named
+    as ``model.named_parameters()`` names them but with every expert (pipeline.parallel).
+    """
     tmp = output_dir / ".tmp-final"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    if state_dict is None:
+        model.save_pretrained(tmp)
+    elif lora:
+        model.save_pretrained(tmp, state_dict=state_dict)
+    else:
+        from model import Mixtral
+
+        full = Mixtral(model.config, device="meta")
+        full.load_state_dict(state_dict, strict=False, assign=True)
+        missing = [n for n, p in full.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"save_final: the consolidated state dict lacks {missing[:3]}")
+        full.save_pretrained(tmp)
     names = sorted(p.name for p in tmp.iterdir())
     for name in names:
         os.replace(tmp / name, output_dir / name)
@@ -238,15 +268,12 @@ def run(recipe: SFTRecipe) -> Path:
     from accelerate.utils import set_seed
 
     out = Path(recipe.output_dir)
-    if recipe.parallel.expert_parallel_size > 1 or recipe.parallel.zero_stage is not None:
-        raise RecipeError(
-            "parallel.expert_parallel_size > 1 and parallel.zero_stage are not wired into the SFT "
-            "trainer yet; use parallel.expert_parallel_size=1 parallel.zero_stage=null (data parallel)"
-        )
     # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
     resume_from = resolve_resume(recipe)
-    accelerator = make_accelerator(
-        mixed_precision=recipe.train.mixed_precision, backend=recipe.parallel.backend,
+    accelerator = parallel.make_accelerator(
+        recipe.parallel, micro_batch_size=recipe.train.micro_batch_size,
+        grad_accum_steps=recipe.train.grad_accum_steps, max_grad_norm=recipe.train.max_grad_norm,
+        mixed_precision=recipe.train.mixed_precision,
         log_with="wandb" if recipe.tracking.report_to == "wandb" else None, project_dir=str(out),
     )
     if resume_from is None and accelerator.is_main_process and out.exists() and any(out.iterdir()):
@@ -259,7 +286,9 @@ def run(recipe: SFTRecipe) -> Path:
 
     # 2. Data and model.
     train, eval_set = load_datasets(recipe)
-    model = build_model(recipe, out, accelerator.is_main_process)
+    place = parallel.placement(recipe.parallel, _num_experts(recipe))
+    model = build_model(recipe, out, accelerator.is_main_process, place)
+    ep_stats = parallel.apply(model, recipe.parallel, place)
     model_config = (model.get_base_model() if recipe.lora.enabled else model).config.to_hf()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -280,19 +309,36 @@ def run(recipe: SFTRecipe) -> Path:
         train_data=train, eval_data=eval_set, config=recipe.train, output_dir=out, tracker=tracker,
         resume_from=resume_from, progress_bar=recipe.tracking.progress_bar,
         log_expert_load=recipe.tracking.log_expert_load,
+        step_metrics=None if ep_stats is None else (
+            lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
     )
     final = trainer.train()
     tracker.finish()
 
-    # 4. Artifacts for the next stage.
+    # 4. Artifacts for the next stage: rank 0 writes the whole model, gathered from EP/ZeRO-3 shards.
+    state_dict = None
+    if place.ep_size > 1 or recipe.parallel.zero_stage == 3:
+        state_dict = parallel.consolidated_state_dict(accelerator, trainer.model, recipe.parallel, place,
+                                                      trainable_only=recipe.lora.enabled)
     if accelerator.is_main_process:
-        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled)
+        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
         write_manifest(recipe, out, files=files, data=data_fingerprint(recipe, train, eval_set),
                        final=final, steps=trainer.step, model_config=model_config)
         summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss") if k in final)
         accelerator.print(f"sft: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
     accelerator.wait_for_everyone()
     return out
+
+
+def _num_experts(recipe: SFTRecipe) -> int:
+    from model import MixtralConfig
+
+    if recipe.model.checkpoint is not None:
+        config = Path(recipe.model.checkpoint) / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"model.checkpoint={recipe.model.checkpoint}: no config.json there")
+        return int(json.loads(config.read_text())["num_local_experts"])
+    return MixtralConfig.preset(recipe.model.preset).num_local_experts
 
 
 def _checkpoint_step(path: Path | None) -> int | None:

@@ -19,6 +19,7 @@ per-micro-batch mean would weight a token of a short micro-batch more than one o
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -28,10 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpointing as ckpt
 from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.parallel import load_rank_shard, moe_param_groups, save_rank_shard
 from pipeline.tracking import Tracker, expert_load_metrics
 
 if TYPE_CHECKING:
@@ -116,6 +119,7 @@ class Trainer:
         progress_bar: bool = True,
         log_expert_load: bool = True,
         on_checkpoint: Callable[[Path], None] | None = None,
+        step_metrics: Callable[[], dict[str, float]] | None = None,
     ):
         self.acc = accelerator
         self.task = task
@@ -128,7 +132,12 @@ class Trainer:
         self.progress_bar = progress_bar
         self.log_expert_load = log_expert_load
         self.on_checkpoint = on_checkpoint
+        # Called on every process after each step's backward (it may be a collective): extra metrics.
+        self.step_metrics = step_metrics
         self.world = accelerator.num_processes
+        # Under DeepSpeed the engine reduces, clips and steps inside `accelerator.backward`, and
+        # each process holds only its shard of the optimizer state (pipeline/parallel.py).
+        self.deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
         self.per_epoch = steps_per_epoch(len(train_data), config.micro_batch_size, config.grad_accum_steps,
                                          self.world)
@@ -142,6 +151,8 @@ class Trainer:
 
         optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
                                     betas=tuple(config.betas), eps=config.eps)
+        # Expert-parallel params (DeepSpeed-tagged) need groups of their own, before the schedule sees them.
+        moe_param_groups(optimizer)
         self.scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps,
                                          total_steps=self.total_steps, schedule=config.schedule,
                                          min_ratio=config.min_lr_ratio)
@@ -207,10 +218,15 @@ class Trainer:
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             last = micro == len(batches) - 1
             sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            backward_kwargs = {}
+            if self.deepspeed:
+                # The engine steps at the boundary we name, and must not rescale the normalised objective.
+                self.acc.sync_gradients = last
+                backward_kwargs["scale_wrt_gas"] = False
             with sync, self.acc.autocast():
                 out = self.task.forward(self.model, batch)
                 objective = out.loss_sum * (self.world / global_units) + out.extra / cfg.grad_accum_steps
-                self.acc.backward(objective)
+                self.acc.backward(objective, **backward_kwargs)
             tokens += out.tokens
             _accumulate(sums, out.sums)
             _accumulate(means, out.means)
@@ -218,6 +234,8 @@ class Trainer:
                 counts = out.expert_counts.detach() if counts is None else counts + out.expert_counts.detach()
 
         metrics = self._reduce_metrics(sums, means, global_units, len(batches) * self.world)
+        if self.step_metrics is not None:
+            metrics.update(self.step_metrics())
         if not math.isfinite(metrics["loss"]):
             self._diverged(f"loss is {metrics['loss']}")
         grad_norm = self._clip()
@@ -244,6 +262,10 @@ class Trainer:
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.deepspeed:
+            # Already clipped (DeepSpeed config `gradient_clipping`) and applied: this reads the norm.
+            norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm or 0.0)
+            return float(norm) if norm is not None else math.nan
         if self.cfg.max_grad_norm is not None:
             return float(self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
         grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
@@ -319,14 +341,20 @@ class Trainer:
             ckpt.begin_checkpoint(self.ckpt_root, self.step)
         self.acc.wait_for_everyone()
         ckpt.save_rank_files(tmp, self.acc.process_index)
-        if self.acc.is_main_process:
+        state = {"step": self.step, "trained_tokens": self.trained_tokens,
+                 "scheduler": self.scheduler.state_dict(), "world_size": self.world,
+                 "total_steps": self.total_steps}
+        if self.deepspeed:
+            save_rank_shard(tmp, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
+            if self.acc.is_main_process:
+                ckpt.write_json(tmp / ckpt.STATE_FILE, {**state, "deepspeed": True,
+                                                        "python_rng": ckpt.python_rng_state()})
+        elif self.acc.is_main_process:
             ckpt.save_main_files(
                 tmp,
                 model_tensors=self.trainable_state(),
                 optimizer_state=self.optimizer.state_dict(),
-                state={"step": self.step, "trained_tokens": self.trained_tokens,
-                       "scheduler": self.scheduler.state_dict(), "world_size": self.world,
-                       "total_steps": self.total_steps},
+                state=state,
             )
         self.acc.wait_for_everyone()
         final = self.ckpt_root / ckpt.step_dir_name(self.step)
@@ -339,6 +367,16 @@ class Trainer:
         return final
 
     def _load(self, path: Path) -> None:
+        sharded = json.loads((Path(path) / ckpt.STATE_FILE).read_text()).get("deepspeed", False)
+        if sharded != self.deepspeed:
+            raise ValueError(
+                f"checkpoint {path} was written {'with' if sharded else 'without'} DeepSpeed and this run is "
+                f"{'with' if self.deepspeed else 'without'}: resume with the parallel: section and launch "
+                f"config that wrote it"
+            )
+        if self.deepspeed:
+            self._load_sharded(Path(path))
+            return
         data = ckpt.load_checkpoint(path, rank=self.acc.process_index)
         state = data["state"]
         if state["world_size"] != self.world:
@@ -361,6 +399,22 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_tensors(data["rng"])
         ckpt.set_python_rng_state(data["python_rng"])
+        self.step = state["step"]
+        self.trained_tokens = state["trained_tokens"]
+        self.last_good_checkpoint = path
+        self.acc.print(f"resumed from {path} at step {self.step}/{self.total_steps}")
+
+    def _load_sharded(self, path: Path) -> None:
+        state = json.loads((path / ckpt.STATE_FILE).read_text())
+        if state["world_size"] != self.world:
+            raise ValueError(
+                f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+                f"{self.world}: ZeRO shards and the data order would change; resume with the same launch config"
+            )
+        load_rank_shard(path, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_tensors(load_file(path / f"rng-rank{self.acc.process_index}.safetensors"))
+        ckpt.set_python_rng_state(state["python_rng"])
         self.step = state["step"]
         self.trained_tokens = state["trained_tokens"]
         self.last_good_checkpoint = path
