@@ -174,12 +174,15 @@ def resolve_models(recipe: EvalRecipe, log=print) -> list[tuple[str, str | None]
     """(name, directory) to evaluate; directory None = the random fallback model."""
     found = []
     for name, directory in recipe.models.items():
-        if Path(directory).is_dir():
+        path = Path(directory)
+        if (path / "manifest.json").is_file() or (path / "config.json").is_file():
             found.append((name, directory))
-        elif recipe.missing_models == "error":
-            raise FileNotFoundError(f"models.{name}: {directory} does not exist (or set missing_models: skip)")
-        else:
-            log(f"eval: models.{name}: {directory} not found, skipped")
+            continue
+        # A run still in progress has its directory but no manifest yet.
+        why = "holds no finished run (no manifest.json or config.json)" if path.is_dir() else "does not exist"
+        if recipe.missing_models == "error":
+            raise FileNotFoundError(f"models.{name}: {directory} {why} (or set missing_models: skip)")
+        log(f"eval: models.{name}: {directory} {why}, skipped")
     if not found:
         if recipe.fallback_preset is None:
             raise FileNotFoundError("eval: none of the model directories exist and fallback_preset is null")

@@ -130,10 +130,15 @@ def test_load_full_and_lora_runs(tmp_path):
 
 def test_missing_models_skip_or_refuse(tmp_path):
     (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "config.json").write_text("{}")
+    (tmp_path / "unfinished").mkdir()
     logs = []
     recipe = EvalRecipe(output_dir=str(tmp_path / "out"), models={"a": str(tmp_path / "here"), "b": str(tmp_path / "gone")})
     assert resolve_models(recipe, logs.append) == [("a", str(tmp_path / "here"))]
     assert "models.b" in logs[0] and "skipped" in logs[0]
+    recipe.models = {"c": str(tmp_path / "unfinished")}
+    assert resolve_models(recipe, logs.append) == [("random-tiny", None)]
+    assert "models.c" in logs[-2] and "no finished run" in logs[-2]
     recipe.models = {"b": str(tmp_path / "gone")}
     assert resolve_models(recipe, logs.append) == [("random-tiny", None)]
     assert "RANDOM-INIT" in logs[-1]
