@@ -3,7 +3,8 @@
     python -m pipeline.chat outputs/tiny/export
     python -m pipeline.chat outputs/tiny/export --prompt "Name three prime numbers." --max-new-tokens 64
 
-Loads the export with ``AutoTokenizer`` and ``MixtralForCausalLM`` exactly as a user would, renders
+Loads the export with ``AutoTokenizer`` and ``MixtralForCausalLM`` exactly as a user would (an
+``export.format=adapter`` export: its base, then ``PeftModel.from_pretrained``), renders
 the bundled conversation with the exported chat template and decodes greedily with the KV cache
 (``generate(do_sample=False, use_cache=True)``). The tiny demo model is trained for a few steps on a
 small dataset, so its answer shows that the pipeline runs end to end, not that the model is good.
@@ -22,16 +23,32 @@ PROMPT = "Explain what a mixture-of-experts language model is in one sentence."
 
 
 def load(export_dir: str | Path):
+    """(tokenizer, model) of a merged export, or of an adapter export on the base it names."""
+    import json
+
     from transformers import AutoTokenizer, MixtralForCausalLM
 
     export_dir = Path(export_dir)
-    if not (export_dir / "config.json").is_file() or not (export_dir / "tokenizer.json").is_file():
+    adapter_config = export_dir / "adapter_config.json"
+    if not (export_dir / "tokenizer.json").is_file() or not (
+        (export_dir / "config.json").is_file() or adapter_config.is_file()
+    ):
         raise FileNotFoundError(
-            f"{export_dir}: not an HF export (config.json and tokenizer.json expected); run `make export` first"
+            f"{export_dir}: not an export (tokenizer.json and config.json or adapter_config.json expected); "
+            "run `make export` first"
         )
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
-    model = MixtralForCausalLM.from_pretrained(export_dir, dtype="auto").eval()
-    return tokenizer, model
+    if not adapter_config.is_file():
+        return tokenizer, MixtralForCausalLM.from_pretrained(export_dir, dtype="auto").eval()
+    from peft import PeftModel
+
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter_config}: base_model_name_or_path {base!r} is not a checkpoint dir on this machine"
+        )
+    model = MixtralForCausalLM.from_pretrained(base, dtype="auto")
+    return tokenizer, PeftModel.from_pretrained(model, str(export_dir)).eval()
 
 
 def answer(

@@ -38,3 +38,39 @@ def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
     assert main([str(out), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
     assert "[assistant]" in capsys.readouterr().out
     assert main([str(tmp_path / "missing")]) == 1
+
+
+def test_chat_loads_an_adapter_export_onto_its_base(tmp_path):
+    from peft import PeftModel
+
+    from model.lora import apply_lora
+
+    torch.manual_seed(0)
+    Mixtral(MixtralConfig.preset("tiny")).save_pretrained(tmp_path / "base")
+    lora = apply_lora(Mixtral.from_pretrained(tmp_path / "base", dtype=torch.float32), r=2, alpha=4)
+    with torch.no_grad():
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # B starts at zero: make the adapter matter
+    lora.save_pretrained(tmp_path / "lora")
+    raw = {
+        "source": {"checkpoint": str(tmp_path / "base"), "adapters": [str(tmp_path / "lora")]},
+        "output_dir": str(tmp_path / "export"),
+        "export": {"format": "adapter", "progress_bar": False},
+        "verify": {"enabled": False},
+    }
+    out = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+
+    tokenizer, model = load(out)
+    assert isinstance(model, PeftModel)
+    prompt, generated, _ = answer(tokenizer, model, [{"role": "user", "content": "Hi"}], max_new_tokens=6)
+    native = PeftModel.from_pretrained(
+        Mixtral.from_pretrained(tmp_path / "base", dtype=torch.float32), str(tmp_path / "lora")
+    ).merge_and_unload()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(native(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == 2:
+                break
+    assert generated == ids[len(prompt) :]
