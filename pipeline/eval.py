@@ -79,6 +79,8 @@ class PasskeySection:
     trials: int = 2
     max_new_tokens: int = 8
     seed: int = 0
+    # plain: the paper's completion prompt (base models); inst: [INST] task [/INST] The pass key is
+    template: Literal["plain", "inst"] = "plain"
 
     def __post_init__(self):
         if not self.lengths or not self.depths:
@@ -361,7 +363,7 @@ def passkey_grid(model, tokenizer, section: PasskeySection, device: torch.device
         return tokenizer.decode(greedy_generate(model, ids, section.max_new_tokens, tokenizer.eos_id, device))
 
     grid = pk.run_grid(tokenizer.encode, answer, section.lengths, section.depths, section.trials, section.seed,
-                       tokenizer.bos_id)
+                       tokenizer.bos_id, section.template)
     grid["mean_accuracy"] = sum(map(sum, grid["accuracy"])) / (len(section.lengths) * len(section.depths))
     return grid
 

@@ -21,6 +21,10 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+# Instruct models: the task is the user turn, and the answer's first words are given
+# (Mixtral v1 format: "[INST] " + content + " [/INST]", then the answer as its own segment).
+ASK, ANSWER_PREFIX = "What is the pass key?", "The pass key is"
+TEMPLATES = ("plain", "inst")
 
 
 @dataclass
@@ -40,18 +44,26 @@ def random_key(rng: random.Random) -> str:
 
 
 def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str,
-                 bos_id: int | None = None) -> PasskeyPrompt:
+                 bos_id: int | None = None, template: str = "plain") -> PasskeyPrompt:
     """Intro, filler with the key line at ``depth``, question; at most ``length`` tokens in all.
 
     ``encode`` turns text into ids without special tokens. The filler is whole repetitions of one
     sentence group; the key line goes between repetitions, at the boundary closest to ``depth``.
+    ``template`` "plain" is the paper's completion prompt; "inst" wraps the task in [INST] ... [/INST]
+    and starts the answer with "The pass key is", for instruct models.
     """
+    if template not in TEMPLATES:
+        raise ValueError(f"passkey template must be one of {TEMPLATES}, got {template!r}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
     if not re.fullmatch(r"\d+", key):
         raise ValueError(f"passkey must be digits, got {key!r}")
-    head = ([bos_id] if bos_id is not None else []) + encode(INTRO)
-    unit, key_ids, tail = encode(FILLER), encode(KEY_LINE.format(key=key)), encode(QUESTION)
+    bos = [bos_id] if bos_id is not None else []
+    if template == "plain":
+        head, tail = bos + encode(INTRO), encode(QUESTION)
+    else:
+        head, tail = bos + encode("[INST] " + INTRO), encode(ASK + " [/INST]") + encode(ANSWER_PREFIX)
+    unit, key_ids = encode(FILLER), encode(KEY_LINE.format(key=key))
     fixed = len(head) + len(key_ids) + len(tail)
     repeats = (length - fixed) // len(unit)
     if repeats < 1:
@@ -76,7 +88,7 @@ def is_correct(text: str, key: str) -> bool:
 
 def run_grid(encode: Callable[[str], list[int]], generate: Callable[[list[int]], str],
              lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
-             bos_id: int | None = None) -> dict:
+             bos_id: int | None = None, template: str = "plain") -> dict:
     """Accuracy for every (length, depth) over ``trials`` random keys; ``generate`` answers greedily.
 
     Returns ``{"lengths", "depths", "accuracy": [len][depth], "samples": [...]}``.
@@ -88,7 +100,7 @@ def run_grid(encode: Callable[[str], list[int]], generate: Callable[[list[int]],
         for depth in depths:
             hits = 0
             for trial in range(trials):
-                prompt = build_prompt(encode, length, depth, random_key(rng), bos_id)
+                prompt = build_prompt(encode, length, depth, random_key(rng), bos_id, template)
                 answer = generate(prompt.input_ids)
                 hit = is_correct(answer, prompt.key)
                 hits += hit
@@ -97,5 +109,5 @@ def run_grid(encode: Callable[[str], list[int]], generate: Callable[[list[int]],
                                 "answer": answer, "parsed": parse_answer(answer), "correct": hit})
             row.append(hits / trials)
         accuracy.append(row)
-    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": accuracy,
-            "samples": samples}
+    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "template": template,
+            "accuracy": accuracy, "samples": samples}

@@ -105,3 +105,25 @@ def test_grid_accuracy_bookkeeping():
     assert all(s["correct"] == (s["parsed"] == s["key"]) for s in result["samples"])
     again = run_grid(encode, generate, lengths=[300, 600], depths=[0.0, 0.3, 1.0], trials=3, seed=0)
     assert [s["key"] for s in again["samples"]] == [s["key"] for s in result["samples"]]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.4, 1.0])
+def test_inst_template_is_the_mixtral_v1_encoding_of_the_same_chat(depth):
+    # The token-built prompt equals data_prep's v1 encoding (tested against mistral-common) of one
+    # user message holding the same text, followed by the answer prefix "The pass key is".
+    from data_prep import encode_messages, load_tokenizer
+
+    tok = load_tokenizer()
+    prompt = build_prompt(tok.encode, 400, depth, "70411", bos_id=tok.bos_id, template="inst")
+    repeats = prompt.filler_tokens // len(tok.encode(FILLER))
+    before = round(depth * repeats)
+    text = " ".join([INTRO] + [FILLER] * before + [KEY_LINE.format(key="70411")] + [FILLER] * (repeats - before)
+                    + ["What is the pass key?"])
+    chat = encode_messages([{"role": "user", "content": text}, {"role": "assistant", "content": "The pass key is"}], tok)
+    assert prompt.input_ids == chat["input_ids"][:-1]  # all but the answer's EOS
+    assert tok.decode(prompt.input_ids[prompt.key_start:prompt.key_end]) == KEY_LINE.format(key="70411")
+
+
+def test_unknown_template_is_refused():
+    with pytest.raises(ValueError, match="template"):
+        build_prompt(encode, 500, 0.5, "12345", template="chatml")
