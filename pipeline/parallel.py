@@ -281,7 +281,10 @@ def moe_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     if optimizer.state:
         raise ParallelError("split the optimizer's expert groups before its first step")
     groups = [dict(g, name=g.get("name", f"group{i}")) for i, g in enumerate(optimizer.param_groups)]
-    optimizer.param_groups[:] = split_params_into_different_moe_groups_for_optimizer(groups)
+    # Moving the expert params out can empty a group; ZeRO drops empty groups, and an lr schedule
+    # built on the optimizer would then have more groups than the optimizer.
+    split = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer.param_groups[:] = [g for g in split if g["params"]]
     return optimizer
 
 
