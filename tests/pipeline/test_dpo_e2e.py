@@ -73,6 +73,9 @@ def test_tiny_dpo_raises_held_out_reward_accuracy(tmp_path):
             f"data.output_dir={data}",
             f"model.sft_dir={sft}",
             f"output_dir={dpo}",
+            # Half the recipe's 40 steps: held-out accuracy passes 0.8 by step 20 (measured 0.85).
+            "train.max_steps=24",
+            "train.eval_every=12",
             *quiet,
         ],
         ROOT,
