@@ -395,15 +395,21 @@ def save_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
 
     from safetensors.torch import save_file
 
-    from pipeline.checkpointing import optimizer_to_flat
 
     directory = Path(directory)
     zero = _zero_optimizer(optimizer)
     save_file({n: t.detach().contiguous().cpu() for n, t in _local_trainable(model).items()},
               directory / f"model-rank{rank}.safetensors")
-    tensors, meta = optimizer_to_flat(zero.optimizer.state_dict())
-    tensors = {f"state.{k}": v.cpu() for k, v in tensors.items()}
-    tensors.update({f"fp32.{i}": t.detach().cpu() for i, t in enumerate(_fp32_partitions(zero))})
+    # The torch optimizer's state is keyed by DeepSpeed's fp32 partitions; under ZeRO-3 they are not
+    # in its param_groups between steps, so `state_dict()` cannot name them: keyed by partition here.
+    tensors, meta = {}, {}
+    for i, flat in enumerate(_fp32_partitions(zero)):
+        tensors[f"fp32.{i}"] = flat.detach().cpu()
+        for key, value in zero.optimizer.state.get(flat, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"state.{i}.{key}"] = value.detach().cpu()
+            else:
+                meta.setdefault(str(i), {})[key] = value
     save_file(tensors, directory / f"optimizer-rank{rank}.safetensors")
     (directory / f"optimizer-rank{rank}.json").write_text(json.dumps(meta))
 
@@ -415,7 +421,6 @@ def load_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
 
     from safetensors.torch import load_file
 
-    from pipeline.checkpointing import optimizer_from_flat
 
     directory = Path(directory)
     files = [f"model-rank{rank}.safetensors", f"optimizer-rank{rank}.safetensors", f"optimizer-rank{rank}.json"]
@@ -437,12 +442,16 @@ def load_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
     with torch.no_grad():
         for name, t in local.items():
             t.copy_(saved[name])
-    flat = load_file(directory / files[1])
-    for i, t in enumerate(_fp32_partitions(zero)):
+    saved_opt = load_file(directory / files[1])
+    meta = json.loads((directory / files[2]).read_text())
+    for i, flat in enumerate(_fp32_partitions(zero)):
         with torch.no_grad():
-            t.copy_(flat[f"fp32.{i}"])
-    state = {k.removeprefix("state."): v for k, v in flat.items() if k.startswith("state.")}
-    zero.optimizer.load_state_dict(optimizer_from_flat(state, json.loads((directory / files[2]).read_text())))
+            flat.copy_(saved_opt[f"fp32.{i}"])
+        prefix = f"state.{i}."
+        state = {k.removeprefix(prefix): v.to(flat.device) for k, v in saved_opt.items() if k.startswith(prefix)}
+        state.update(meta.get(str(i), {}))
+        if state:
+            zero.optimizer.state[flat] = state
 
 
 def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSection, place: ExpertPlacement,

@@ -268,6 +268,13 @@ def run(recipe: SFTRecipe) -> Path:
     from accelerate.utils import set_seed
 
     out = Path(recipe.output_dir)
+    if recipe.parallel.zero_stage == 3 and recipe.model.logits_chunk_size is not None:
+        # Its checkpointed chunks read lm_head.weight outside lm_head's forward; ZeRO-3 has
+        # released that partitioned weight by the time backward recomputes them.
+        raise RecipeError(
+            f"model.logits_chunk_size={recipe.model.logits_chunk_size} does not work with parallel.zero_stage=3; "
+            "set model.logits_chunk_size=null (or use zero_stage 2)"
+        )
     # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
     resume_from = resolve_resume(recipe)
     accelerator = parallel.make_accelerator(
