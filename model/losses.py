@@ -19,24 +19,33 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(fn: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+
+
 def masked_ce(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over tokens whose target is not -100, computed in fp32.
 
     logits [T, V], targets [T] (already shifted). "mean" divides by the number of labelled tokens
-    (0 when there are none, instead of NaN); "sum" leaves that to the caller.
+    (0 when there are none, instead of NaN); "sum" leaves that to the caller; "none" gives the
+    per-token losses [T], 0 where the target is ignored.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"masked_ce: reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_reduction("masked_ce", reduction)
+    if reduction == "none":
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
     total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(
-        (hidden @ lm_head_weight.T).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+def _chunk_ce(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden [C, H], lm_head_weight [V, H], targets [C] (all labelled) -> per-token CE [C], fp32."""
+    return F.cross_entropy((hidden @ lm_head_weight.T).float(), targets, reduction="none")
 
 
 def chunked_lm_loss(
@@ -49,24 +58,30 @@ def chunked_lm_loss(
     """The LM loss without ever holding [T, V] logits: hidden [T, H], lm_head_weight [V, H], targets [T].
 
     Each chunk of `chunk_size` tokens is checkpointed, so backward recomputes its logits one chunk
-    at a time too. Chunks with no labelled token are skipped.
+    at a time too. Only labelled tokens go through the LM head. "none" returns per-token losses
+    [T] (0 where the target is ignored), as `masked_ce` does.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"chunked_lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_reduction("chunked_lm_loss", reduction)
     if chunk_size <= 0:
         raise ValueError(f"chunked_lm_loss: logits_chunk_size must be > 0, got {chunk_size}")
     labelled = targets != IGNORE_INDEX  # [T]
-    # Dropping unlabelled tokens first makes prompt-heavy SFT batches cheaper.
-    hidden, targets = hidden[labelled], targets[labelled]  # [T_lab, H], [T_lab]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], chunk_size):
-        stop = start + chunk_size
-        total = total + checkpoint(
-            _chunk_ce_sum, hidden[start:stop], lm_head_weight, targets[start:stop], use_reentrant=False
+    # Dropping unlabelled tokens first makes prompt-heavy SFT and DPO batches cheaper.
+    kept_hidden, kept_targets = hidden[labelled], targets[labelled]  # [T_lab, H], [T_lab]
+    pieces = [
+        checkpoint(
+            _chunk_ce, kept_hidden[start : start + chunk_size], lm_head_weight,
+            kept_targets[start : start + chunk_size], use_reentrant=False,
         )
+        for start in range(0, kept_targets.shape[0], chunk_size)
+    ]
+    per_label = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # [T_lab]
+    if reduction == "none":
+        per_token = hidden.new_zeros(targets.shape, dtype=torch.float32)  # [T]
+        return per_token.masked_scatter(labelled, per_label)
+    total = per_label.sum()
     if reduction == "sum":
         return total
-    return total / max(targets.shape[0], 1)
+    return total / max(kept_targets.shape[0], 1)
 
 
 def load_balancing_loss(

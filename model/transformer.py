@@ -28,7 +28,7 @@ from model.moe import MoEBlock, route_tokens
 @dataclass
 class MixtralOutput:
     logits: torch.Tensor | None  # [B, S, V], None with logits_chunk_size
-    loss: torch.Tensor | None  # CE only; None without labels
+    loss: torch.Tensor | None  # CE only: scalar, or [B, S] per token with loss_reduction="none"
     num_label_tokens: torch.Tensor | None  # long scalar; None without labels
     aux_loss: torch.Tensor  # load balancing (transformers' definition)
     z_loss: torch.Tensor  # router z-loss
@@ -145,6 +145,8 @@ class Mixtral(nn.Module):
                 )
             else:
                 loss = masked_ce(logits.reshape(B * S, -1), targets, loss_reduction)
+            if loss_reduction == "none":
+                loss = loss.view(B, S)  # position s holds the CE of predicting labels[s + 1]
 
         top_k = self.config.num_experts_per_tok
         return MixtralOutput(

@@ -56,24 +56,30 @@ def test_masked_ce_hand_worked():
     assert masked_ce(logits, targets, "sum").item() == pytest.approx(expected)
     assert masked_ce(logits, targets, "mean").item() == pytest.approx(expected / 2)
     assert masked_ce(logits, torch.full((3,), -100), "mean").item() == 0.0
+    per_token = masked_ce(logits, targets, "none")
+    assert per_token.tolist() == pytest.approx([math.log(2.0), math.log(4.0 / 3.0), 0.0])
 
 
 def test_shift_labels():
     assert shift_labels(torch.tensor([[5, 6, 7]])).tolist() == [[6, 7, -100]]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_chunked_equals_plain_value_and_grads(reduction):
     torch.manual_seed(0)
     hidden = torch.randn(13, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
     targets = torch.randint(0, 50, (13,))
     targets[[0, 5, 6]] = -100
+    # Per-token losses get a different weight each, so a misplaced token shows in the grads.
+    upstream = torch.linspace(0.5, 2.0, 13) if reduction == "none" else None
     plain = masked_ce(hidden @ weight.T, targets, reduction)
-    g_plain = torch.autograd.grad(plain, (hidden, weight))
+    g_plain = torch.autograd.grad(plain, (hidden, weight), upstream)
     chunked = chunked_lm_loss(hidden, weight, targets, chunk_size=4, reduction=reduction)
-    g_chunked = torch.autograd.grad(chunked, (hidden, weight))
+    g_chunked = torch.autograd.grad(chunked, (hidden, weight), upstream)
     torch.testing.assert_close(chunked, plain)
+    if reduction == "none":
+        assert chunked.shape == (13,) and chunked[[0, 5, 6]].eq(0).all()
     for a, b in zip(g_chunked, g_plain, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -83,3 +89,5 @@ def test_bad_reduction_and_chunk_size():
         masked_ce(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), "avg")
     with pytest.raises(ValueError, match="logits_chunk_size"):
         chunked_lm_loss(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="reduction"):
+        chunked_lm_loss(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.long), 2, "avg")

@@ -71,6 +71,33 @@ def test_chunked_loss_through_model(model, reduction):
         torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_per_token_loss_equals_log_softmax_of_logits(model, chunk):
+    ids = torch.randint(0, 500, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    logits = model(ids).logits.detach()
+    out = model(ids, labels=labels, loss_reduction="none", logits_chunk_size=chunk)
+    assert out.loss.shape == (2, 9)
+    # Position s scores labels[s + 1]; the last position and ignored labels hold 0.
+    expected = torch.zeros(2, 9)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    for b in range(2):
+        for s in range(8):
+            if labels[b, s + 1] != -100:
+                expected[b, s] = -logp[b, s, labels[b, s + 1]]
+    torch.testing.assert_close(out.loss.detach(), expected, atol=1e-5, rtol=1e-5)
+    assert out.loss[0, :2].eq(0).all() and out.loss[:, -1].eq(0).all()
+    weights = torch.linspace(0.5, 2.0, 18).view(2, 9)
+    model.zero_grad()
+    (out.loss * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (model(ids, labels=labels, loss_reduction="none").loss * weights).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_gradient_checkpointing_same_grads(model):
     ids = torch.randint(0, 500, (2, 8))
     results = []
