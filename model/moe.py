@@ -4,10 +4,25 @@ Shape legend: B batch, S sequence, T = B*S tokens, H hidden, F expert ffn, E exp
 N routed rows = T*K (token slots, sorted by expert before the expert GEMMs).
 
 Dispatch is dropless: every (token, expert) slot is computed, no capacity factor. The slots are
-sorted by expert so that each expert sees one contiguous block of rows, the expert GEMMs run as
-one grouped GEMM (`torch._grouped_mm`) where the build and the operands allow it, else as a loop
-over experts with the same numbers, and the results are added back to their tokens weighted by
-the router's renormalised top-k probabilities.
+sorted by expert so that each expert sees one contiguous block of rows, the expert GEMMs run
+grouped, and the results are added back to their tokens weighted by the router's renormalised
+top-k probabilities.
+
+Which grouped GEMM runs (`grouped_mm`, default `use_grouped_mm=None`), and why:
+
+- CUDA: `torch._grouped_mm` (one kernel launch for all experts, no host sync).
+- CPU: `_ExpertMM`, one BLAS `mm` per non-empty expert forward and backward (dX = g @ w[e],
+  dW[e] = g.T @ x), with bf16/fp16 operands upcast to fp32 one expert at a time and the result
+  cast back. Measured with torch 2.13 on this repo's AVX2 CPU (no native bf16), 1 thread,
+  H=1024 F=3584: `torch._grouped_mm` on CPU is itself a loop of `aten::mm` over experts (the
+  profiler shows 6 mm per expert per fwd+bwd and no weight copy: the transposed weight view is
+  handed to BLAS as is), so fp32 gains nothing from it; in bf16 the CPU mm kernels run at
+  9 GFLOP/s for x @ w.T and 0.5 GFLOP/s for g @ w (the dX product of backward), while upcasting
+  costs ~5 ms per expert weight and the fp32 mm runs at 30-60 GFLOP/s. The fp32 numbers are the
+  per-expert loop's exactly; bf16 ones are the fp32 result rounded once (closer to the true
+  value than a bf16 mm, and within bf16 tolerance of it). bench/bench_moe.py shows the effect.
+- `use_grouped_mm=False`: the plain per-expert loop through autograd (the reference in tests);
+  `True`: `torch._grouped_mm` or an error.
 """
 
 from __future__ import annotations
@@ -68,6 +83,54 @@ def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.
     return torch.cat(outs, dim=0)
 
 
+class _ExpertMM(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e].T with one BLAS mm per expert, forward and backward.
+
+    Half-precision operands are computed in fp32 one expert at a time (see the module docstring
+    for the measured reason).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.counts = counts
+        y = x.new_empty(x.shape[0], w.shape[1])  # [N, out]
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                _mm_into(y[start : start + n], x[start : start + n], w[e].t())
+            start += n
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()  # an expanded (zero-stride) grad, e.g. from y.sum(), is legal here
+        # empty, not zeros: a zero fill of dW is a full extra pass over the expert weights' size.
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # [N, in]
+        dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None  # [E, out, in]
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            g_e = grad[start : start + n]  # [n, out]
+            if dx is not None and n:
+                _mm_into(dx[start : start + n], g_e, w[e])
+            if dw is not None:
+                if n:
+                    _mm_into(dw[e], g_e.t(), x[start : start + n])
+                else:
+                    dw[e].zero_()
+            start += n
+        return dx, dw, None
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b; bf16/fp16 are multiplied in fp32 (CPU half-precision mm is slow, see above)."""
+    if out.dtype in (torch.bfloat16, torch.float16):
+        out.copy_(a.float() @ b.float())
+    else:
+        torch.mm(a, b, out=out)
+
+
 def grouped_mm(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -77,9 +140,9 @@ def grouped_mm(
 ) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ w[e].T, with the rows of x sorted by expert.
 
-    x [N, in], w [E, out, in], tokens_per_expert [E] (integer, sums to N) -> [N, out].
-    `use_grouped_mm`: None picks `torch._grouped_mm` when the operands allow it; False forces
-    the per-expert loop (the reference); True requires the grouped kernel.
+    x [N, in], w [E, out, in], tokens_per_expert [E] (integer, sums to N) -> [N, out]. `use_grouped_mm`: None picks the fastest path for the device (module
+    docstring); False forces the per-expert autograd loop (the reference); True requires
+    `torch._grouped_mm`.
     """
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
         raise ValueError(
@@ -89,6 +152,8 @@ def grouped_mm(
         raise ValueError(
             f"grouped_mm: tokens_per_expert must be [E={w.shape[0]}], got {tuple(tokens_per_expert.shape)}"
         )
+    if use_grouped_mm is None and x.device.type == "cpu":
+        return _ExpertMM.apply(x, w, tokens_per_expert.tolist())
     supported = _grouped_mm_supported(x, w)
     if use_grouped_mm and not supported:
         raise ValueError(
