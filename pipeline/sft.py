@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -158,15 +159,22 @@ def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
 
 
 def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
-                place: ExpertPlacement | None = None) -> nn.Module:
+                place: ExpertPlacement | None = None,
+                load_base: Callable[[torch.dtype, list[int] | None], nn.Module] | None = None) -> nn.Module:
     """Base weights (this rank's experts only, under EP) -> activation checkpointing -> router
-    freezing -> LoRA: the one place a model is set up. `parallel.apply` comes after (run())."""
+    freezing -> LoRA: the one place a model is set up. `parallel.apply` comes after (run()).
+
+    ``load_base(dtype, expert_ids)`` replaces ``model.checkpoint``/``model.preset`` as the source of
+    the base weights (the DPO stage loads the SFT model with it); the rest of the order is shared.
+    """
     from model import Mixtral, MixtralConfig
 
     m = recipe.model
     dtype = getattr(torch, m.dtype)
     expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
-    if m.checkpoint is not None:
+    if load_base is not None:
+        model = load_base(dtype, expert_ids)
+    elif m.checkpoint is not None:
         model = Mixtral.from_pretrained(m.checkpoint, dtype=dtype, expert_ids=expert_ids)
     else:
         # Every rank draws the same full init (same seed), saves it as the base, then keeps its experts.
