@@ -160,6 +160,32 @@ def deepspeed_config(
     }
 
 
+def init_process_state(backend: str, *, deepspeed: bool) -> bool:
+    """accelerate's shared process state for this launch; returns whether it is CPU data parallel.
+
+    Without CUDA, accelerate picks no backend and believes it runs alone (PARALLEL_FACTS.md); an
+    explicit backend fixes the count, but plain data parallel must also be told it runs on CPUs:
+    otherwise its distributed type stays NO, so `prepare` wraps no DDP and `reduce` and
+    `wait_for_everyone` do nothing, and every process trains alone on its own rows. DeepSpeed sets
+    its own type, and must not be told (accelerate skips DeepSpeed's init for CPU runs).
+    """
+    from accelerate import PartialState
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
+            # accelerate's simple launcher sets MASTER_ADDR only for several processes, yet starts one.
+            raise ParallelError(
+                "accelerate launch started one process for a multi-process CPU config: its MULTI_CPU type "
+                "needs mpirun; use distributed_type: MULTI_GPU with use_cpu: true (recipes/accelerate/cpu_ddp.yaml)"
+            )
+        return False
+    cpu = not deepspeed and not torch.cuda.is_available()
+    PartialState(backend=backend, cpu=cpu)
+    return cpu
+
+
 def make_accelerator(
     section: ParallelSection,
     *,
@@ -171,16 +197,11 @@ def make_accelerator(
     project_dir: str | None = None,
 ):
     """The run's Accelerator, with a DeepSpeed plugin built from the recipe when zero_stage > 0."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
     _check_launch(section)
-    backend = section.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without CUDA accelerate picks no backend and believes it runs alone (PARALLEL_FACTS.md).
-        PartialState(backend=backend)
+    cpu = init_process_state(section.backend, deepspeed=section.deepspeed)
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     plugin = None
@@ -191,7 +212,7 @@ def make_accelerator(
     # Without DeepSpeed, accelerate would divide every loss by its accumulation steps: the trainer
     # already normalises by the global batch. DeepSpeed's engine counts them itself (config above).
     acc = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                      deepspeed_plugin=plugin,
+                      deepspeed_plugin=plugin, cpu=cpu,
                       gradient_accumulation_steps=grad_accum_steps if plugin is not None else 1)
     return acc
 

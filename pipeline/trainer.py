@@ -34,7 +34,7 @@ from torch import nn
 
 from pipeline import checkpointing as ckpt
 from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.parallel import load_rank_shard, moe_param_groups, save_rank_shard
+from pipeline.parallel import init_process_state, load_rank_shard, moe_param_groups, save_rank_shard
 from pipeline.tracking import Tracker, expert_load_metrics
 
 if TYPE_CHECKING:
@@ -65,18 +65,13 @@ class Task(Protocol):
 
 def make_accelerator(*, mixed_precision: str, backend: str, log_with: str | None, project_dir: str):
     """The one Accelerator of a run; on hosts without CUDA a multi-process launch uses gloo."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
 
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if multi:
-        # Without CUDA accelerate picks no backend and believes it runs alone; creating the
-        # shared state first with an explicit backend fixes that (shared/PARALLEL_FACTS.md).
-        PartialState(backend=backend)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = init_process_state(backend, deepspeed=deepspeed)
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir)
+    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu)
 
 
 def steps_per_epoch(num_rows: int, micro_batch_size: int, grad_accum_steps: int, world_size: int) -> int:
