@@ -2,6 +2,7 @@
 
     make bench-moe                                   # fp32 at 2048 and 128 tokens, bf16 at 128
     .venv/bin/python bench/bench_moe.py --dtypes fp32 bf16 --tokens 2048 128 --repeats 3
+    .venv/bin/python bench/bench_moe.py --threads 1 --tokens 128 --dtypes fp32   # quick comparison
 
 Same weights and inputs for every implementation. GFLOP/s counts the expert GEMMs only:
 6*H*F flops per routed row forward, x3 for forward+backward. The dense ceiling is one
@@ -13,6 +14,7 @@ transformers' grouped_mm.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,15 +32,18 @@ from model.moe import MoEBlock  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_fwd_bwd(step, repeats: int) -> float:
-    """Median seconds of `step()` after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_interleaved(steps: dict, repeats: int) -> dict:
+    """Median seconds of each step, after one warm-up call each, run A B C .. A B C .. so that the
+    load of a shared machine falls on every implementation alike."""
+    for step in steps.values():
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, repeats: int) -> list[tuple]:
@@ -63,6 +68,13 @@ def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, 
             fn(x).backward(grad)
 
         return step
+
+    def ours_with(use_grouped_mm):
+        def fn(x):
+            ours.experts.use_grouped_mm = use_grouped_mm
+            return ours(x)[0]
+
+        return fn
 
     def hf_with(impl):
         def fn(x):
@@ -89,13 +101,17 @@ def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, 
         (x @ dense_w.T).backward(dense_g)
 
     gflop = 18 * N * H * F / 1e9
-    rows = [
-        ("ours (grouped_mm)", time_fwd_bwd(run(lambda x: ours(x)[0]), repeats)),
-        ("transformers eager", time_fwd_bwd(run(hf_with("eager")), repeats)),
-        ("transformers grouped_mm", time_fwd_bwd(run(hf_with("grouped_mm")), repeats)),
-        ("dense matmul (ceiling)", time_fwd_bwd(dense_step, repeats)),
-    ]
-    return [(tokens, dtype, name, sec, gflop / sec) for name, sec in rows]
+    seconds = time_interleaved(
+        {
+            "ours": run(ours_with(None)),
+            "ours via torch._grouped_mm": run(ours_with(True)),
+            "transformers eager": run(hf_with("eager")),
+            "transformers grouped_mm": run(hf_with("grouped_mm")),
+            "dense matmul (ceiling)": dense_step,
+        },
+        repeats,
+    )
+    return [(tokens, dtype, name, sec, gflop / sec) for name, sec in seconds.items()]
 
 
 def main() -> None:
@@ -104,7 +120,7 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 128])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=3584)
     parser.add_argument("--experts", type=int, default=8)
@@ -115,10 +131,14 @@ def main() -> None:
         default=128,
         help="skip bf16 above this many tokens (bf16 matmuls are slow on CPUs without AMX)",
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-        f"H={args.hidden} F={args.ffn} E={args.experts} K={args.top_k}; fwd+bwd, median of {args.repeats}\n"
+        f"H={args.hidden} F={args.ffn} E={args.experts} K={args.top_k}; fwd+bwd, median of {args.repeats} "
+        f"interleaved repeats; load average at start {os.getloadavg()[0]:.1f}\n"
     )
     print("| tokens | dtype | implementation | ms | GFLOP/s | ours / this (speed-up) | % of dense |")
     print("|---:|---|---|---:|---:|---:|---:|")
@@ -137,6 +157,7 @@ def main() -> None:
                     f"{sec / ours_sec:.2f}x | {100 * rate / dense_rate:.0f}% |",
                     flush=True,
                 )
+    print(f"\nload average at end {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
 
 
 if __name__ == "__main__":

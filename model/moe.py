@@ -20,7 +20,13 @@ Which grouped GEMM runs (`grouped_mm`, default `use_grouped_mm=None`), and why:
   9 GFLOP/s for x @ w.T and 0.5 GFLOP/s for g @ w (the dX product of backward), while upcasting
   costs ~5 ms per expert weight and the fp32 mm runs at 30-60 GFLOP/s. The fp32 numbers are the
   per-expert loop's exactly; bf16 ones are the fp32 result rounded once (closer to the true
-  value than a bf16 mm, and within bf16 tolerance of it). bench/bench_moe.py shows the effect.
+  value than a bf16 mm, and within bf16 tolerance of it). Block fwd+bwd at 128 tokens, 1 thread:
+  bf16 0.72 s this way vs 12.6 s through `torch._grouped_mm`; fp32 0.77 s vs 0.79 s.
+  At 128 tokens (~32 rows per expert) 89% of the block's time is in `aten::mm`, with the same
+  102 mm calls per two steps as transformers' grouped_mm experts: the fp32 rate there is MKL's
+  rate for [32, H] x [H, 2F] products (the weight panel is packed for 32 rows only), about a
+  third of one dense [256, H] x [H, 3F] product; no layout of the per-expert mm measured (x @ w.T,
+  (w @ x.T).T, g @ w, (w.T @ g.T).T) moved it by more than the noise. bench/bench_moe.py.
 - `use_grouped_mm=False`: the plain per-expert loop through autograd (the reference in tests);
   `True`: `torch._grouped_mm` or an error.
 """
