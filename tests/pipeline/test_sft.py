@@ -7,6 +7,7 @@ the environment) is shared by the tests that inspect its output.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,3 +279,33 @@ def test_full_finetuning_with_frozen_router_saves_a_loadable_model(work):
             assert torch.equal(param, base_params[name]), name
     assert not torch.equal(tuned_params["layers.0.self_attn.q_proj.weight"], base_params["layers.0.self_attn.q_proj.weight"])
     assert not torch.equal(tuned_params["layers.0.moe.experts.down_proj"], base_params["layers.0.moe.experts.down_proj"])
+
+
+@pytest.mark.e2e
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_losses(work):
+    """2 processes x micro-batch 1 (gloo DDP) == 1 x micro-batch 2: the loss is a mean over the GLOBAL batch's tokens.
+
+    Router losses are off: the aux loss of a batch is not the mean of its halves' aux losses.
+    """
+    common = {"train.micro_batch_size": 1, "train.grad_accum_steps": 2, "train.max_steps": 3,
+              "train.save_every": "null", "train.eval_every": "null", "lora.dropout": 0.0,
+              "model.router_aux_loss_coef": 0.0, "model.router_z_loss_coef": 0.0, "tracking.report_to": "none"}
+    single = subprocess.run(sft_cmd(overrides(work, "single", **{**common, "train.micro_batch_size": 2})),
+                            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # torchrun: accelerate's MULTI_CPU config (use_cpu) starts a single process without mpirun.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+              "-m", "pipeline.sft", str(RECIPE), *overrides(work, "ddp", **common)]
+    ddp = subprocess.run(launch, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    ours, ref = read_metrics(work / "ddp/metrics.jsonl"), read_metrics(work / "single/metrics.jsonl")
+    assert [r["trained_tokens"] for r in ours] == [r["trained_tokens"] for r in ref]
+    for a, b in zip(ours, ref, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
