@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from data_prep.config import DataConfig
+from pipeline import parallel
 from pipeline.checkpointing import write_json
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
 from pipeline.dpo_loss import (
@@ -49,13 +50,11 @@ from pipeline.dpo_loss import (
     chosen_nll,
     preference_loss,
     reward_sums,
-    sequence_log_probs,
     split_pairs,
 )
-from pipeline.optim import freeze_router
 from pipeline.recipe import LoraSection, ParallelSection, TrackingSection, TrainSection
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
-from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged, make_accelerator
+from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged
 
 DPO_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -76,6 +75,9 @@ class DPOModelSection:
     # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
+    # Completion tokens per LM-head chunk: only labelled positions go through lm_head and no
+    # [2B, S, V] logits are held; null = one LM-head call on the completion tokens of the batch.
+    logits_chunk_size: int | None = 4096
     router_aux_loss_coef: float = 0.02
     router_z_loss_coef: float = 0.0
     # Full fine-tuning: keep the router fixed (LoRA never trains it unless lora.train_router).
@@ -84,6 +86,8 @@ class DPOModelSection:
     def __post_init__(self):
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             raise ValueError("model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0")
+        if self.logits_chunk_size is not None and self.logits_chunk_size <= 0:
+            raise ValueError(f"model.logits_chunk_size must be > 0 or null, got {self.logits_chunk_size}")
 
 
 @dataclass
@@ -169,37 +173,62 @@ def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def policy_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]):
-    """One forward over ``[chosen; rejected]`` -> (model output, summed completion log-probs [2B], counts [2B])."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logps, counts = sequence_log_probs(out.logits, batch["labels"])
-    return out, logps, counts
+def policy_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], logits_chunk_size: int | None = None):
+    """One forward over ``[chosen; rejected]`` -> (model output, summed completion log-probs [2B], counts [2B]).
+
+    The model's per-token CE (``loss_reduction="none"``) is -log p of each label, 0 off the
+    completion, so no [2B, S, V] logits are needed: only completion positions reach the LM head.
+    """
+    labels = batch["labels"]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        loss_reduction="none",
+        logits_chunk_size=logits_chunk_size if logits_chunk_size is not None else labels.numel(),
+    )
+    return out, -out.loss.sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
 
 
 class Reference:
     """Reference log-probs computed on the fly: the policy with adapters disabled, or a frozen copy."""
 
-    def __init__(self, frozen: nn.Module | None, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m):
+    def __init__(
+        self,
+        frozen: nn.Module | None,
+        unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+        logits_chunk_size: int | None = None,
+    ):
         self.frozen = frozen
         self.unwrap = unwrap
+        self.logits_chunk_size = logits_chunk_size
 
     @torch.no_grad()
     def __call__(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.frozen is not None:
-            return policy_log_probs(self.frozen, batch)[1]
+            return policy_log_probs(self.frozen, batch, self.logits_chunk_size)[1]
         peft_model = self.unwrap(policy)
         with peft_model.disable_adapter():
-            return policy_log_probs(peft_model, batch)[1]
+            return policy_log_probs(peft_model, batch, self.logits_chunk_size)[1]
 
 
 class DPOTask:
     """Preference rows -> ``[chosen; rejected]`` batch -> preference loss sum over pairs + router losses."""
 
-    def __init__(self, cfg: DPOSection, *, aux_coef: float, z_coef: float, reference: Reference | None):
+    def __init__(
+        self,
+        cfg: DPOSection,
+        *,
+        aux_coef: float,
+        z_coef: float,
+        reference: Reference | None,
+        logits_chunk_size: int | None = None,
+    ):
         self.cfg = cfg
         self.aux_coef = aux_coef
         self.z_coef = z_coef
         self.reference = reference
+        self.logits_chunk_size = logits_chunk_size
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return collate_pairs(rows)
@@ -208,7 +237,7 @@ class DPOTask:
         return batch["input_ids"].shape[0] // 2
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        out, logps, counts = policy_log_probs(model, batch)
+        out, logps, counts = policy_log_probs(model, batch, self.logits_chunk_size)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif self.reference is not None:
@@ -246,6 +275,15 @@ class DPOTask:
 # ----------------------------------------------------------------------------------------------
 # Precomputed reference log-probs, cached with the dataset
 # ----------------------------------------------------------------------------------------------
+
+
+def from_main_process(value, accelerator):
+    """The main process's ``value`` on every rank (what it found on disk, its weights' hash)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def reference_fingerprint(model: nn.Module) -> str:
@@ -299,18 +337,24 @@ def attach_reference_log_probs(
     model_key: str,
     batch_size: int,
     accelerator,
+    all_ranks: bool = False,
 ):
     """The dataset with ref_chosen_logps/ref_rejected_logps columns, from the cache or computed now.
 
     The main process computes and writes the cache (atomically); the others wait and read it.
+    ``all_ranks``: every rank runs the forwards too (expert parallelism, ZeRO-3: a forward is a
+    collective), on the same rows; only the main process writes. The main process's file check
+    decides for all, so no rank starts forwards the others skip.
     """
     from safetensors.torch import load_file, save_file
 
     path = ref_cache_path(data_dir, split, dataset, model_key, str(accelerator.mixed_precision))
-    if accelerator.is_main_process and not path.is_file():
+    missing = from_main_process(not path.is_file(), accelerator)
+    if missing and (accelerator.is_main_process or all_ranks):
         chosen, rejected = compute_reference_log_probs(
             policy, reference, dataset, batch_size, autocast=accelerator.autocast
         )
+    if missing and accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         save_file({"chosen": chosen, "rejected": rejected}, str(tmp), metadata={"model_key": model_key})
@@ -347,48 +391,87 @@ def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_sft_model(sft_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
-    """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights."""
+EXPERT_LORA_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+def load_sft_model(
+    sft_dir: str | os.PathLike, dtype: torch.dtype, expert_ids: list[int] | None = None
+) -> nn.Module:
+    """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
+
+    ``expert_ids``: hold only these experts (expert parallelism). The SFT adapter is merged in fp32
+    and then cast to ``dtype``, as export merges it, so DPO trains on the weights export writes.
+    """
     from model import Mixtral
 
     manifest = read_sft_manifest(sft_dir)
     if manifest["kind"] == "full":
         model_dir = manifest.get("model_dir") or str(Path(sft_dir).resolve())
-        return Mixtral.from_pretrained(model_dir, dtype=dtype)
-    from peft import PeftModel
-
-    # Registers the expert LoRA layer with PEFT, which PeftModel.from_pretrained needs.
-    importlib.import_module("model.lora")
-
+        return Mixtral.from_pretrained(model_dir, dtype=dtype, expert_ids=expert_ids)
     base_dir = manifest["base"]["checkpoint"]
     adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
-    base = Mixtral.from_pretrained(base_dir, dtype=dtype)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    base = Mixtral.from_pretrained(base_dir, dtype=dtype, expert_ids=expert_ids)
+    # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
+    return merge_adapter_fp32(base, adapter_dir).requires_grad_(True)
 
 
-def build_policy(recipe: DPORecipe) -> tuple[nn.Module, nn.Module | None]:
-    """(policy, frozen reference or None): SFT model -> checkpointing -> LoRA or full."""
-    m = recipe.model
-    model = load_sft_model(m.sft_dir, getattr(torch, m.dtype))
-    model.gradient_checkpointing = m.gradient_checkpointing
+def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """``base`` with the PEFT adapter in ``adapter_dir`` merged: W = cast(fp32(W) + fp32(s * B A)).
+
+    PEFT's own merge adds a delta already rounded to the weight dtype (two roundings in bf16);
+    export sums in fp32 and rounds once, and so does this. Expert tensors of an adapter trained on
+    all experts are cut to the experts ``base`` holds (``base.expert_ids``).
+    """
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import Linear as LoraLinear
+    from safetensors.torch import load_file
+
+    # Registers the expert LoRA layer with PEFT before the config builds the adapter.
+    lora = importlib.import_module("model.lora")
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the SFT manifest's adapter_dir holds no PEFT adapter")
+    state = load_file(str(path))
+    keep = torch.tensor(base.expert_ids)
+    for name in list(state):
+        if name.rsplit(".", 1)[-1] in EXPERT_LORA_TENSORS and state[name].shape[0] != len(keep):
+            state[name] = state[name][keep]  # [E, ...] -> [El, ...]
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = True
+    peft_model = get_peft_model(base, config)
+    result = set_peft_model_state_dict(peft_model, state)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: tensors the model has no place for: {result.unexpected_keys[:3]}")
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, lora.ExpertLoraLayer):
+                module.merge()  # per expert, summed in fp32 (model/lora.py)
+            elif isinstance(module, LoraLinear):
+                weight = module.get_base_layer().weight
+                for adapter in module.active_adapters:
+                    a = module.lora_A[adapter].weight.float()  # [R, in]
+                    b = module.lora_B[adapter].weight.float()  # [out, R]
+                    weight.copy_((weight.float() + module.scaling[adapter] * (b @ a)).to(weight.dtype))
+    # The deltas are in the weights now: drop the adapter layers without merging them again.
+    return peft_model.unload()
+
+
+def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | None]:
+    """(policy, frozen reference or None): SFT model -> the SFT stage's build order (checkpointing,
+    router freezing, a fresh LoRA adapter placed independently of EP) -> full or LoRA."""
+    from pipeline.sft import build_model
+
+    sft_dir = recipe.model.sft_dir
+    model = build_model(
+        recipe,
+        Path(recipe.output_dir),
+        False,
+        place,
+        load_base=lambda dtype, expert_ids: load_sft_model(sft_dir, dtype, expert_ids),
+    )
     if recipe.lora.enabled:
-        from model.lora import apply_lora
-
-        for param in model.parameters():
-            param.requires_grad_(False)
-        lora = recipe.lora
-        model = apply_lora(
-            model, lora.r, lora.alpha, lora.dropout, lora.target_modules, train_router=lora.train_router
-        )
-        # Adapters train in fp32 even over a bf16 base: bf16 updates of small LoRA deltas round away.
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
         return model, None
-    # PEFT left the merged SFT weights frozen; full DPO trains all of them.
-    model.requires_grad_(True)
-    if m.freeze_router:
-        freeze_router(model)
     frozen = None
     if not recipe.dpo.precompute_ref_log_probs:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
@@ -472,16 +555,26 @@ def run(recipe: DPORecipe) -> Path:
     from pipeline.sft import resolve_resume, save_final
 
     out = Path(recipe.output_dir)
-    if recipe.parallel.expert_parallel_size > 1 or recipe.parallel.zero_stage is not None:
+    sharded = recipe.parallel.expert_parallel_size > 1 or recipe.parallel.zero_stage == 3
+    if sharded and not recipe.lora.enabled and not recipe.dpo.precompute_ref_log_probs:
         raise RecipeError(
-            "parallel.expert_parallel_size > 1 and parallel.zero_stage are not wired into the shared "
-            "trainer yet; use parallel.expert_parallel_size=1 parallel.zero_stage=null (data parallel)"
+            "full DPO with an on-the-fly reference keeps a frozen copy of the model, which is not "
+            "sharded under expert parallelism or ZeRO-3; set dpo.precompute_ref_log_probs=true"
+        )
+    if recipe.parallel.zero_stage == 3 and recipe.model.logits_chunk_size is not None:
+        # As in SFT: checkpointed LM-head chunks read lm_head.weight after ZeRO-3 released it.
+        raise RecipeError(
+            f"model.logits_chunk_size={recipe.model.logits_chunk_size} does not work with "
+            "parallel.zero_stage=3; set model.logits_chunk_size=null (or use zero_stage 2)"
         )
     # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
     resume_from = resolve_resume(recipe)
-    accelerator = make_accelerator(
+    accelerator = parallel.make_accelerator(
+        recipe.parallel,
+        micro_batch_size=recipe.train.micro_batch_size,
+        grad_accum_steps=recipe.train.grad_accum_steps,
+        max_grad_norm=recipe.train.max_grad_norm,
         mixed_precision=recipe.train.mixed_precision,
-        backend=recipe.parallel.backend,
         log_with="wandb" if recipe.tracking.report_to == "wandb" else None,
         project_dir=str(out),
     )
@@ -495,21 +588,26 @@ def run(recipe: DPORecipe) -> Path:
 
     # 2. Data, policy and reference.
     train, eval_set = load_datasets(recipe)
-    model, frozen = build_policy(recipe)
+    place = parallel.placement(recipe.parallel, _num_experts(recipe.model.sft_dir))
+    model, frozen = build_policy(recipe, place)
+    ep_stats = parallel.apply(model, recipe.parallel, place)
     model.to(accelerator.device)
     if frozen is not None:
         frozen.to(accelerator.device)
     elif not recipe.lora.enabled:
         # Full DPO with precomputed log-probs: before the first update the policy is the reference.
         frozen = model
-    reference = Reference(frozen, accelerator.unwrap_model)
+    chunk = recipe.model.logits_chunk_size
+    reference = Reference(frozen, accelerator.unwrap_model, chunk)
     base = model.get_base_model() if recipe.lora.enabled else model
     model_config = base.config.to_hf()
 
     # 3. Reference log-probs once, before any update: the policy still equals the reference here.
     if recipe.dpo.precompute_ref_log_probs:
-        model_key = reference_fingerprint(model)
+        # Under EP each rank holds other experts: the main process's hash names the cache for all.
+        model_key = from_main_process(reference_fingerprint(model), accelerator)
         kw = dict(
+            all_ranks=sharded,
             policy=model,
             reference=reference,
             data_dir=recipe.data.output_dir,
@@ -548,6 +646,7 @@ def run(recipe: DPORecipe) -> Path:
         aux_coef=recipe.model.router_aux_loss_coef,
         z_coef=recipe.model.router_z_loss_coef,
         reference=reference,
+        logits_chunk_size=chunk,
     )
     trainer = Trainer(
         accelerator=accelerator,
@@ -561,13 +660,21 @@ def run(recipe: DPORecipe) -> Path:
         resume_from=resume_from,
         progress_bar=recipe.tracking.progress_bar,
         log_expert_load=recipe.tracking.log_expert_load,
+        step_metrics=None
+        if ep_stats is None
+        else (lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
     )
     final = trainer.train()
     tracker.finish()
 
-    # 5. Artifacts for export.
+    # 5. Artifacts for export: rank 0 writes the whole adapter/model, gathered from EP/ZeRO-3 shards.
+    state_dict = None
+    if sharded:
+        state_dict = parallel.consolidated_state_dict(
+            accelerator, trainer.model, recipe.parallel, place, trainable_only=recipe.lora.enabled
+        )
     if accelerator.is_main_process:
-        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled)
+        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
         data = {
             "output_dir": recipe.data.output_dir,
             "train_fingerprint": train._fingerprint,
@@ -588,6 +695,16 @@ def run(recipe: DPORecipe) -> Path:
         accelerator.print(f"dpo: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
     accelerator.wait_for_everyone()
     return out
+
+
+def _num_experts(sft_dir: str) -> int:
+    """Experts of the SFT model, from the config its manifest recorded (before any weight is read)."""
+    manifest = read_sft_manifest(sft_dir)
+    config = manifest["base"].get("config")
+    if config is None:
+        path = Path(manifest.get("model_dir") or manifest["base"]["checkpoint"]) / "config.json"
+        config = json.loads(path.read_text())
+    return int(config["num_local_experts"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,3 +269,59 @@ def test_recipe_errors_name_the_key(sft_dir, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"kind": "qlora", "base": {}}))
     with pytest.raises(ValueError, match="'kind' must be 'lora' or 'full'"):
         read_sft_manifest(tmp_path)
+
+
+def test_sft_adapter_is_merged_in_fp32_then_cast(sft_dir):
+    from safetensors.torch import load_file
+
+    from pipeline.dpo import load_sft_model
+
+    merged = load_sft_model(sft_dir, torch.bfloat16)
+    base = Mixtral.from_pretrained(sft_dir / "base")  # fp32
+    adapter = load_file(str(sft_dir / "adapter_model.safetensors"))
+    prefix = "base_model.model.layers.0.self_attn.q_proj"
+    a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+    # One rounding of the fp32 sum, as export does (alpha 8 / r 4 = scale 2).
+    want = (
+        base.layers[0].self_attn.q_proj.weight.bfloat16().float() + 2.0 * (b.float() @ a.float())
+    ).bfloat16()
+    assert torch.equal(merged.layers[0].self_attn.q_proj.weight, want)
+    assert merged.layers[0].moe.experts.gate_up_proj.dtype == torch.bfloat16
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def _full_and_rank1_of_ep2(sft_dir):
+    from pipeline.expert_parallel import ExpertPlacement
+
+    torch.manual_seed(0)
+    full, _ = build_policy(_recipe(sft_dir))
+    torch.manual_seed(0)
+    part, _ = build_policy(_recipe(sft_dir), ExpertPlacement(8, 2, 1))
+    assert part.get_base_model().expert_ids == [4, 5, 6, 7]
+    full_params, part_params = dict(full.named_parameters()), dict(part.named_parameters())
+    assert full_params.keys() == part_params.keys()
+    # [E, ...] -> this rank's [El, ...] for expert tensors.
+    return [
+        (n, p, full_params[n][4:] if ".moe.experts." in n else full_params[n]) for n, p in part_params.items()
+    ]
+
+
+def test_expert_parallel_build_holds_this_ranks_slice_of_the_same_policy(sft_dir):
+    # SFT weights merged per expert, expert LoRA A drawn placement-independently (sft.build_model's
+    # order): rank 1 of ep=2 holds exactly experts 4..7 of the ep=1 policy.
+    for name, p, want in _full_and_rank1_of_ep2(sft_dir):
+        if "self_attn" in name and "lora_A" in name:
+            continue  # see the xfail below
+        torch.testing.assert_close(p, want, rtol=0, atol=0, msg=name)
+        assert p.requires_grad == want.requires_grad, name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="parallel.placement_independent_lora_init skips attention LoRA A: it reads the leaf name as "
+    "name.split('.')[-2], which is 'default' for '...q_proj.lora_A.default.weight'; they keep the global "
+    "RNG draw, which depends on the expert placement",
+)
+def test_expert_parallel_build_attention_lora_a_is_placement_independent(sft_dir):
+    for name, p, want in _full_and_rank1_of_ep2(sft_dir):
+        torch.testing.assert_close(p, want, rtol=0, atol=0, msg=name)
