@@ -363,8 +363,9 @@ def placement_independent_lora_init(model: nn.Module, place: ExpertPlacement, se
     drawn = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            leaf = name.split(".")[-2] if name.count(".") else name
-            if not (leaf.startswith("lora_") and leaf.endswith("_A")):
+            # PEFT names attention A `...q_proj.lora_A.default.weight` and expert A
+            # `...experts.lora_gate_up_A.default`: the adapter's name sits at a different depth.
+            if not any(part.startswith("lora_") and part.endswith("_A") for part in name.split(".")):
                 continue
             shape = (place.num_experts, *p.shape[1:]) if name in expert_names else tuple(p.shape)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
