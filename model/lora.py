@@ -145,19 +145,21 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
-        if init_lora_weights is False or adapter_name not in self.lora_gate_up_A:
+        if adapter_name not in self.lora_gate_up_A:
             return
         with torch.no_grad():
             for a_name, b_name in (("lora_gate_up_A", "lora_gate_up_B"), ("lora_down_A", "lora_down_B")):
-                lora_a = getattr(self, a_name)[adapter_name]
-                if init_lora_weights is True:
-                    # kaiming_uniform_(a=sqrt(5)) of each expert's [R, in] A, as nn.Linear and PEFT do; on the
-                    # stacked 3-D tensor torch would take R * in as the fan-in, so the bound is set by hand.
-                    bound = 1.0 / math.sqrt(lora_a.shape[-1])
-                    lora_a.uniform_(-bound, bound)
-                else:
+                lora_a, lora_b = getattr(self, a_name)[adapter_name], getattr(self, b_name)[adapter_name]
+                if init_lora_weights == "gaussian":
                     lora_a.normal_(std=1.0 / self.r[adapter_name])
-                getattr(self, b_name)[adapter_name].zero_()
+                else:
+                    _kaiming_uniform_per_expert(lora_a)
+                if init_lora_weights is False:
+                    # PEFT's meaning (its A and B keep nn.Linear's init): B random too, so the
+                    # adapter changes the model from the start (tests, debugging).
+                    _kaiming_uniform_per_expert(lora_b)
+                else:
+                    lora_b.zero_()
 
     def _grouped_mm(self, x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         # Follow the base module's kernel choice, so that forcing its per-expert loop forces ours too.
@@ -257,6 +259,15 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def _kaiming_uniform_per_expert(weight: torch.Tensor) -> None:
+    """nn.Linear's init, kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(in)), of each expert's [out, in] matrix.
+
+    On the stacked [E, out, in] tensor torch would take out * in as the fan-in, so the bound is set by hand.
+    """
+    bound = 1.0 / math.sqrt(weight.shape[-1])
+    weight.uniform_(-bound, bound)
 
 
 def _register_experts(config: LoraConfig) -> None:

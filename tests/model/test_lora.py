@@ -98,6 +98,23 @@ def test_fresh_adapter_is_a_no_op_and_initialised_like_peft():
     assert 0.9 / math.sqrt(FFN) < a_d.abs().max() <= 1 / math.sqrt(FFN)
 
 
+def test_init_lora_weights_false_draws_a_and_b_like_peft_linear():
+    layer = make_layer(init_lora_weights=False)
+    a_gu, b_gu, a_d, b_d = lora_tensors(layer)
+    # PEFT's nn.Linear A and B keep kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(in)); B is not zero.
+    for tensor, fan_in in ((a_gu, H), (b_gu, R), (a_d, FFN), (b_d, R)):
+        assert torch.isfinite(tensor).all()
+        assert 0.9 / math.sqrt(fan_in) < tensor.abs().max() <= 1 / math.sqrt(fan_in)
+    peft_q = apply_lora(Mixtral(MixtralConfig.preset("tiny")), R, ALPHA, 0.0, ["q_proj"], init_lora_weights=False)
+    peft_b = peft_q.base_model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert 0.9 / math.sqrt(R) < peft_b.abs().max() <= 1 / math.sqrt(R)
+    x, tokens_per_expert = sorted_rows()
+    assert not torch.allclose(layer(x, tokens_per_expert), layer.get_base_layer()(x, tokens_per_expert))
+    gaussian = make_layer(init_lora_weights="gaussian")
+    assert not lora_tensors(gaussian)[1].any()
+    assert lora_tensors(gaussian)[0].std().item() == pytest.approx(1 / R, rel=0.1)
+
+
 def test_rslora_scaling():
     assert make_layer(use_rslora=True).scaling["default"] == ALPHA / math.sqrt(R)
     assert make_layer().scaling["default"] == ALPHA / R
