@@ -105,7 +105,9 @@ def test_init_lora_weights_false_draws_a_and_b_like_peft_linear():
     for tensor, fan_in in ((a_gu, H), (b_gu, R), (a_d, FFN), (b_d, R)):
         assert torch.isfinite(tensor).all()
         assert 0.9 / math.sqrt(fan_in) < tensor.abs().max() <= 1 / math.sqrt(fan_in)
-    peft_q = apply_lora(Mixtral(MixtralConfig.preset("tiny")), R, ALPHA, 0.0, ["q_proj"], init_lora_weights=False)
+    peft_q = apply_lora(
+        Mixtral(MixtralConfig.preset("tiny")), R, ALPHA, 0.0, ["q_proj"], init_lora_weights=False
+    )
     peft_b = peft_q.base_model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert 0.9 / math.sqrt(R) < peft_b.abs().max() <= 1 / math.sqrt(R)
     x, tokens_per_expert = sorted_rows()
