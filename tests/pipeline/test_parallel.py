@@ -47,3 +47,32 @@ def test_deepspeed_config_per_stage():
                           micro_batch_size=1, grad_accum_steps=1, bf16=False)
     assert z3["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+
+
+def test_lora_init_is_the_same_whatever_the_expert_placement_and_global_rng():
+    import torch
+
+    from model import Mixtral, MixtralConfig
+    from model.lora import apply_lora
+    from pipeline.expert_parallel import ExpertPlacement, shard_experts
+    from pipeline.parallel import placement_independent_lora_init
+
+    def build(place: ExpertPlacement, rng_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Mixtral(MixtralConfig.preset("tiny"))
+        if place.ep_size > 1:
+            shard_experts(model, place)
+        # PEFT's own A draw comes from the global RNG, which expert placement shifts between layers.
+        torch.manual_seed(rng_seed)
+        model = apply_lora(model, 4, 8, 0.0, ("q_proj", "v_proj", "experts"))
+        drawn = placement_independent_lora_init(model, place, seed=3)
+        a = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and "_A" in n}
+        assert drawn == len(a) == 2 * 4  # per layer: q, v, expert gate_up, expert down
+        return a
+
+    full = build(ExpertPlacement(8, 1, 0), rng_seed=1)
+    rank1 = build(ExpertPlacement(8, 2, 1), rng_seed=2)
+    assert full.keys() == rank1.keys()
+    for name, want in full.items():
+        torch.testing.assert_close(rank1[name], want[4:] if ".moe.experts." in name else want, rtol=0, atol=0,
+                                   msg=name)
