@@ -307,24 +307,45 @@ def ref_cache_path(data_dir: str | os.PathLike, split: str, dataset, model_key: 
     return Path(data_dir) / REF_CACHE_DIR / f"{split}-{key[:24]}.safetensors"
 
 
+def rank_block(n: int, rank: int, world: int) -> list[int]:
+    """Row indices rank ``rank`` of ``world`` scores: its contiguous ceil(n / world) block, padded
+    with its last row (row 0 if it has none) so that every rank has the same count."""
+    block = -(-n // world)
+    mine = list(range(min(rank * block, n), min((rank + 1) * block, n)))
+    return mine + [mine[-1] if mine else 0] * (block - len(mine))
+
+
 @torch.no_grad()
 def compute_reference_log_probs(
-    policy: nn.Module, reference: Reference, dataset, batch_size: int, autocast=None
+    policy: nn.Module, reference: Reference, dataset, batch_size: int, autocast=None, accelerator=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [N], rejected [N]) reference log-probs of every pair, in dataset order."""
+    """(chosen [N], rejected [N]) reference log-probs of every pair, in dataset order.
+
+    With an ``accelerator`` of P processes, every rank scores a contiguous block of ceil(N / P) pairs
+    and the blocks are gathered: P times faster under data parallelism, and under expert parallelism
+    (a forward is a collective there) every rank runs the same number of forwards, a short block
+    being padded with its own last row (or row 0) whose result is dropped.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    n = len(dataset)
+    padded = rank_block(n, rank, world)
+    block = len(padded)
     chosen, rejected = [], []
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    for start in range(0, block, batch_size):
+        rows = [dataset[i] for i in padded[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collate_pairs(rows).items()}
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
             c, r = split_pairs(reference(policy, batch))
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
+        chosen.append(c.float())
+        rejected.append(r.float())
     policy.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)  # [block] each
+    if world > 1:
+        chosen, rejected = accelerator.gather(chosen), accelerator.gather(rejected)  # [P * block]
+    return chosen[:n].cpu(), rejected[:n].cpu()
 
 
 def attach_reference_log_probs(
@@ -337,22 +358,20 @@ def attach_reference_log_probs(
     model_key: str,
     batch_size: int,
     accelerator,
-    all_ranks: bool = False,
 ):
     """The dataset with ref_chosen_logps/ref_rejected_logps columns, from the cache or computed now.
 
-    The main process computes and writes the cache (atomically); the others wait and read it.
-    ``all_ranks``: every rank runs the forwards too (expert parallelism, ZeRO-3: a forward is a
-    collective), on the same rows; only the main process writes. The main process's file check
-    decides for all, so no rank starts forwards the others skip.
+    Every rank scores its share of the pairs, the main process writes the cache (atomically) and
+    the others read it. The main process's file check decides for all, so no rank starts forwards
+    (collectives under expert parallelism) that the others skip.
     """
     from safetensors.torch import load_file, save_file
 
     path = ref_cache_path(data_dir, split, dataset, model_key, str(accelerator.mixed_precision))
     missing = from_main_process(not path.is_file(), accelerator)
-    if missing and (accelerator.is_main_process or all_ranks):
+    if missing:
         chosen, rejected = compute_reference_log_probs(
-            policy, reference, dataset, batch_size, autocast=accelerator.autocast
+            policy, reference, dataset, batch_size, autocast=accelerator.autocast, accelerator=accelerator
         )
     if missing and accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -607,7 +626,6 @@ def run(recipe: DPORecipe) -> Path:
         # Under EP each rank holds other experts: the main process's hash names the cache for all.
         model_key = from_main_process(reference_fingerprint(model), accelerator)
         kw = dict(
-            all_ranks=sharded,
             policy=model,
             reference=reference,
             data_dir=recipe.data.output_dir,

@@ -19,6 +19,7 @@ from pipeline.dpo import (
     collate_pairs,
     compute_reference_log_probs,
     policy_log_probs,
+    rank_block,
     read_sft_manifest,
     ref_cache_path,
     reference_fingerprint,
@@ -312,3 +313,11 @@ def test_expert_parallel_build_holds_this_ranks_slice_of_the_same_policy(sft_dir
     for name, p, want in _full_and_rank1_of_ep2(sft_dir):
         torch.testing.assert_close(p, want, rtol=0, atol=0, msg=name)
         assert p.requires_grad == want.requires_grad, name
+
+
+@pytest.mark.parametrize("n, world", [(7, 1), (7, 2), (8, 4), (2, 4), (9, 4)])
+def test_reference_precompute_blocks_cover_every_row_once_in_order(n, world):
+    blocks = [rank_block(n, rank, world) for rank in range(world)]
+    assert len({len(b) for b in blocks}) == 1  # the same number of forwards on every rank
+    # Gathered rank by rank and cut to n, the blocks give the dataset order.
+    assert [i for b in blocks for i in b][:n] == list(range(n))
