@@ -56,7 +56,7 @@ def run_ours(args, rows: list[dict]) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(str(RECIPE), [
-            "model.preset=bench-small", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
+            "model.preset=bench-small", "lora.enabled=true", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
             f"model.logits_chunk_size={args.chunk}", f"train.micro_batch_size={args.batch}",
             "train.grad_accum_steps=1", f"train.max_steps={args.steps + 1}", "train.mixed_precision=fp32",
             "tracking.report_to=none", f"output_dir={tmp}/out", f"data.output_dir={args.data}",

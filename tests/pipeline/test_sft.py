@@ -39,6 +39,8 @@ def overrides(tmp: Path, out: str, **extra) -> list[str]:
         "train.eval_every": 3,
         "train.eval_max_batches": 2,
         "train.log_every": 1,
+        "lora.enabled": True,  # the tiny recipe fine-tunes fully; these tests cover the adapter path
+        "train.lr": 1e-2,
         "lora.dropout": 0.1,  # exercises the RNG state on resume
         "tracking.progress_bar": False,
         **extra,
