@@ -408,6 +408,10 @@ class Trainer:
             )
         load_rank_shard(path, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        # A scheduler's state holds the lr but does not set it; without a torch optimizer state_dict
+        # to restore the groups, the next step would run at the lr the schedule started with.
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
         ckpt.set_rng_tensors(load_file(path / f"rng-rank{self.acc.process_index}.safetensors"))
         ckpt.set_python_rng_state(state["python_rng"])
         self.step = state["step"]
