@@ -9,6 +9,7 @@ corruption (DeepSpeed broadcasting or averaging expert weights across EP ranks).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -67,6 +68,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {
         "ref_full": _sft(data, tmp / "ref_full", *full, "train.grad_accum_steps=2"),
         "ref_lora": _sft(data, tmp / "ref_lora", *lora, "train.grad_accum_steps=2"),
+        "ddp_full": _sft(data, tmp / "ddp_full", *full, config="cpu_ddp.yaml"),
         "ddp_lora": _sft(data, tmp / "ddp_lora", *lora, config="cpu_ddp.yaml"),
         "z2ep2_full": _sft(data, tmp / "z2ep2_full", *full, *ep2, config="cpu_zero2_ep2.yaml"),
         "z2ep2_lora": _sft(data, tmp / "z2ep2_lora", *lora, *ep2, config="cpu_zero2_ep2.yaml"),
@@ -88,15 +90,19 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-# Measured: LoRA runs differ from the one-process LoRA run (DDP already at step 1 by 5e-4, ZeRO-2+ep=2
-# from step 2 by up to 3e-3) while the full fine-tuning runs match within 1e-6. Not found yet.
-LORA_GAP = pytest.mark.xfail(strict=True, reason="launched LoRA SFT does not yet match the one-process run")
+LAUNCHED = [("ddp_full", "ref_full"), ("ddp_lora", "ref_lora"), ("z2ep2_full", "ref_full"),
+            ("z2ep2_lora", "ref_lora"), ("z3_full", "ref_full")]
 
 
-@pytest.mark.parametrize("mode, ref", [pytest.param("ddp_lora", "ref_lora", marks=LORA_GAP),
-                                       ("z2ep2_full", "ref_full"),
-                                       pytest.param("z2ep2_lora", "ref_lora", marks=LORA_GAP),
-                                       ("z3_full", "ref_full")])
+@pytest.mark.parametrize("mode", [m for m, _ in LAUNCHED])
+def test_launch_ran_two_processes(runs, mode):
+    # A launch that starts one process (accelerate's MULTI_CPU without mpirun) trains alone on half the
+    # rows and can still log plausible losses: the checkpoint records how many processes wrote it.
+    state = json.loads((runs[mode] / "checkpoints/step-000004/state.json").read_text())
+    assert state["world_size"] == 2
+
+
+@pytest.mark.parametrize("mode, ref", LAUNCHED)
 def test_launched_losses_match_single_process(runs, mode, ref):
     got, want = _losses(runs[mode]), _losses(runs[ref])
     for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
@@ -121,7 +127,6 @@ def test_consolidated_full_model_loads_and_equals_reference(runs, mode, ref):
     assert max((want[k] - base[k]).abs().max().item() for k in want) > 1e-3  # training did move them
 
 
-@LORA_GAP
 def test_lora_adapter_gathered_across_ep_ranks(runs):
     got = load_file(runs["z2ep2_lora"] / "adapter_model.safetensors")
     want = load_file(runs["ref_lora"] / "adapter_model.safetensors")
