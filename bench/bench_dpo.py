@@ -291,6 +291,7 @@ def main() -> None:
     ]
     shared += ["--precompute"] if args.precompute else []
     results = {}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(f"{tmp}/weights")
         for side in ("peer", "ours"):
@@ -306,7 +307,8 @@ def main() -> None:
     print(
         f"\nLoRA DPO step, CPU fp32, {args.threads} threads, {args.pairs} pairs x (prompt {args.prompt} + "
         f"completion {args.completion}), r=16 on attention + experts, reference {ref}, "
-        f"{args.steps} timed steps (+1 warm-up)\n"
+        f"{args.steps} timed steps (+1 warm-up); 1-min load average {load_before:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after (the machine is shared: compare runs at similar load)\n"
     )
     print("| side | implementation | pairs/s | s/step | peak RSS (MB) | logps/chosen, step 1 |")
     print("|---|---|---:|---:|---:|---:|")

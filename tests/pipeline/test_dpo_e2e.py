@@ -73,9 +73,10 @@ def test_tiny_dpo_raises_held_out_reward_accuracy(tmp_path):
             f"data.output_dir={data}",
             f"model.sft_dir={sft}",
             f"output_dir={dpo}",
-            # Half the recipe's 40 steps: held-out accuracy passes 0.8 by step 20 (measured 0.85).
-            "train.max_steps=24",
-            "train.eval_every=12",
+            # Measured (129 held-out pairs, recipe lr 3e-4): accuracy 0.87 at step 12, 0.86 at 18.
+            "train.max_steps=16",
+            "train.eval_every=8",
+            "train.resume=never",
             *quiet,
         ],
         ROOT,
@@ -104,7 +105,8 @@ def test_tiny_dpo_raises_held_out_reward_accuracy(tmp_path):
     manifest = json.loads((dpo / "manifest.json").read_text())
     assert manifest["stage"] == "dpo" and manifest["kind"] == "lora"
     assert manifest["base"]["checkpoint"] == str(sft.resolve())
+    assert manifest["reference"] == "the SFT model (this adapter disabled)"
     assert (dpo / "adapter_model.safetensors").is_file()
-    assert list((data / "ref_logps").glob("train-*.safetensors")) and list(
-        (data / "ref_logps").glob("eval-*.safetensors")
-    )
+    # The tiny recipe scores the reference on the fly (cheaper for a short run, measured); the
+    # precomputed cache is tested against it in test_dpo.py.
+    assert not (data / "ref_logps").exists()
