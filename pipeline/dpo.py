@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from data_prep.config import DataConfig
+from data_prep.dataset import load_prepared
 from pipeline import parallel
 from pipeline.checkpointing import write_json
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
@@ -56,7 +57,6 @@ from pipeline.recipe import LoraSection, ParallelSection, TrackingSection, Train
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged
 
-DPO_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
 PAD_ID = 0
@@ -503,24 +503,7 @@ def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | 
 
 
 def load_datasets(recipe: DPORecipe):
-    import datasets
-
-    root = Path(recipe.data.output_dir)
-    if not (root / "train").is_dir():
-        raise FileNotFoundError(
-            f"{root}/train not found: run `python -m pipeline.prep <recipe>` first (make dpo does)"
-        )
-    train = datasets.load_from_disk(str(root / "train"))
-    missing = [c for c in DPO_COLUMNS if c not in train.column_names]
-    if missing:
-        raise ValueError(
-            f"{root}/train lacks the DPO columns {missing} (has {train.column_names}): was it prepared "
-            f"with data.kind: dpo?"
-        )
-    eval_set = datasets.load_from_disk(str(root / "eval")) if (root / "eval").is_dir() else None
-    if eval_set is not None and len(eval_set) == 0:
-        eval_set = None
-    return train, eval_set
+    return load_prepared(recipe.data.output_dir, kind="dpo", stage="dpo")
 
 
 def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, model_config) -> None:

@@ -36,10 +36,9 @@ from pipeline.routing import (
     top_k_experts,
     total_variation,
 )
+from pipeline.sft import collate_rows as collate
 
 IGNORE_INDEX = -100
-# Mixtral has no pad id; padding is masked (attention_mask 0, document id -1), so any id works.
-PAD_ID = 0
 COLUMNS = ("input_ids", "labels")
 
 
@@ -253,26 +252,6 @@ def read_rows(root: Path, key: str, max_per_source: int | None, heldout: bool) -
     if not rows:
         raise ValueError(f"{key}: {root} holds no rows")
     return rows
-
-
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Rows of different lengths -> right-padded [B, S] tensors; padding: mask 0, document id -1."""
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), width), PAD_ID, dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-        "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-    }
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(row["input_ids"])
-        batch["labels"][i, :n] = torch.tensor(row["labels"])
-        batch["position_ids"][i, :n] = torch.tensor(row.get("position_ids") or list(range(n)))
-        batch["document_ids"][i, :n] = torch.tensor(row.get("document_ids") or [0] * n)
-        batch["attention_mask"][i, :n] = 1
-    return batch
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_prep.dataset import load_prepared
 from pipeline import parallel
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
@@ -38,10 +39,32 @@ from pipeline.recipe import SFTRecipe
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged
 
-SFT_COLUMNS = ("input_ids", "labels", "position_ids", "document_ids")
 IGNORE_INDEX = -100
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
 PAD_ID = 0
+
+
+def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Packed rows of different lengths -> right-padded [B, S] tensors; padding: mask 0, document id -1.
+
+    Rows without position_ids / document_ids (one conversation per row) get 0..n-1 and document 0.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), PAD_ID, dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        batch["labels"][i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
+        batch["position_ids"][i, :n] = torch.as_tensor(row.get("position_ids") or range(n), dtype=torch.long)
+        batch["document_ids"][i, :n] = torch.as_tensor(row.get("document_ids") or [0] * n, dtype=torch.long)
+        batch["attention_mask"][i, :n] = 1
+    return batch
 
 
 class SFTTask:
@@ -53,20 +76,7 @@ class SFTTask:
         self.logits_chunk_size = logits_chunk_size
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        batch = {
-            "input_ids": torch.full((len(rows), width), PAD_ID, dtype=torch.long),
-            "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-            "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-            "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
-            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-        }
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            for name in SFT_COLUMNS:
-                batch[name][i, :n] = torch.as_tensor(row[name], dtype=torch.long)
-            batch["attention_mask"][i, :n] = 1
-        return batch
+        return collate_rows(rows)
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         # The model shifts labels inside (HF convention): the first position never carries a label.
@@ -125,24 +135,7 @@ def resolve_resume(recipe: SFTRecipe) -> Path | None:
 
 
 def load_datasets(recipe: SFTRecipe):
-    import datasets
-
-    root = Path(recipe.data.output_dir)
-    if not (root / "train").is_dir():
-        raise FileNotFoundError(
-            f"{root}/train not found: run `python -m pipeline.prep <recipe>` first (make sft does)"
-        )
-    train = datasets.load_from_disk(str(root / "train"))
-    missing = [c for c in SFT_COLUMNS if c not in train.column_names]
-    if missing:
-        raise ValueError(
-            f"{root}/train lacks the SFT columns {missing} (has {train.column_names}): was it prepared "
-            f"with data.kind: sft?"
-        )
-    eval_set = datasets.load_from_disk(str(root / "eval")) if (root / "eval").is_dir() else None
-    if eval_set is not None and len(eval_set) == 0:
-        eval_set = None
-    return train, eval_set
+    return load_prepared(recipe.data.output_dir, kind="sft", stage="sft")
 
 
 def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
