@@ -356,13 +356,19 @@ def save_pretrained(
                 "weight_map": {name: file_names[k] for name, k in names.items()},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Rename a finished temp dir to ``out``; an existing ``out`` is moved aside first, then deleted,
+    so ``out`` is at every moment either the old complete dir or the new one."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)

@@ -45,7 +45,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from model.checkpoint import NAME_TABLE, hf_tensors, hf_to_native, parse_size
+from model.checkpoint import NAME_TABLE, hf_tensors, hf_to_native, parse_size, publish_dir
 from model.config import MixtralConfig
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
 
@@ -853,15 +853,6 @@ def new_temp_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to ``out``; an existing ``out`` is moved aside first, then deleted."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -976,7 +967,7 @@ def export(recipe: ExportRecipe, log: Callable[[str], None] = print) -> Path:
         save_recipe(recipe, tmp / "recipe.yaml")
         (tmp / "README.md").write_text(model_card(recipe, source, config, report))
         check_output_dir(out, recipe.export.overwrite)  # again: something may have appeared meanwhile
-        publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
