@@ -137,6 +137,24 @@ def test_dropout_acts_on_the_lora_input_only_in_training():
     assert not torch.allclose(layer(x, tokens_per_expert), ref, atol=1e-3)
 
 
+def test_fused_cpu_path_with_dropout_matches_the_per_expert_loop_in_outputs_and_grads():
+    # The CPU fp32 default adds the LoRA products inside the base GEMMs (_ExpertLoraMM); with
+    # dropout its LoRA input is a different tensor from the base input, and x gets both gradients.
+    grads = []
+    for use_grouped_mm in (None, False):
+        layer = make_layer(dropout=0.5)
+        layer.use_grouped_mm = use_grouped_mm
+        randomise_b(layer)
+        x, tokens_per_expert = sorted_rows()
+        x.requires_grad_(True)
+        torch.manual_seed(3)  # the same dropout masks on both paths (drawn in the same order)
+        out = layer(x, tokens_per_expert)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
+        grads.append([out, x.grad, *(t.grad for t in lora_tensors(layer))])
+    for fused, loop in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_adds_the_exact_delta_and_unmerge_removes_it():
     layer = make_layer()
     randomise_b(layer)
