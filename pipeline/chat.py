@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
-PROMPT = "Explain what a mixture-of-experts language model is in one sentence."
+# A task from the bundled data, so the tiny demo model is asked something it was trained on.
+SYSTEM_PROMPT = "Answer exactly in the requested format."
+PROMPT = "What is 23 + 51? Answer with the number only."
 
 
 def load(export_dir: str | Path):
