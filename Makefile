@@ -51,7 +51,7 @@ sft: install
 	$(PY) -m pipeline.sft $(or $(RECIPE),recipes/tiny/sft.yaml) $(ARGS)
 
 dpo: install
-	test -f $(TINY)/sft/adapter_config.json -o -f $(TINY)/sft/model.safetensors.index.json -o -f $(TINY)/sft/config.json || $(MAKE) sft
+	test -f $(TINY)/sft/manifest.json || $(MAKE) sft
 	$(PY) -m pipeline.prep recipes/tiny/dpo.yaml
 	$(PY) -m pipeline.dpo $(or $(RECIPE),recipes/tiny/dpo.yaml) $(ARGS)
 
