@@ -30,7 +30,6 @@ import hashlib
 import importlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared
 from pipeline import parallel
 from pipeline.checkpointing import write_json
-from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
+from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_secrets, save_recipe
 from pipeline.dpo_loss import (
     IGNORE_INDEX,
     SMOOTHED_LOSS_TYPES,
@@ -55,7 +54,7 @@ from pipeline.dpo_loss import (
 )
 from pipeline.recipe import LoraSection, ParallelSection, TrackingSection, TrainSection
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
-from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged
+from pipeline.trainer import TaskOutput, Trainer, stage_main
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
@@ -709,16 +708,7 @@ def _num_experts(sft_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
-    try:
-        run(load_recipe(path, overrides))
-    except (RecipeError, FileNotFoundError) as err:
-        print(f"error: {redact_env_secrets(str(err))}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    return 0
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run)
 
 
 if __name__ == "__main__":

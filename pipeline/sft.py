@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,13 +30,13 @@ from torch import nn
 from data_prep.dataset import load_prepared
 from pipeline import parallel
 from pipeline.checkpointing import latest_checkpoint, write_json
-from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, redact_env_secrets, save_recipe
+from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_secrets, save_recipe
 from pipeline.expert_parallel import ExpertPlacement, shard_experts
 from pipeline.optim import freeze_router
 from pipeline.parallel import placement_independent_lora_init
 from pipeline.recipe import SFTRecipe
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
-from pipeline.trainer import TaskOutput, Trainer, TrainingDiverged
+from pipeline.trainer import TaskOutput, Trainer, stage_main
 
 IGNORE_INDEX = -100
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
@@ -356,17 +355,7 @@ def _checkpoint_step(path: Path | None) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
-    try:
-        recipe = load_recipe(path, overrides)
-        run(recipe)
-    except (RecipeError, FileNotFoundError) as err:
-        print(f"error: {redact_env_secrets(str(err))}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    return 0
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run)
 
 
 if __name__ == "__main__":

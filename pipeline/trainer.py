@@ -424,3 +424,24 @@ def _accumulate(into: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
     for key, value in values.items():
         value = value.detach().double()
         into[key] = value if key not in into else into[key] + value
+
+
+def stage_main(argv, usage: str, load_recipe, run) -> int:
+    """The command line of a training stage: ``RECIPE [key=value ...]`` -> exit code.
+
+    2: the recipe or an input is wrong (message, secrets redacted); 3: the loss diverged.
+    """
+    import sys
+
+    from pipeline.config import RecipeError, parse_cli, redact_env_secrets
+
+    path, overrides = parse_cli(argv, usage=usage)
+    try:
+        run(load_recipe(path, overrides))
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {redact_env_secrets(str(err))}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0
