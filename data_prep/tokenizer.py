@@ -8,12 +8,13 @@ file as the hub's ``tokenizer.model``, see shared/FORMATS.md section 1). A direc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from data_prep.sources import file_hash
 
 
 def default_tokenizer_path() -> Path:
@@ -66,14 +67,6 @@ class Tokenizer:
         self._backend = _open_backend(self.path, self.kind)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _open_backend(path: Path, kind: str):
     if kind == "sentencepiece":
         import sentencepiece
@@ -111,7 +104,7 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
         vocab = backend.get_vocab_size()
     if bos < 0 or eos < 0:
         raise ValueError(f"data.tokenizer: {path} defines no BOS/EOS ids; the instruct format needs both")
-    return Tokenizer(path=path, kind=kind, bos_id=bos, eos_id=eos, vocab_size=vocab, sha256=_sha256(path), _backend=backend)
+    return Tokenizer(path=path, kind=kind, bos_id=bos, eos_id=eos, vocab_size=vocab, sha256=file_hash(path), _backend=backend)
 
 
 def _hf_special_ids(path: Path, backend) -> tuple[int, int]:
