@@ -66,6 +66,10 @@ def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, 
         def step():
             x = h.detach().requires_grad_()
             fn(x).backward(grad)
+            # A training step: optimizer.zero_grad(set_to_none=True) follows, so no step pays for
+            # accumulating into the previous step's expert gradients (352 MB here).
+            for p in (*hf_block.parameters(), *ours.parameters()):
+                p.grad = None
 
         return step
 
@@ -99,6 +103,7 @@ def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, 
     def dense_step():
         x = dense_x.detach().requires_grad_()
         (x @ dense_w.T).backward(dense_g)
+        dense_w.grad = None
 
     gflop = 18 * N * H * F / 1e9
     seconds = time_interleaved(

@@ -37,13 +37,12 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from model.moe import MixtralExperts, grouped_mm
+from model.moe import MixtralExperts, grouped_mm, swiglu
 
 EXPERTS_TARGET = "experts"
 ROUTER_NAME = "gate"
@@ -198,8 +197,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         gate_up = self._grouped_mm(x, base.gate_up_proj, tokens_per_expert)  # [N, 2F]
         for adapter in active:
             gate_up = gate_up + self._lora_gate_up(adapter, x, tokens_per_expert).to(gate_up.dtype)
-        gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
-        h = F.silu(gate) * up  # [N, F]
+        h = swiglu(gate_up)  # [N, F]
         out = self._grouped_mm(h, base.down_proj, tokens_per_expert)  # [N, H]
         for adapter in active:
             out = out + self._lora_down(adapter, h, tokens_per_expert).to(out.dtype)
@@ -239,7 +237,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             scaling,
             2,
         )  # [N, 2F]
-        h = _SwiGLU.apply(gate_up)  # [N, F]
+        h = swiglu(gate_up)  # [N, F]
         return _ExpertLoraMM.apply(
             h,
             dropout(h),
@@ -383,30 +381,6 @@ class _ExpertLoraMM(torch.autograd.Function):
                 torch.mm(g_e.t(), x[rows], out=dw[e])
             start += n
         return dx, dxl, dw, da if need_a else None, db, None, None, None
-
-
-class _SwiGLU(torch.autograd.Function):
-    """gate_up [N, 2F] -> silu(gate) * up [N, F], saving only gate_up; backward writes one [N, 2F] grad.
-
-    Autograd's chunk + silu + mul keeps three [N, F] tensors and assembles the [N, 2F] gradient
-    with a copy; this keeps the input only, recomputes silu(gate) and writes both halves in place.
-    """
-
-    @staticmethod
-    def forward(ctx, gate_up):
-        gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)  # [N, F] each
-        d_gate_up = torch.empty_like(gate_up)  # [N, 2F]
-        d_gate, d_up = d_gate_up.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
-        torch.mul(grad, F.silu(gate), out=d_up)
-        return d_gate_up
 
 
 def _kaiming_uniform_per_expert(weight: torch.Tensor) -> None:

@@ -48,6 +48,37 @@ def _chunk_ce(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch
     return F.cross_entropy((hidden @ lm_head_weight.T).float(), targets, reduction="none")
 
 
+class _FrozenHeadCE(torch.autograd.Function):
+    """Per-token CE through a frozen LM head, with d(CE_t)/d(hidden_t) computed in the forward pass.
+
+    For CE_t = logsumexp(z_t) - z_t[y_t] with z_t = W h_t, d(CE_t)/d(h_t) = (softmax(z_t) - onehot(y_t)) W
+    depends on token t only, so it is computed chunk by chunk while the chunk's logits exist and the
+    backward scales it by each token's incoming gradient. Against checkpointed chunks this skips
+    the logits' recomputation (one [C, H] x [H, V] GEMM per chunk) and their second softmax; what
+    is kept is one [T, H] gradient. Only for a frozen head: the head's own gradient would need the
+    incoming gradients first.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        losses = hidden.new_empty(targets.shape, dtype=torch.float32)  # [T]
+        grad_hidden = torch.empty_like(hidden)  # [T, H]
+        for start in range(0, targets.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            probs = (hidden[rows] @ weight.T).float().log_softmax(-1)  # [C, V] log-probabilities
+            target = targets[rows, None]  # [C, 1]
+            losses[rows] = -probs.gather(1, target).squeeze(1)
+            probs.exp_().scatter_add_(1, target, probs.new_full(target.shape, -1.0))  # softmax - onehot
+            torch.mm(probs.to(hidden.dtype), weight, out=grad_hidden[rows])
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
+
+
 def chunked_lm_loss(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -57,9 +88,10 @@ def chunked_lm_loss(
 ) -> torch.Tensor:
     """The LM loss without ever holding [T, V] logits: hidden [T, H], lm_head_weight [V, H], targets [T].
 
-    Each chunk of `chunk_size` tokens is checkpointed, so backward recomputes its logits one chunk
-    at a time too. Only labelled tokens go through the LM head. "none" returns per-token losses
-    [T] (0 where the target is ignored), as `masked_ce` does.
+    Only labelled tokens go through the LM head, `chunk_size` of them at a time. With a frozen head
+    (LoRA) the gradient w.r.t. hidden is computed in the same pass (`_FrozenHeadCE`); with a
+    trained head each chunk is checkpointed, so backward recomputes its logits one chunk at a time.
+    "none" returns per-token losses [T] (0 where the target is ignored), as `masked_ce` does.
     """
     _check_reduction("chunked_lm_loss", reduction)
     if chunk_size <= 0:
@@ -67,14 +99,21 @@ def chunked_lm_loss(
     labelled = targets != IGNORE_INDEX  # [T]
     # Dropping unlabelled tokens first makes prompt-heavy SFT and DPO batches cheaper.
     kept_hidden, kept_targets = hidden[labelled], targets[labelled]  # [T_lab, H], [T_lab]
-    pieces = [
-        checkpoint(
-            _chunk_ce, kept_hidden[start : start + chunk_size], lm_head_weight,
-            kept_targets[start : start + chunk_size], use_reentrant=False,
-        )
-        for start in range(0, kept_targets.shape[0], chunk_size)
-    ]
-    per_label = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)  # [T_lab]
+    # Equal chunks (1196 tokens at chunk_size 1024: 2 x 598, not 1024 + 172; small GEMMs run slower).
+    n_chunks = -(-kept_targets.shape[0] // chunk_size)
+    chunk_size = -(-kept_targets.shape[0] // max(n_chunks, 1))
+    if kept_targets.shape[0] == 0:
+        per_label = hidden.new_zeros(0, dtype=torch.float32)  # [0]
+    elif torch.is_grad_enabled() and kept_hidden.requires_grad and not lm_head_weight.requires_grad:
+        per_label = _FrozenHeadCE.apply(kept_hidden, lm_head_weight, kept_targets, chunk_size)  # [T_lab]
+    else:
+        per_label = torch.cat([
+            checkpoint(
+                _chunk_ce, kept_hidden[start : start + chunk_size], lm_head_weight,
+                kept_targets[start : start + chunk_size], use_reentrant=False,
+            )
+            for start in range(0, kept_targets.shape[0], chunk_size)
+        ])  # [T_lab]
     if reduction == "none":
         per_token = hidden.new_zeros(targets.shape, dtype=torch.float32)  # [T]
         return per_token.masked_scatter(labelled, per_label)

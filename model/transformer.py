@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention, RMSNorm, build_attention_mask, rope_cos_sin
+from model.attention import Attention, RMSNorm, build_attention_mask, document_layout, rope_cos_sin
 from model.config import MixtralConfig
 from model.losses import (
     IGNORE_INDEX,
@@ -120,7 +120,11 @@ class Mixtral(nn.Module):
         if document_ids is not None and (token_mask is not None or (document_ids < 0).any()):
             real_doc = document_ids.reshape(-1) >= 0
             token_mask = real_doc if token_mask is None else token_mask & real_doc
-        mask = build_attention_mask(B, S, device, document_ids, attention_mask, self.config.sliding_window)
+        mask = None  # packed rows: attention per document (DocumentLayout), else a [B, 1, S, S] mask
+        if document_ids is not None:
+            mask = document_layout(document_ids, attention_mask, self.config.sliding_window)
+        if mask is None:
+            mask = build_attention_mask(B, S, device, document_ids, attention_mask, self.config.sliding_window)
 
         h = self.embed_tokens(input_ids)  # [B, S, H]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)

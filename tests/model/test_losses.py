@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from model import losses
 from model.losses import chunked_lm_loss, load_balancing_loss, masked_ce, router_z_loss, shift_labels
 
 LN3 = math.log(3.0)
@@ -64,24 +65,46 @@ def test_shift_labels():
     assert shift_labels(torch.tensor([[5, 6, 7]])).tolist() == [[6, 7, -100]]
 
 
+@pytest.mark.parametrize("head_trained", [True, False], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_chunked_equals_plain_value_and_grads(reduction):
+def test_chunked_equals_plain_value_and_grads(reduction, head_trained, monkeypatch):
+    frozen_calls = []
+    apply = losses._FrozenHeadCE.apply
+    monkeypatch.setattr(losses._FrozenHeadCE, "apply", lambda h, *a: frozen_calls.append(len(h)) or apply(h, *a))
     torch.manual_seed(0)
     hidden = torch.randn(13, 8, requires_grad=True)
-    weight = torch.randn(50, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=head_trained)
     targets = torch.randint(0, 50, (13,))
     targets[[0, 5, 6]] = -100
+    inputs = (hidden, weight) if head_trained else (hidden,)
     # Per-token losses get a different weight each, so a misplaced token shows in the grads.
     upstream = torch.linspace(0.5, 2.0, 13) if reduction == "none" else None
     plain = masked_ce(hidden @ weight.T, targets, reduction)
-    g_plain = torch.autograd.grad(plain, (hidden, weight), upstream)
+    g_plain = torch.autograd.grad(plain, inputs, upstream)
     chunked = chunked_lm_loss(hidden, weight, targets, chunk_size=4, reduction=reduction)
-    g_chunked = torch.autograd.grad(chunked, (hidden, weight), upstream)
+    # A frozen head takes the path that computes the hidden gradient in the forward pass.
+    assert frozen_calls == ([] if head_trained else [13 - 3])
+    g_chunked = torch.autograd.grad(chunked, inputs, upstream)
     torch.testing.assert_close(chunked, plain)
     if reduction == "none":
         assert chunked.shape == (13,) and chunked[[0, 5, 6]].eq(0).all()
     for a, b in zip(g_chunked, g_plain, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_frozen_head_bf16_and_no_grad():
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.bfloat16)
+    targets = torch.randint(0, 40, (9,))
+    fused = chunked_lm_loss(hidden, weight, targets, chunk_size=4, reduction="sum")
+    (g_fused,) = torch.autograd.grad(fused, hidden)
+    plain = masked_ce(hidden @ weight.T, targets, "sum")
+    (g_plain,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(g_fused, g_plain, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_lm_loss(hidden, weight, targets, 4, "sum"), plain.detach())
 
 
 def test_bad_reduction_and_chunk_size():

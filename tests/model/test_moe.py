@@ -202,3 +202,21 @@ def test_cpu_many_rows_per_expert_takes_the_grouped_kernel_with_the_same_numbers
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx, dx_ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(dw, dw_ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_equals_autograd_silu_times_up_over_several_row_blocks(dtype, monkeypatch):
+    from model import moe
+
+    monkeypatch.setattr(moe, "_SWIGLU_BLOCK_BYTES", 3 * 2 * 6 * torch.empty(0, dtype=dtype).element_size())
+    assert len(list(moe._swiglu_row_blocks(torch.zeros(10, 12, dtype=dtype)))) == 4  # 3 + 3 + 3 + 1 rows
+    torch.manual_seed(0)
+    gate_up = torch.randn(10, 12, dtype=dtype, requires_grad=True)
+    grad = torch.randn(10, 6, dtype=dtype)
+    ours = moe.swiglu(gate_up)
+    (d_ours,) = torch.autograd.grad(ours, gate_up, grad)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    (d_ref,) = torch.autograd.grad(ref, gate_up, grad)
+    assert torch.equal(ours, ref)
+    assert torch.equal(d_ours, d_ref)
