@@ -15,7 +15,7 @@ TINY          := outputs/tiny
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint data sft dpo export chat eval all bench-moe bench-data bench-sft bench-dpo clean help
+.PHONY: install test lint data sft dpo export chat eval all bench-moe bench-data bench-sft bench-dpo bench-gpu clean help
 
 help:
 	@echo "make sft      prepare the bundled data and run SFT on the tiny default (CPU)"
@@ -26,6 +26,7 @@ help:
 	@echo "make eval     perplexity, passkey and routing analysis"
 	@echo "make test     the test suite (what CI runs)"
 	@echo "make bench-moe | bench-data | bench-sft | bench-dpo   benchmarks against the reference libraries"
+	@echo "make bench-gpu  MoE block (bf16, fp32) and LoRA SFT step (bf16) on CUDA; exits 2 without a GPU"
 	@echo "Options: RECIPE=path.yaml ARGS='key=value ...' TORCH_SPEC='torch==X'"
 
 install: $(INSTALL_STAMP)
@@ -83,6 +84,16 @@ bench-sft: install
 
 bench-dpo: install
 	$(PY) bench/bench_dpo.py $(ARGS)
+
+# On a GPU machine: both scripts check for CUDA first (exit 2, "no CUDA device: ..."), so the first
+# one stops make at once on a CPU host. Other options: the scripts' --help. A host whose python3
+# already holds CUDA torch, transformers, peft and accelerate but not mistral-common (the lent GPU
+# machines): prepare the rows elsewhere with `python -m pipeline.prep recipes/tiny/sft.yaml
+# data.output_dir=DIR data.max_seq_len=4096`, bring DIR, then
+#   make bench-gpu PY=python3 INSTALL_STAMP= SFT_DATA=DIR
+bench-gpu: install
+	$(PY) bench/bench_moe.py --device cuda
+	$(PY) bench/bench_sft.py --device cuda --dtype bf16 $(if $(SFT_DATA),--data $(SFT_DATA))
 
 clean:
 	rm -rf outputs wandb .pytest_cache

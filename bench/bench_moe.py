@@ -3,12 +3,21 @@
     make bench-moe                                   # fp32 at 2048 and 128 tokens, bf16 at 128
     .venv/bin/python bench/bench_moe.py --dtypes fp32 bf16 --tokens 2048 128 --repeats 3
     .venv/bin/python bench/bench_moe.py --threads 1 --tokens 128 --dtypes fp32   # quick comparison
+    .venv/bin/python bench/bench_moe.py --device cuda     # make bench-gpu: bf16 and fp32 at 16384/2048/128
 
 Same weights and inputs for every implementation. GFLOP/s counts the expert GEMMs only:
 6*H*F flops per routed row forward, x3 for forward+backward. The dense ceiling is one
 [N, H] @ [H, 3F] matmul (same flops) forward+backward. Targets (issue): at 2048 tokens not slower
 than the best transformers implementation and >= 90% of the dense rate; at 128 tokens >= 2x
 transformers' grouped_mm.
+
+--device cuda: modules and tensors on the GPU, torch.cuda.synchronize() before and after each timed
+call (kernels run asynchronously), 20 repeats after 3 warm-ups by default, bf16 at every token
+count, and a column with each implementation's peak memory over one call above what was already
+allocated (torch.cuda.max_memory_allocated after reset_peak_memory_stats): activations, saved
+tensors and gradients, not the resident weights and inputs every implementation shares.
+An implementation that raises on the device (e.g. a grouped kernel without fp32 support) gets a
+row with its error instead of a time; the others still run.
 """
 
 from __future__ import annotations
@@ -32,35 +41,69 @@ from model.moe import MoEBlock  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_interleaved(steps: dict, repeats: int) -> dict:
-    """Median seconds of each step, after one warm-up call each, run A B C .. A B C .. so that the
-    load of a shared machine falls on every implementation alike."""
-    for step in steps.values():
-        step()
+def require_cuda() -> None:
+    """Stop before any work when --device cuda has no GPU to run on (make bench-gpu relies on it)."""
+    if not torch.cuda.is_available():
+        print("no CUDA device: run this on a GPU machine", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def warm_up(steps: dict, calls: int) -> dict:
+    """Runs each step `calls` times; returns {name: error line} for the ones that raised (those
+    are left out of the timing, so one unsupported kernel does not lose the other rows)."""
+    failed = {}
+    for name, step in steps.items():
+        try:
+            for _ in range(calls):
+                step()
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            first_line = (str(err).splitlines() or [""])[0][:160].replace("|", "/")  # a table cell
+            failed[name] = f"{type(err).__name__}: {first_line}"
+    return failed
+
+
+def time_interleaved(steps: dict, repeats: int, cuda: bool = False) -> tuple[dict, dict]:
+    """Median seconds of each step, run A B C .. A B C .. so that the load of a shared machine falls
+    on every implementation alike; on CUDA also the largest memory a call allocated above what was
+    allocated before it (bytes). The caller warms up first (warm_up)."""
     times = {name: [] for name in steps}
+    peaks = {name: 0 for name in steps} if cuda else {}
     for _ in range(repeats):
         for name, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()  # nothing queued before the call is timed with it
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             start = time.perf_counter()
             step()
+            if cuda:
+                torch.cuda.synchronize()  # the call's kernels have finished
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() - resident)
+    return {name: statistics.median(t) for name, t in times.items()}, peaks
 
 
-def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, repeats: int) -> list[tuple]:
+def bench_case(
+    tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, repeats: int,
+    device: str = "cpu", warmup: int = 1,
+) -> list[tuple]:
+    """Rows (tokens, dtype, name, seconds | error, GFLOP/s | None, peak bytes | None); the first
+    is ours, the last the dense ceiling."""
     torch.manual_seed(0)
     config = transformers.MixtralConfig(
         hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K
     )
-    hf_block = MixtralSparseMoeBlock(config).to(dtype)
-    ours = MoEBlock(H, F, E, K, dtype=dtype)
+    hf_block = MixtralSparseMoeBlock(config).to(device=device, dtype=dtype)
+    ours = MoEBlock(H, F, E, K, dtype=dtype).to(device)
     with torch.no_grad():
         for p in hf_block.parameters():
             p.normal_(0, 0.02)
         ours.gate.weight.copy_(hf_block.gate.weight)
         ours.experts.gate_up_proj.copy_(hf_block.experts.gate_up_proj)
         ours.experts.down_proj.copy_(hf_block.experts.down_proj)
-    h = torch.randn(1, tokens, H, dtype=dtype)
-    grad = torch.randn(1, tokens, H, dtype=dtype)
+    h = torch.randn(1, tokens, H, dtype=dtype, device=device)
+    grad = torch.randn(1, tokens, H, dtype=dtype, device=device)
 
     def run(fn):
         def step():
@@ -96,9 +139,9 @@ def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, 
         raise SystemExit(f"outputs differ: relative max diff {diff:.2e} at {tokens} tokens {dtype}")
 
     N = tokens * K
-    dense_w = (torch.randn(3 * F, H, dtype=dtype) * 0.02).requires_grad_()
-    dense_x = torch.randn(N, H, dtype=dtype)
-    dense_g = torch.randn(N, 3 * F, dtype=dtype)
+    dense_w = (torch.randn(3 * F, H, dtype=dtype, device=device) * 0.02).requires_grad_()
+    dense_x = torch.randn(N, H, dtype=dtype, device=device)
+    dense_g = torch.randn(N, 3 * F, dtype=dtype, device=device)
 
     def dense_step():
         x = dense_x.detach().requires_grad_()
@@ -106,26 +149,39 @@ def bench_case(tokens: int, dtype: torch.dtype, H: int, F: int, E: int, K: int, 
         dense_w.grad = None
 
     gflop = 18 * N * H * F / 1e9
-    seconds = time_interleaved(
-        {
-            "ours": run(ours_with(None)),
-            "ours via torch._grouped_mm": run(ours_with(True)),
-            "transformers eager": run(hf_with("eager")),
-            "transformers grouped_mm": run(hf_with("grouped_mm")),
-            "dense matmul (ceiling)": dense_step,
-        },
-        repeats,
+    steps = {
+        "ours": run(ours_with(None)),
+        "ours via torch._grouped_mm": run(ours_with(True)),
+        "transformers eager": run(hf_with("eager")),
+        "transformers grouped_mm": run(hf_with("grouped_mm")),
+        "dense matmul (ceiling)": dense_step,
+    }
+    failed = warm_up(steps, warmup)
+    for name in ("ours", "dense matmul (ceiling)"):
+        if name in failed:  # the rows every ratio is taken against
+            raise SystemExit(f"{name} failed at {tokens} tokens {dtype} on {device}: {failed[name]}")
+    seconds, peaks = time_interleaved(
+        {name: step for name, step in steps.items() if name not in failed}, repeats, cuda=device == "cuda"
     )
-    return [(tokens, dtype, name, sec, gflop / sec) for name, sec in seconds.items()]
+    return [
+        (tokens, dtype, name, failed[name], None, None) if name in failed
+        else (tokens, dtype, name, seconds[name], gflop / seconds[name], peaks.get(name))
+        for name in steps
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 128])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help="default: 2048 128 on cpu, 16384 2048 128 on cuda")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
+                        help="default: fp32 bf16 on cpu, bf16 fp32 on cuda (the GPU's main case first)")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3 on cpu, 20 on cuda")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation "
+                        "(default: 1 on cpu, 3 on cuda)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=3584)
     parser.add_argument("--experts", type=int, default=8)
@@ -134,34 +190,55 @@ def main() -> None:
         "--bf16-max-tokens",
         type=int,
         default=128,
-        help="skip bf16 above this many tokens (bf16 matmuls are slow on CPUs without AMX)",
+        help="cpu only: skip bf16 above this many tokens (bf16 matmuls are slow on CPUs without AMX)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if cuda:
+        require_cuda()
+    tokens_list = args.tokens or ([16384, 2048, 128] if cuda else [2048, 128])
+    dtype_names = args.dtypes or (["bf16", "fp32"] if cuda else ["fp32", "bf16"])
+    repeats = args.repeats or (20 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-        f"H={args.hidden} F={args.ffn} E={args.experts} K={args.top_k}; fwd+bwd, median of {args.repeats} "
+        f"H={args.hidden} F={args.ffn} E={args.experts} K={args.top_k}; fwd+bwd, median of {repeats} "
         f"interleaved repeats; load average at start {os.getloadavg()[0]:.1f}\n"
     )
-    print("| tokens | dtype | implementation | ms | GFLOP/s | ours / this (speed-up) | % of dense |")
-    print("|---:|---|---|---:|---:|---:|---:|")
-    for dtype_name in args.dtypes:
-        for tokens in args.tokens:
-            if dtype_name == "bf16" and tokens > args.bf16_max_tokens:
+    if cuda:
+        print(
+            f"device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), {warmup} warm-up calls each, "
+            f"TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}; peak MB = largest "
+            "allocation of one call above the resident weights and inputs\n"
+        )
+        print("| tokens | dtype | implementation | ms | GFLOP/s | ours / this (speed-up) | % of dense | peak MB |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|")
+    else:
+        print("| tokens | dtype | implementation | ms | GFLOP/s | ours / this (speed-up) | % of dense |")
+        print("|---:|---|---|---:|---:|---:|---:|")
+    for dtype_name in dtype_names:
+        for tokens in tokens_list:
+            if not cuda and dtype_name == "bf16" and tokens > args.bf16_max_tokens:
                 continue
             rows = bench_case(
-                tokens, DTYPES[dtype_name], args.hidden, args.ffn, args.experts, args.top_k, args.repeats
+                tokens, DTYPES[dtype_name], args.hidden, args.ffn, args.experts, args.top_k, repeats,
+                device=args.device, warmup=warmup,
             )
             ours_sec = rows[0][3]
             dense_rate = rows[-1][4]
-            for _, _, name, sec, rate in rows:
-                print(
-                    f"| {tokens} | {dtype_name} | {name} | {sec * 1e3:.1f} | {rate:.1f} | "
-                    f"{sec / ours_sec:.2f}x | {100 * rate / dense_rate:.0f}% |",
-                    flush=True,
+            for _, _, name, sec, rate, peak in rows:
+                if rate is None:  # it raised on this device: sec holds the error
+                    cells = f"| {tokens} | {dtype_name} | {name} | {sec} | | | |"
+                    print(cells + (" |" if cuda else ""), flush=True)
+                    continue
+                line = (
+                    f"| {tokens} | {dtype_name} | {name} | {sec * 1e3:.{3 if cuda else 1}f} | {rate:.1f} | "
+                    f"{sec / ours_sec:.2f}x | {100 * rate / dense_rate:.0f}% |"
                 )
+                print(line + (f" {peak / 2**20:.0f} |" if cuda else ""), flush=True)
     print(f"\nload average at end {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
 
 
