@@ -95,11 +95,13 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | DocumentLayout | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """x [B, S, H], cos/sin [B, S, D] -> [B, S, H].
 
         mask: a DocumentLayout (packed rows: attention per document, `document_layout`), a bool
-        mask [B, 1, S, S] (`build_attention_mask`), or None (plain causal).
+        mask [B, 1, S, S] (`build_attention_mask`), or None (plain causal). cache: this layer's
+        keys and values of the tokens before x (incremental decoding; mask must be None), extended here.
         """
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # [B, S, nh, D]
@@ -107,6 +109,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, nkv, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.num_heads != self.num_kv_heads
+        if cache is not None and cache.keys is not None:
+            past = cache.keys.shape[1]
+            k, v = torch.cat([cache.keys, k], dim=1), torch.cat([cache.values, v], dim=1)  # [B, P+S, nkv, D]
+            # Query i sits at position past + i: it sees every cached key and the new ones up to itself.
+            # (SDPA's is_causal aligns the diagonal top-left, which is wrong once keys outnumber queries.)
+            mask = torch.arange(past + S, device=x.device)[None] <= past + torch.arange(S, device=x.device)[:, None]
+        if cache is not None:
+            cache.keys, cache.values = k, v
         if isinstance(mask, DocumentLayout):
             out = mask.attend(q, k, v, enable_gqa=gqa)  # [B, S, nh, D]
         else:
@@ -115,6 +125,28 @@ class Attention(nn.Module):
                 attn_mask=mask, is_causal=mask is None, enable_gqa=gqa,
             ).transpose(1, 2)  # [B, S, nh, D]
         return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))  # [B, S, H]
+
+
+class LayerCache:
+    """One layer's keys and values [B, P, nkv, D] (after RoPE) of the P tokens decoded so far."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+
+class KVCache:
+    """Per-layer keys and values for incremental decoding: `model(ids, kv_cache=cache)` for the
+    prompt, then `model(next_ids, kv_cache=cache)` per step; each call extends the cache."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Tokens already in the cache (the position of the next token)."""
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[1]
 
 
 class DocumentLayout:

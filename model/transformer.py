@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention, RMSNorm, build_attention_mask, document_layout, rope_cos_sin
+from model.attention import Attention, KVCache, RMSNorm, build_attention_mask, document_layout, rope_cos_sin
 from model.config import MixtralConfig
 from model.losses import (
     IGNORE_INDEX,
@@ -56,9 +56,9 @@ class DecoderLayer(nn.Module):
             dtype=dtype,
         )
 
-    def forward(self, h, cos, sin, mask, token_mask):
+    def forward(self, h, cos, sin, mask, token_mask, cache=None):
         """h [B, S, H] -> (h [B, S, H], router_logits [T, E])."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         moe_out, router_logits = self.moe(self.post_attention_layernorm(h), token_mask)
         return h + moe_out, router_logits
 
@@ -109,11 +109,19 @@ class Mixtral(nn.Module):
         loss_reduction: str = "mean",
         logits_chunk_size: int | None = None,
         output_router_logits: bool = False,
+        kv_cache: KVCache | None = None,
     ) -> MixtralOutput:
+        """`kv_cache` (a `KVCache(num_hidden_layers)`): incremental decoding of rows without padding
+        or packing; input_ids are the tokens after the cached ones, and the cache is extended."""
         B, S = input_ids.shape
         device = input_ids.device
+        past = 0
+        if kv_cache is not None:
+            if document_ids is not None or attention_mask is not None:
+                raise ValueError("Mixtral: kv_cache decodes unpadded, unpacked rows: pass no document_ids / attention_mask")
+            past = kv_cache.length
         if position_ids is None:
-            position_ids = torch.arange(S, device=device).expand(B, S)
+            position_ids = torch.arange(past, past + S, device=device).expand(B, S)
         token_mask = None  # [T] bool: real tokens (routed, counted in the router losses)
         if attention_mask is not None:
             token_mask = attention_mask.reshape(-1).bool()
@@ -129,11 +137,12 @@ class Mixtral(nn.Module):
         h = self.embed_tokens(input_ids)  # [B, S, H]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         all_router_logits = []
-        for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_cache is None else kv_cache.layers[i]
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 h, router_logits = checkpoint(layer, h, cos, sin, mask, token_mask, use_reentrant=False)
             else:
-                h, router_logits = layer(h, cos, sin, mask, token_mask)
+                h, router_logits = layer(h, cos, sin, mask, token_mask, cache)
             all_router_logits.append(router_logits)
         h = self.norm(h)
 

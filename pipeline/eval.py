@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from model import KVCache
 from pipeline import passkey as pk
 from pipeline import report
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
@@ -302,16 +303,16 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
 
 @torch.no_grad()
 def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: int, device: torch.device) -> list[int]:
-    """Greedy continuation (full forward per token: prompts are short next to the model)."""
-    ids = torch.tensor([input_ids], device=device)
+    """Greedy continuation with a KV cache: one forward over the prompt, then one token per step."""
+    cache = KVCache(model.config.num_hidden_layers)
+    ids = torch.tensor([input_ids], device=device)  # [1, S]
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(ids).logits[0, -1]  # [V]
-        token = int(logits.argmax())
+        token = int(model(ids, kv_cache=cache).logits[0, -1].argmax())
         if token == eos_id:
             break
         new.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+        ids = torch.tensor([[token]], device=device)  # [1, 1]
     return new
 
 

@@ -97,3 +97,30 @@ def test_all_padding_and_single_token_documents(attention):
         torch.testing.assert_close(
             attn(x, cos, sin, document_layout(docs)), attn(x, cos, sin, mask), atol=1e-6, rtol=1e-5
         )
+
+
+def test_kv_cache_decoding_gives_the_full_forward_logits():
+    from model import KVCache
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig.preset("tiny-odd")  # kv heads < heads, 3 layers
+    cfg.vocab_size = 300
+    model = Mixtral(cfg)
+    ids = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        full = model(ids).logits  # [2, 11, V]
+        cache = KVCache(cfg.num_hidden_layers)
+        # Prompt of 5, then 1 token, then a block of 3 (keys outnumber queries), then 2 single tokens.
+        pieces = [model(ids[:, a:b], kv_cache=cache).logits for a, b in ((0, 5), (5, 6), (6, 9), (9, 10), (10, 11))]
+    assert cache.length == 11
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_refuses_padding_and_packing():
+    from model import KVCache
+
+    cfg = MixtralConfig.preset("tiny")
+    model = Mixtral(cfg)
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(torch.zeros(1, 3, dtype=torch.long), document_ids=torch.zeros(1, 3, dtype=torch.long),
+              kv_cache=KVCache(cfg.num_hidden_layers))
