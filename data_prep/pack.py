@@ -4,6 +4,11 @@ A packed row concatenates whole documents; ``position_ids`` restart at 0 for eac
 ``document_ids`` number them 0, 1, 2 ... within the row, so attention never crosses documents.
 Every document starts with BOS whose label is -100, so no label asks a document to predict the
 next one's first token.
+
+Rows mix sources (the mixture is shuffled before it is packed), so each row carries
+``document_sources``, the source of each of its documents in ``document_ids`` order: a token's
+source is ``document_sources[document_ids[t]]``. ``source`` (the first document's) stays for
+readers that want one label per row; per-source numbers must not use it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def build_rows(examples: list[dict], groups: list[list[int]]) -> dict[str, list]:
     """Columns of the packed rows; ``examples`` hold input_ids, labels and source."""
-    rows = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": [], "source": [], "num_documents": []}
+    rows = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": [], "source": [],
+            "document_sources": [], "num_documents": []}
     for group in groups:
         input_ids, labels, positions, documents = [], [], [], []
         for doc, i in enumerate(group):
@@ -52,6 +58,7 @@ def build_rows(examples: list[dict], groups: list[list[int]]) -> dict[str, list]
         rows["position_ids"].append(positions)
         rows["document_ids"].append(documents)
         rows["source"].append(examples[group[0]]["source"])
+        rows["document_sources"].append([examples[i]["source"] for i in group])
         rows["num_documents"].append(len(group))
     return rows
 

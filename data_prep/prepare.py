@@ -45,7 +45,11 @@ from data_prep.pack import pack
 from data_prep.sources import RawSource, draw, file_hash, read_source
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 
-MANIFEST_VERSION = 1
+# Version of what prep writes (manifest and row columns); part of the fingerprint. 2: SFT rows carry
+# `document_sources`. The code hash alone would already redo the work after the change, but the
+# version says in manifest.json which row layout a directory holds, and an older one is never
+# taken as up to date whatever the code hash does.
+MANIFEST_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +352,8 @@ def _features(kind: str):
     ids = datasets.Sequence(datasets.Value("int32"))
     if kind == "sft":
         columns = {k: ids for k in ("input_ids", "labels", "position_ids", "document_ids")}
-        columns |= {"source": datasets.Value("string"), "num_documents": datasets.Value("int32")}
+        columns |= {"source": datasets.Value("string"), "document_sources": datasets.Sequence(datasets.Value("string")),
+                    "num_documents": datasets.Value("int32")}
     else:
         columns = {k: ids for k in ("prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
         columns["source"] = datasets.Value("string")

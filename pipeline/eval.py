@@ -50,7 +50,7 @@ COLUMNS = ("input_ids", "labels")
 
 @dataclass
 class DataSection:
-    # Held-out rows written by pipeline.prep (input_ids, labels, position_ids, document_ids, source).
+    # Held-out rows written by pipeline.prep (input_ids, labels, position_ids, document_ids, document_sources).
     dir: str = "outputs/tiny/data_sft/eval"
     # When `dir` does not exist: run pipeline.prep on this recipe first (null: refuse).
     prep_recipe: str | None = None
@@ -244,27 +244,75 @@ def read_rows(root: Path, key: str, max_per_source: int | None, heldout: bool) -
                          "point it at an SFT split written by pipeline.prep")
     per_source: dict[str, int] = {}
     rows = []
-    for row in table:
+    for index, row in enumerate(table):
+        # The cap counts rows by their first document's source: it bounds the work, it does not
+        # decide which source a token belongs to (document_sources does).
         source = row.get("source") or "unknown"
         if max_per_source is not None and per_source.get(source, 0) >= max_per_source:
             continue
         per_source[source] = per_source.get(source, 0) + 1
-        rows.append(row | {"source": source, "heldout": heldout})
+        row = row | {"source": source, "heldout": heldout}
+        rows.append(row | {"document_sources": document_sources(row, f"{key}: {root} row {index}")})
     if not rows:
         raise ValueError(f"{key}: {root} holds no rows")
     return rows
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL summed per row and the number of scored tokens per row: ([B], [B]).
+def document_sources(row: dict, where: str = "row") -> list[str]:
+    """The source of each document of a packed row, indexed by document id.
 
-    ``labels`` [B, S] are unshifted (HF convention): position s scores the prediction for s + 1.
+    Rows mix sources, so per-source numbers go by document: token t belongs to
+    ``document_sources[document_ids[t]]``. Rows prepared before that column existed carry only
+    ``source`` (the first document's), which is exact for a one-document row and wrong for the others,
+    so those are refused rather than attributed to the first document's source.
+    """
+    ids = row.get("document_ids")
+    num_documents = max(ids) + 1 if ids else 1
+    sources = row.get("document_sources")
+    if sources is None:
+        if num_documents == 1:
+            return [row.get("source") or "unknown"]
+        raise ValueError(f"{where} packs {num_documents} documents but has no document_sources column (it was "
+                         "prepared by an older pipeline.prep, which kept only the first document's source): "
+                         "re-run `python -m pipeline.prep RECIPE` on it")
+    if len(sources) != num_documents:
+        raise ValueError(f"{where}: document_sources has {len(sources)} entries for {num_documents} documents")
+    return list(sources)
+
+
+def position_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL per position and whether it was scored: ([B, S-1] float, [B, S-1] bool).
+
+    ``labels`` [B, S] are unshifted (HF convention): position s scores the prediction of label s + 1,
+    so column s belongs to the document of token s + 1. Unscored positions hold 0.
     """
     pred = logits[:, :-1].float()  # [B, S-1, V]
     target = labels[:, 1:]  # [B, S-1]
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
                           reduction="none").view(target.shape)  # [B*(S-1)] -> [B, S-1]
-    return nll.sum(dim=1), (target != IGNORE_INDEX).sum(dim=1)
+    return nll, target != IGNORE_INDEX
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL summed per row and the number of scored tokens per row: ([B], [B])."""
+    nll, scored = position_nll(logits, labels)
+    return nll.sum(dim=1), scored.sum(dim=1)
+
+
+def nll_per_document(nll: torch.Tensor, scored: torch.Tensor, document_ids: torch.Tensor,
+                     num_documents: int) -> tuple[list[float], list[int]]:
+    """One row's NLL sum and scored-token count per document: ([D], [D]) as lists.
+
+    ``nll``/``scored`` [S-1] from :func:`position_nll`, ``document_ids`` [S-1] the ids of the scored
+    tokens (the row's ids shifted by one, like the labels). Every document starts with an unscored
+    BOS, so no scored position predicts across a document boundary.
+    """
+    docs = document_ids[scored].long()  # [P]
+    if docs.numel() and (int(docs.min()) < 0 or int(docs.max()) >= num_documents):
+        raise ValueError(f"scored tokens carry document ids outside 0..{num_documents - 1}")
+    sums = torch.zeros(num_documents, dtype=torch.float64).index_add_(0, docs, nll[scored].double())  # [D]
+    counts = torch.bincount(docs, minlength=num_documents)  # [D]
+    return sums.tolist(), counts.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,25 +322,34 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.device) -> tuple[dict, RoutingStats]:
-    """Held-out loss/perplexity per source and the routing statistics (all rows), in one pass."""
+    """Held-out loss/perplexity per source and the routing statistics (all rows), in one pass.
+
+    Both go by document, not by row: a packed row's tokens count for their own document's source
+    (:func:`document_sources`), and "all" is the sum over the sources.
+    """
     cfg = model.config
     stats = RoutingStats(cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     nll_sum: dict[str, float] = {}
     counts: dict[str, int] = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
+        chunk_sources = [document_sources(row, f"row {start + i}") for i, row in enumerate(chunk)]
         batch = collate(chunk)
         out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                     document_ids=batch["document_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
-        row_nll, row_count = token_nll(out.logits, batch["labels"].to(device))
-        for row, nll, count in zip(chunk, row_nll.tolist(), row_count.tolist(), strict=True):
-            if not row["heldout"]:
+        nll, scored = position_nll(out.logits, batch["labels"].to(device))  # [B, S-1] each
+        nll, scored = nll.cpu(), scored.cpu()
+        target_docs = batch["document_ids"][:, 1:]  # [B, S-1]: the document of each scored label
+        for i, (row, sources) in enumerate(zip(chunk, chunk_sources, strict=True)):
+            if not row.get("heldout", True):
                 continue
-            nll_sum[row["source"]] = nll_sum.get(row["source"], 0.0) + nll
-            counts[row["source"]] = counts.get(row["source"], 0) + count
+            doc_nll, doc_count = nll_per_document(nll[i], scored[i], target_docs[i], len(sources))
+            for source, value, count in zip(sources, doc_nll, doc_count, strict=True):
+                nll_sum[source] = nll_sum.get(source, 0.0) + value
+                counts[source] = counts.get(source, 0) + count
         keys = document_keys(batch["document_ids"], batch["attention_mask"], batch["input_ids"].shape)
-        stats.add([r.cpu() for r in out.router_logits], keys, [row["source"] for row in chunk])
+        stats.add([r.cpu() for r in out.router_logits], keys, chunk_sources, batch["document_ids"])
     nll_sum["all"], counts["all"] = sum(nll_sum.values()), sum(counts.values())
     losses = {}
     for source in sorted(nll_sum):
@@ -319,21 +376,35 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: in
 @torch.no_grad()
 def routing_text(model, rows: list[dict], layers: list[int], samples: int, max_tokens: int,
                  device: torch.device) -> list[dict]:
-    """The first document of the first row of each source: tokens and first-choice expert per layer."""
-    picked, seen = [], set()
-    for row in rows:
-        if row["source"] not in seen and len(picked) < samples:
-            seen.add(row["source"])
-            picked.append(row)
+    """The first document of each source (in row order, then document order within a row), run
+    alone: its first ``max_tokens`` tokens and first-choice expert per layer."""
     out = []
-    for row in picked:
-        doc = row.get("document_ids") or [0] * len(row["input_ids"])
-        n = min(max_tokens, sum(1 for d in doc if d == doc[0]))
-        ids = torch.tensor([row["input_ids"][:n]], device=device)
+    for source, input_ids in first_documents(rows, samples):
+        ids = torch.tensor([input_ids[:max_tokens]], device=device)  # [1, n]
         router_logits = model(ids, output_router_logits=True).router_logits
         experts = {layer: top_k_experts(router_logits[layer].cpu(), 1)[:, 0].tolist() for layer in layers}
-        out.append({"source": row["source"], "input_ids": row["input_ids"][:n], "experts": experts})
+        out.append({"source": source, "input_ids": input_ids[:max_tokens], "experts": experts})
     return out
+
+
+def first_documents(rows: list[dict], samples: int) -> list[tuple[str, list[int]]]:
+    """(source, token ids) of the first document of each source, at most ``samples`` sources.
+
+    A row's documents may come from several sources; the first document OF a source may sit behind
+    another source's document in its row.
+    """
+    picked: list[tuple[str, list[int]]] = []
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        if len(picked) >= samples:
+            break
+        doc_ids = row.get("document_ids") or [0] * len(row["input_ids"])
+        for doc, source in enumerate(document_sources(row, f"row {index}")):
+            if source in seen or len(picked) >= samples:
+                continue
+            seen.add(source)
+            picked.append((source, [t for t, d in zip(row["input_ids"], doc_ids, strict=True) if d == doc]))
+    return picked
 
 
 def passkey_grid(model, tokenizer, section: PasskeySection, device: torch.device) -> dict:
@@ -506,7 +577,7 @@ def run(recipe: EvalRecipe, log=print) -> dict:
     models = resolve_models(recipe, log)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     rows = load_eval_rows(recipe.data, log)
-    sources = sorted({r["source"] for r in rows})
+    sources = sorted({source for r in rows for source in r["document_sources"]})
     described = ", ".join(f"{n} ({d or 'random init'})" for n, d in models)
     log(f"eval: {len(rows)} held-out rows ({', '.join(sources)}); models: {described}; device {device}")
 

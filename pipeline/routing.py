@@ -11,7 +11,8 @@ boundary, a row boundary or padding is never counted.
 - :func:`random_baselines`: the same two rates for a router that picks k of E uniformly.
 - :func:`expert_counts` / :func:`total_variation`: expert shares per domain (Figure 7) and how far
   fine-tuning moved them.
-- :class:`RoutingStats`: accumulates all of the above over batches, per layer and per source.
+- :class:`RoutingStats`: accumulates all of the above over batches, per layer and per source
+  (a token's source is its document's: packed rows mix sources).
 """
 
 from __future__ import annotations
@@ -53,6 +54,37 @@ def document_keys(document_ids: torch.Tensor | None, attention_mask: torch.Tenso
     rows = torch.arange(batch).unsqueeze(1) * span  # [B, 1]
     keys = torch.where(valid, rows + document_ids, torch.full_like(document_ids, -1))
     return keys.reshape(-1)  # [B, S] -> [T]
+
+
+def token_sources(row_sources: Sequence[str | Sequence[str]], document_ids: torch.Tensor | None,
+                  shape: Sequence[int]) -> tuple[list[str], torch.Tensor]:
+    """(source names, per-token index into them [T], -1 on padding) for a [B, S] batch.
+
+    ``row_sources[b]`` is either one source for the whole row, or the source of each of row b's
+    documents, indexed by document id (packed rows mix sources); the latter needs ``document_ids``
+    [B, S] (negative = padding).
+    """
+    batch, seq = shape
+    if len(row_sources) != batch:
+        raise ValueError(f"{len(row_sources)} row sources for {batch} rows")
+    names = sorted({s for sources in row_sources for s in ([sources] if isinstance(sources, str) else sources)})
+    if document_ids is None:
+        if not all(isinstance(sources, str) or len(sources) == 1 for sources in row_sources):
+            raise ValueError("per-document sources need the batch's document_ids")
+        document_ids = torch.zeros(batch, seq, dtype=torch.long)
+    document_ids = document_ids.long().cpu()
+    index = torch.full((batch, seq), -1, dtype=torch.long)
+    for b, sources in enumerate(row_sources):
+        docs = document_ids[b]  # [S]
+        real = docs >= 0
+        if isinstance(sources, str):  # one source for the whole row
+            index[b, real] = names.index(sources)
+            continue
+        table = torch.tensor([names.index(s) for s in sources], dtype=torch.long)  # [D]: document id -> name
+        if real.any() and int(docs[real].max()) >= len(table):
+            raise ValueError(f"row {b} has document id {int(docs[real].max())} but {len(table)} document sources")
+        index[b, real] = table[docs[real]]
+    return names, index.reshape(-1)  # [B, S] -> [T]
 
 
 def consecutive_pairs(keys: torch.Tensor) -> torch.Tensor:
@@ -141,16 +173,19 @@ class RoutingStats:
             self.first_counts[source] = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
             self.pairs[source] = torch.zeros(self.num_layers, 3, dtype=torch.long)
 
-    def add(self, router_logits: Sequence[torch.Tensor], keys: torch.Tensor, row_sources: Sequence[str]) -> None:
-        """One [B, S] batch: L tensors [T, E], keys [T] (:func:`document_keys`), the source of each row."""
+    def add(self, router_logits: Sequence[torch.Tensor], keys: torch.Tensor,
+            row_sources: Sequence[str | Sequence[str]], document_ids: torch.Tensor | None = None) -> None:
+        """One [B, S] batch: L tensors [T, E], keys [T] (:func:`document_keys`) and per row its source,
+        or its documents' sources by document id with ``document_ids`` [B, S] (:func:`token_sources`).
+
+        Tokens count for their own document's source: a packed row that mixes sources is split.
+        """
         if len(router_logits) != self.num_layers:
             raise ValueError(f"expected router logits for {self.num_layers} layers, got {len(router_logits)}")
-        if keys.shape[0] % max(len(row_sources), 1):
+        if not row_sources or keys.shape[0] % len(row_sources):
             raise ValueError(f"{keys.shape[0]} tokens do not split into {len(row_sources)} rows")
-        seq = keys.shape[0] // len(row_sources)
-        names = sorted(set(row_sources))
-        row_source = torch.tensor([names.index(s) for s in row_sources])  # [B]
-        token_source = row_source.repeat_interleave(seq)  # [B] -> [T]
+        shape = (len(row_sources), keys.shape[0] // len(row_sources))
+        names, token_source = token_sources(row_sources, document_ids, shape)  # [T]
         masks = {name: (token_source == i) & (keys >= 0) for i, name in enumerate(names)}
         for layer, logits in enumerate(router_logits):
             experts = top_k_experts(logits.detach().cpu(), self.k)  # [T, K]

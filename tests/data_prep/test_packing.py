@@ -46,11 +46,15 @@ def test_packed_rows_keep_every_document_whole():
             owner = ids[start + 1] // 1000 if end - start > 1 else None
             match = [e for e in examples if e["input_ids"] == ids[start:end] and e["labels"] == labels[start:end]]
             assert match, f"row {r} document {d} is not an example"
+            assert rows["document_sources"][r][d] == match[0]["source"]  # each document keeps its own source
             if owner is not None:
                 assert all(t // 1000 == owner for t in ids[start + 1 : end])
             seen.append(tuple(ids[start:end]))
-        assert rows["source"][r] in {"src0", "src1", "src2"}
+        assert len(rows["document_sources"][r]) == len(starts)
+        assert rows["source"][r] == rows["document_sources"][r][0]  # the first document's, as before
     assert sorted(seen) == sorted(tuple(e["input_ids"]) for e in examples)  # each exactly once
+    # Rows do mix sources here, so a row-level source would misattribute documents.
+    assert any(len(set(sources)) > 1 for sources in rows["document_sources"])
 
 
 def test_packing_is_dense_and_padding_only_mode_is_one_per_row():
@@ -63,3 +67,4 @@ def test_packing_is_dense_and_padding_only_mode_is_one_per_row():
     assert single["input_ids"] == [e["input_ids"] for e in examples]
     assert all(set(d) == {0} for d in single["document_ids"])
     assert single["num_documents"] == [1] * len(examples)
+    assert single["document_sources"] == [[e["source"]] for e in examples]

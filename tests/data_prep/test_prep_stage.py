@@ -1,5 +1,6 @@
 """The prep stage end to end on small files: rejects, counts, re-run, policies, mixing, outputs."""
 
+import collections
 import json
 from pathlib import Path
 
@@ -180,6 +181,24 @@ def test_unchanged_rerun_is_a_noop_and_changes_redo(tmp_path):
     assert not list(tmp_path.glob(".out.*"))  # no temp dirs left behind
 
 
+def test_output_of_an_older_row_layout_is_prepared_again(tmp_path, monkeypatch):
+    """A directory written under manifest version 1 (rows without document_sources) is never taken
+    as up to date: the version is part of the fingerprint."""
+    import data_prep.prepare as prepare_module
+
+    src = write_jsonl(tmp_path / "d.jsonl", [conv(f"q{i}", f"a{i}") for i in range(8)])
+    cfg = DataConfig(sources=[SourceConfig(path=src)], output_dir=str(tmp_path / "out"))
+    current = prepare_module.MANIFEST_VERSION
+    assert current >= 2
+    monkeypatch.setattr(prepare_module, "MANIFEST_VERSION", 1)
+    old = prepare(cfg, log=quiet)
+    monkeypatch.setattr(prepare_module, "MANIFEST_VERSION", current)
+    messages = []
+    new = prepare(cfg, log=messages.append)
+    assert old["version"] == 1 and new["version"] == current
+    assert new["fingerprint"] != old["fingerprint"] and "up to date" not in messages[0]
+
+
 def test_mixing_fractions_eval_split_and_determinism(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [conv(f"alpha {i}", f"A{i}") for i in range(200)])
     b = write_jsonl(tmp_path / "b.jsonl", [conv(f"beta {i}", f"B{i}") for i in range(100)])
@@ -196,6 +215,14 @@ def test_mixing_fractions_eval_split_and_determinism(tmp_path):
     assert (m1["counts"][a]["to_eval"], m1["counts"][b]["to_eval"]) == (5, 10)
     assert m1["stats"]["train"]["examples"] == 45 + 90 and m1["stats"]["eval"]["examples"] == 5 + 10 + 10
     assert sum(train1["num_documents"]) == 135 and sum(eval1["num_documents"]) == 25
+    # Per document, every source has exactly its own examples, although rows mix sources.
+    def by_source(ds):
+        return collections.Counter(s for sources in ds["document_sources"] for s in sources)
+    assert by_source(train1) == {a: 45, b: 90} and by_source(eval1) == {a: 5, b: 10, e: 10}
+    assert any(len(set(sources)) > 1 for sources in train1["document_sources"])
+    for row in train1:
+        assert len(row["document_sources"]) == row["num_documents"] == max(row["document_ids"]) + 1
+        assert row["source"] == row["document_sources"][0]
     m2, train2, eval2 = run("two")
     assert train1.to_dict() == train2.to_dict() and eval1.to_dict() == eval2.to_dict()
     m3, train3, _ = run("three", seed=1)
@@ -262,7 +289,8 @@ def test_entry_point_reads_only_the_data_section(tmp_path):
     manifest = prep_entry.main([str(path), f"data.output_dir={tmp_path / 'out'}", "data.max_seq_len=128"])
     assert manifest["data"]["max_seq_len"] == 128
     train = datasets.load_from_disk(str(tmp_path / "out" / "train"))
-    assert set(train.column_names) == {"input_ids", "labels", "position_ids", "document_ids", "source", "num_documents"}
+    assert set(train.column_names) == {"input_ids", "labels", "position_ids", "document_ids", "source",
+                                       "document_sources", "num_documents"}
     assert manifest["stats"]["train"]["packing_efficiency"] > 0.9
     for c in manifest["counts"].values():
         assert c["accepted"] + c["rejected_total"] == c["read"]

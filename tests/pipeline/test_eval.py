@@ -14,10 +14,15 @@ from pipeline.eval import (
     IGNORE_INDEX,
     EvalRecipe,
     collate,
+    document_sources,
+    first_documents,
     greedy_generate,
     load_model_dir,
+    loss_and_routing,
     main,
+    read_rows,
     resolve_models,
+    routing_text,
     token_nll,
 )
 
@@ -147,6 +152,122 @@ def test_missing_models_skip_or_refuse(tmp_path):
         resolve_models(recipe, logs.append)
 
 
+def packed_row(documents: list[tuple[str, dict]]) -> dict:
+    """One row in pipeline.prep's layout from (source, {"input_ids", "labels"}) documents, in order."""
+    row = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": []}
+    for doc, (_, enc) in enumerate(documents):
+        n = len(enc["input_ids"])
+        row["input_ids"] += enc["input_ids"]
+        row["labels"] += enc["labels"]
+        row["position_ids"] += range(n)
+        row["document_ids"] += [doc] * n
+    sources = [source for source, _ in documents]
+    return row | {"source": sources[0], "document_sources": sources, "num_documents": len(documents)}
+
+
+def random_document(gen: torch.Generator, length: int, prompt: int) -> dict:
+    """BOS + random ids; labels -100 on BOS and the first ``prompt`` tokens (as prep's encoding)."""
+    ids = [1] + torch.randint(3, 32000, (length - 1,), generator=gen).tolist()
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * (prompt + 1) + ids[prompt + 1:]}
+
+
+def mixed_rows_and_documents():
+    """Packed rows mixing sources "a" and "b" (and one single document), plus each document alone."""
+    gen = torch.Generator().manual_seed(3)
+    docs = {name: random_document(gen, length, prompt) for name, length, prompt in
+            [("a1", 13, 4), ("b1", 21, 6), ("b2", 9, 2), ("a2", 17, 5), ("b3", 11, 3), ("a3", 15, 7)]}
+    layout = [["a1", "b1"], ["b2", "a2", "b3"], ["a3"]]
+    rows = [packed_row([(name[0], docs[name]) for name in names]) for names in layout]
+    alone = [packed_row([(name[0], doc)]) for name, doc in docs.items()]
+    return rows, alone
+
+
+def test_mixed_rows_attribute_loss_and_routing_to_each_documents_source():
+    model = tiny_model()
+    rows, alone = mixed_rows_and_documents()
+    cpu = torch.device("cpu")
+    losses, stats = loss_and_routing(model, rows, batch_size=2, device=cpu)  # the 3-doc row pads the 1-doc row
+    expected, expected_stats = loss_and_routing(model, alone, batch_size=1, device=cpu)
+    # Reference by hand too: each document alone, its NLL from the model's own summed loss.
+    for source in ("a", "b"):
+        nll, tokens = 0.0, 0
+        for row in alone:
+            if row["source"] == source:
+                with torch.no_grad():
+                    out = model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]),
+                                loss_reduction="sum")
+                nll, tokens = nll + out.loss.item(), tokens + int(out.num_label_tokens)
+        assert losses[source]["tokens"] == expected[source]["tokens"] == tokens
+        assert losses[source]["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+        assert losses[source]["loss"] == pytest.approx(expected[source]["loss"], rel=1e-5)
+    assert set(losses) == {"a", "b", "all"}
+    assert losses["all"]["tokens"] == losses["a"]["tokens"] + losses["b"]["tokens"]
+    all_nll = sum(losses[s]["loss"] * losses[s]["tokens"] for s in "ab")
+    assert losses["all"]["loss"] == pytest.approx(all_nll / losses["all"]["tokens"], rel=1e-12)
+    # Attributing whole rows to their first document (the old way) gives other token counts here.
+    by_row = {"a": 0, "b": 0}
+    for row in rows:
+        by_row[row["source"]] += sum(label != IGNORE_INDEX for label in row["labels"])
+    assert by_row != {s: losses[s]["tokens"] for s in "ab"}
+    # Routing: every source's counts and consecutive pairs equal those of its documents run alone.
+    assert set(stats.counts) == {"a", "b"}
+    for source in ("a", "b"):
+        assert torch.equal(stats.counts[source], expected_stats.counts[source])
+        assert torch.equal(stats.first_counts[source], expected_stats.first_counts[source])
+        assert torch.equal(stats.pairs[source], expected_stats.pairs[source])
+    doc_tokens = {s: sum(len(r["input_ids"]) for r in alone if r["source"] == s) for s in "ab"}
+    for source in ("a", "b"):  # every real token once per layer, K slots each
+        assert stats.counts[source].sum(dim=1).tolist() == [2 * doc_tokens[source]] * 2
+        assert stats.pairs[source][:, 2].tolist() == [doc_tokens[source] - 3] * 2  # 3 documents each
+
+
+def test_rows_without_document_sources_fall_back_only_for_one_document():
+    rows, alone = mixed_rows_and_documents()
+    old_single = {k: v for k, v in alone[0].items() if k != "document_sources"}
+    assert document_sources(old_single) == [alone[0]["source"]]
+    old_packed = {k: v for k, v in rows[0].items() if k != "document_sources"}
+    with pytest.raises(ValueError, match=r"packs 2 documents.*python -m pipeline.prep"):
+        document_sources(old_packed)
+    with pytest.raises(ValueError, match="python -m pipeline.prep"):
+        loss_and_routing(tiny_model(), [old_single, old_packed], batch_size=2, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="3 entries for 2 documents"):
+        document_sources(dict(rows[0], document_sources=["a", "b", "b"]))
+    # The single-document fallback scores exactly what the new column would.
+    model, cpu = tiny_model(), torch.device("cpu")
+    olds = [{k: v for k, v in r.items() if k != "document_sources"} for r in alone]
+    assert loss_and_routing(model, olds, 3, cpu)[0] == loss_and_routing(model, alone, 3, cpu)[0]
+
+
+def test_read_rows_refuses_an_old_packed_split_and_names_it(tmp_path):
+    rows, alone = mixed_rows_and_documents()
+    strip = [{k: v for k, v in r.items() if k != "document_sources"} for r in rows]
+    datasets.Dataset.from_list(strip).save_to_disk(str(tmp_path / "old"))
+    with pytest.raises(ValueError, match=r"data.dir: .*old row 0 packs 2 documents.*re-run"):
+        read_rows(tmp_path / "old", "data.dir", None, heldout=True)
+    datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "document_sources"} for r in alone]).save_to_disk(
+        str(tmp_path / "old_single"))
+    read = read_rows(tmp_path / "old_single", "data.dir", None, heldout=True)
+    assert [r["document_sources"] for r in read] == [[r["source"]] for r in alone]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "new"))
+    read = read_rows(tmp_path / "new", "data.dir", None, heldout=True)
+    assert [r["document_sources"] for r in read] == [["a", "b"], ["b", "a", "b"], ["a"]]
+
+
+def test_routing_text_takes_the_first_document_of_each_source():
+    rows, alone = mixed_rows_and_documents()
+    # Source "b" first appears as the second document of row 0 (row 1 is the first row led by "b").
+    picked = first_documents(rows, 5)
+    assert [(s, ids) for s, ids in picked] == [("a", alone[0]["input_ids"]), ("b", alone[1]["input_ids"])]
+    assert first_documents(rows, 1) == picked[:1]
+    model = tiny_model()
+    texts = routing_text(model, rows, [0, 1], samples=2, max_tokens=10, device=torch.device("cpu"))
+    assert [t["source"] for t in texts] == ["a", "b"]
+    assert texts[1]["input_ids"] == alone[1]["input_ids"][:10]
+    with torch.no_grad():
+        logits = model(torch.tensor([alone[1]["input_ids"][:10]]), output_router_logits=True).router_logits
+    assert texts[1]["experts"][1] == logits[1].argmax(dim=-1).tolist()
+
+
 def write_eval_data(root: Path) -> Path:
     """Held-out rows in pipeline.prep's layout: two sources, one row packing two documents."""
     tok = load_tokenizer()
@@ -156,26 +277,15 @@ def write_eval_data(root: Path) -> Path:
         "words": [("Convert to upper case: jvxptdun aniloy", "JVXPTDUN ANILOY"),
                   ("List these words as a bulleted list: lemon, river", "- lemon\n- river")],
     }
-    rows = []
-    for source, pairs in chats.items():
-        encoded = [encode_messages([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tok)
-                   for q, a in pairs]
-        first, second = encoded[0], encoded[1]  # packed into one row
-        rows.append({
-            "input_ids": first["input_ids"] + second["input_ids"],
-            "labels": first["labels"] + second["labels"],
-            "position_ids": list(range(len(first["input_ids"]))) + list(range(len(second["input_ids"]))),
-            "document_ids": [0] * len(first["input_ids"]) + [1] * len(second["input_ids"]),
-            "source": source, "num_documents": 2,
-        })
-        for enc in encoded[2:]:
-            n = len(enc["input_ids"])
-            rows.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "position_ids": list(range(n)),
-                         "document_ids": [0] * n, "source": source, "num_documents": 1})
+    encoded = {source: [encode_messages([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tok)
+                        for q, a in pairs] for source, pairs in chats.items()}
+    # As prep packs them: rows mix sources. Two packed rows (arith + words, words + arith), one single.
+    layout = [[("arith", 0), ("words", 0)], [("words", 1), ("arith", 1)], [("arith", 2)]]
+    rows = [packed_row([(source, encoded[source][i]) for source, i in docs]) for docs in layout]
     path = root / "data_sft" / "eval"
     datasets.Dataset.from_list(rows).save_to_disk(str(path))
     # A "train" split with another domain, for data.routing_dirs (routing only, no loss).
-    extra = [dict(rows[0], source="extra"), dict(rows[1], source="extra")]
+    extra = [dict(r, source="extra", document_sources=["extra"] * r["num_documents"]) for r in rows[:2]]
     datasets.Dataset.from_list(extra).save_to_disk(str(root / "data_sft" / "train"))
     return path
 
@@ -195,13 +305,20 @@ def test_make_eval_entry_on_a_random_tiny_model(tmp_path, capsys):
     assert saved["random_init"] is True and saved["layers"] == [0, 1]
     result = saved["models"]["random-tiny"]
     assert set(result["loss"]) == {"arith", "words", "all"}  # "extra" is routing-only
+    # Each source is scored on exactly its own documents' answer tokens, though rows mix sources.
+    rows = datasets.load_from_disk(str(data))
+    for source in ("arith", "words"):
+        labelled = sum(label != IGNORE_INDEX for r in rows for label, d in zip(r["labels"], r["document_ids"], strict=True)
+                       if r["document_sources"][d] == source)
+        assert result["loss"][source]["tokens"] == labelled
+    assert result["loss"]["all"]["tokens"] == result["loss"]["arith"]["tokens"] + result["loss"]["words"]["tokens"]
+    assert [s["source"] for s in saved["routing_text"]["random-tiny"]] == ["arith", "words"]
     assert set(result["routing"]["expert_share"]) == {"arith", "words", "extra", "all"}
     # A random model over a 32000-id vocab: loss near ln(32000) = 10.37.
     assert abs(result["loss"]["all"]["loss"] - math.log(32000)) < 0.5
     routing = result["routing"]
     assert routing["baseline"] == {"same_first": 0.125, "topk_overlap": pytest.approx(13 / 28), "share": 0.125}
     # Pairs never cross the packed boundary: each document of n tokens gives n - 1 pairs.
-    rows = datasets.load_from_disk(str(data))
     expected_pairs = sum(len(r["input_ids"]) - r["num_documents"] for r in rows)
     expected_pairs += sum(len(r["input_ids"]) - r["num_documents"] for r in list(rows)[:2])  # "extra"
     assert routing["repetition"]["all"]["pairs"] == [expected_pairs, expected_pairs]

@@ -13,6 +13,7 @@ from pipeline.routing import (
     random_baselines,
     repetition_counts,
     shares,
+    token_sources,
     top_k_experts,
     total_variation,
 )
@@ -165,6 +166,48 @@ def test_routing_stats_per_source_and_overall():
     assert summary["expert_share"]["all"][0] == pytest.approx([4 / 14, 2 / 14, 4 / 14, 4 / 14])
     assert summary["expert_share"]["chat"][1] == [0.5, 0.5, 0.0, 0.0]
     assert summary["first_choice_share"]["code"][0] == [0.75, 0.0, 0.25, 0.0]
+
+
+def test_token_sources_by_document():
+    # Row 0 packs a "code" then a "chat" document; row 1 is one "chat" document and padding.
+    names, index = token_sources([["code", "chat"], "chat"], DOCS, DOCS.shape)
+    assert names == ["chat", "code"]
+    assert index.tolist() == [1, 1, 0, 0, 0, 0, 0, -1]
+    assert token_sources(["code", "chat"], None, (2, 2))[1].tolist() == [1, 1, 0, 0]
+    with pytest.raises(ValueError, match="document id 1 but 1 document sources"):
+        token_sources([["code"], "chat"], DOCS, DOCS.shape)
+    with pytest.raises(ValueError, match="need the batch's document_ids"):
+        token_sources([["code", "chat"], "chat"], None, DOCS.shape)
+    with pytest.raises(ValueError, match="3 row sources for 2 rows"):
+        token_sources(["a", "b", "c"], DOCS, DOCS.shape)
+
+
+def test_routing_stats_split_a_mixed_row_by_document():
+    """Per-document sources give each source exactly what its documents alone give."""
+    layer1 = [[[1, 0]] * 4, [[1, 0]] * 4]
+    packed = RoutingStats(num_layers=2, num_experts=4, k=2)
+    packed.add([logits_for(TRACE), logits_for(layer1)], document_keys(DOCS, None, DOCS.shape),
+               [["code", "chat"], ["chat"]], DOCS)
+    # The same three documents, each as its own row (padding to width 3).
+    alone_trace = [[TRACE[0][0], TRACE[0][1], [0, 1]], [TRACE[0][2], TRACE[0][3], [0, 1]], TRACE[1][:3]]
+    alone_docs = torch.tensor([[0, 0, -1], [0, 0, -1], [0, 0, 0]])
+    alone = RoutingStats(num_layers=2, num_experts=4, k=2)
+    alone.add([logits_for(alone_trace), logits_for([[[1, 0]] * 3] * 3)], document_keys(alone_docs, None, (3, 3)),
+              ["code", "chat", "chat"])
+    assert set(packed.counts) == set(alone.counts) == {"code", "chat"}
+    for table in ("counts", "first_counts", "pairs"):
+        for source in ("code", "chat"):
+            assert torch.equal(getattr(packed, table)[source], getattr(alone, table)[source]), (table, source)
+    # By hand, layer 0: "code" = r0 t0, t1 -> slots {0, 1} and {0, 2}; one pair, same first and overlap.
+    assert packed.counts["code"][0].tolist() == [2, 1, 1, 0]
+    assert packed.pairs["code"][0].tolist() == [1, 1, 1]
+    # "chat" = r0 t2, t3 (pair: neither) + r1 t0..t2 (pairs: overlap only; same first and overlap).
+    assert packed.counts["chat"][0].tolist() == [2, 1, 3, 4]
+    assert packed.pairs["chat"][0].tolist() == [1, 2, 3]
+    # A row-level source (the first document's) would put r0 t2, t3 under "code" instead.
+    by_row = RoutingStats(num_layers=2, num_experts=4, k=2)
+    by_row.add([logits_for(TRACE), logits_for(layer1)], document_keys(DOCS, None, DOCS.shape), ["code", "chat"])
+    assert not torch.equal(by_row.counts["code"], packed.counts["code"])
 
 
 def test_routing_stats_rejects_wrong_layer_count():
