@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,14 @@ import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
 from model import Mixtral, MixtralConfig
 from model.lora import apply_lora
 from pipeline.config import build
-from pipeline.export import ExportRecipe, export, hf_to_interleaved_rope
+from pipeline.export import (
+    ExportRecipe,
+    ShardWriter,
+    TensorPlan,
+    export,
+    hf_to_interleaved_rope,
+    plan_shards,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = torch.tensor(
@@ -378,3 +386,54 @@ def test_killed_export_leaves_no_final_dir(runs, tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
+
+
+def _export_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith(("export-write", "export-fsync"))]
+
+
+def test_error_in_the_middle_of_the_stream_leaves_nothing_behind(runs, tmp_path):
+    # lm_head is the last parameter read: by then the background threads have written and fsynced
+    # several shards into the temporary dir.
+    root, _ = runs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((root / "base" / "config.json").read_text())
+    with safe_open(str(root / "base" / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].clone()
+    save_file(tensors, str(broken / "model.safetensors"))
+    raw = {
+        "source": {"checkpoint": str(broken)},
+        "output_dir": str(tmp_path / "o"),
+        "export": {"dtype": "float32", "max_shard_size": "1MB", "progress_bar": False},
+    }
+    with pytest.raises(ValueError, match=r"lm_head.weight has shape .* config.json implies"):
+        export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no output, no temp dir
+    assert _export_threads() == []
+
+
+def test_shard_writer_raises_the_write_threads_error(tmp_path):
+    plan = [TensorPlan("a", (4,), 16), TensorPlan("b", (2, 2), 16)]
+    with pytest.raises(FileNotFoundError), ShardWriter(tmp_path / "missing", [plan], torch.float32) as writer:
+        writer.write("a", torch.ones(4))
+        writer.write("b", torch.ones(2, 2))
+        writer.finish()
+    assert _export_threads() == []
+    with (
+        pytest.raises(RuntimeError, match="plans 16 bytes"),
+        ShardWriter(tmp_path, [plan], torch.bfloat16) as writer,
+    ):
+        writer.write("a", torch.ones(4))
+    plan = [TensorPlan("a", (4,), 8), TensorPlan("b", (2, 2), 8)]
+    with ShardWriter(tmp_path, plan_shards(plan, 8), torch.bfloat16) as writer:
+        writer.write("a", torch.arange(4.0))
+        writer.write("b", torch.full((2, 2), 1 / 3))
+        index = writer.finish()
+    assert index["weight_map"] == {
+        "a": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors",
+    }
+    with safe_open(str(tmp_path / "model-00002-of-00002.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("b"), torch.full((2, 2), 1 / 3).to(torch.bfloat16))
