@@ -298,27 +298,39 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean eval loss over every unit of the (sharded) eval set, plus the means of the extras."""
+        """Mean eval loss over the eval micro-batches (all of them, or the first `eval_max_batches` of
+        the whole run, whatever the number of processes), plus the means of the extras.
+
+        Micro-batch j goes to process j % world. Every process runs the same number of forwards:
+        under expert parallelism or ZeRO-3 each forward is a collective, so a process with one
+        batch fewer would leave the others waiting forever. Such a process repeats its first batch
+        (or the run's first) and counts nothing from it.
+        """
         if not self.eval_data:
             return {}
         self.model.eval()
         mbs = self.cfg.micro_batch_size
-        starts = list(range(self.acc.process_index * mbs, len(self.eval_data), mbs * self.world))
+        starts = list(range(0, len(self.eval_data), mbs))  # every eval micro-batch of the run
         if self.cfg.eval_max_batches is not None:
             starts = starts[:self.cfg.eval_max_batches]
+        mine = starts[self.acc.process_index::self.world]
+        forwards = -(-len(starts) // self.world)
         sums: dict[str, torch.Tensor] = {}
         means: dict[str, torch.Tensor] = {}
         units = 0
-        for start in starts:
-            rows = [self.eval_data[i] for i in range(start, min(start + mbs, len(self.eval_data)))]
+        for i in range(forwards):
+            counted = i < len(mine)
+            start = mine[i] if counted else (mine or starts)[0]
+            rows = [self.eval_data[j] for j in range(start, min(start + mbs, len(self.eval_data)))]
             batch = self.task.collate(rows)
-            units += self.task.count_units(batch)
+            units += self.task.count_units(batch) if counted else 0
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             with self.acc.autocast():
                 out = self.task.forward(self.model, batch)
-            _accumulate(sums, out.sums)
-            _accumulate(means, out.means)
-        totals = self._reduce_sum(torch.tensor([float(units), float(len(starts))])).tolist()
+            # A repeated batch keeps the metric names (the reduction below is a collective too), adds nothing.
+            _accumulate(sums, {k: v if counted else torch.zeros_like(v) for k, v in out.sums.items()})
+            _accumulate(means, {k: v if counted else torch.zeros_like(v) for k, v in out.means.items()})
+        totals = self._reduce_sum(torch.tensor([float(units), float(len(mine))])).tolist()
         metrics = self._reduce_metrics(sums, means, max(totals[0], 1.0), max(totals[1], 1.0))
         return {f"eval_{k}": v for k, v in metrics.items()}
 

@@ -33,11 +33,12 @@ STEPS = 4
 QUIET = ["tracking.report_to=none", "tracking.progress_bar=false"]
 # lr 1e-3 (recipe 3e-4) moves the margins to ~1e-2 in 4 steps (measured 6.6e-3 to 2.5e-2), far above the
 # rounding noise below.
-# Every run evaluates once, at the end, on eval pairs 0 and 1: eval_max_batches counts per process,
-# so the single process takes 2 batches of 1 and each of the 2 processes 1 (rank r starts at pair r).
+# Every run evaluates once, at the end, on eval pairs 0, 1 and 2 (eval_max_batches counts micro-batches
+# over all processes): the single process takes all three, of 2 processes rank 0 takes pairs 0 and 2
+# and rank 1 pair 1, then repeats it uncounted (every rank runs as many forwards: EP's are collectives).
 DPO_COMMON = [
     f"train.max_steps={STEPS}", "train.micro_batch_size=1", "train.warmup_steps=1", "train.log_every=1",
-    "train.lr=1e-3", "train.eval_every=null", "train.save_every=null", "train.resume=never",
+    "train.lr=1e-3", "train.eval_every=null", "train.eval_max_batches=3", "train.save_every=null", "train.resume=never",
     "train.overwrite_output_dir=true", "parallel.backend=gloo", *QUIET,
 ]
 # Tolerances from fp32 rounding. A pair's summed log-prob (~100-220) has an ulp of 1.5e-5, and under
@@ -119,11 +120,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     with _as_a_command():
         code = dpo.main([
             str(DPO_RECIPE), f"data.output_dir={data}", f"model.sft_dir={out['sft']}", f"output_dir={out['ref']}",
-            *DPO_COMMON, "train.grad_accum_steps=2", "train.eval_max_batches=2",
+            *DPO_COMMON, "train.grad_accum_steps=2",
         ])
     assert code == 0, "the single-process DPO run failed"
     for mode, (config, args) in LAUNCHED.items():
-        _launch(config, data, out["sft"], out[mode], *args, "train.eval_max_batches=1")
+        _launch(config, data, out["sft"], out[mode], *args)
     return out
 
 
