@@ -98,13 +98,16 @@ def test_per_token_loss_equals_log_softmax_of_logits(model, chunk):
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_gradient_checkpointing_same_grads(model):
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed-documents"])
+def test_gradient_checkpointing_same_grads(model, packed):
     ids = torch.randint(0, 500, (2, 8))
+    # Packed rows go through the per-document attention (a DocumentLayout crosses the checkpoint).
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, -1, -1]]) if packed else None
     results = []
     for flag in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = flag
-        out = model(ids, labels=ids)
+        out = model(ids, labels=ids, document_ids=documents)
         (out.loss + 0.02 * out.aux_loss + 0.001 * out.z_loss).backward()
         results.append({n: p.grad.clone() for n, p in model.named_parameters()})
     model.gradient_checkpointing = False
