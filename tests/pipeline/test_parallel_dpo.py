@@ -15,18 +15,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import ROOT, accelerate_launch, run_command
 from safetensors.torch import load_file
 
 from pipeline.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
 SFT_RECIPE = ROOT / "recipes/tiny/sft.yaml"
 DPO_RECIPE = ROOT / "recipes/tiny/dpo.yaml"
 STEPS = 4
@@ -61,23 +58,9 @@ LAUNCHED = {"ddp": ("cpu_ddp.yaml", []), "z2ep2": ("cpu_zero2_ep2.yaml", EP2)}
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               ACCELERATE_DISABLE_RICH="1", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 def _launch(config: str, data: Path, sft: Path, out: Path, *args: str) -> Path:
-    # monitor_interval: torchrun's agent otherwise notices the finished workers up to 5 s late.
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate" / config),
-          "--main_process_port", "0", "--monitor_interval", "0.1", "-m", "pipeline.dpo", str(DPO_RECIPE),
-          f"data.output_dir={data}", f"model.sft_dir={sft}", f"output_dir={out}", *DPO_COMMON, *args])
+    run_command([*accelerate_launch(config), "-m", "pipeline.dpo", str(DPO_RECIPE),
+                 f"data.output_dir={data}", f"model.sft_dir={sft}", f"output_dir={out}", *DPO_COMMON, *args])
     return out
 
 

@@ -10,19 +10,17 @@ corruption (DeepSpeed broadcasting or averaging expert weights across EP ranks).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import ROOT, accelerate_launch, run_command
 from safetensors.torch import load_file
 
 from pipeline.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes/tiny/sft.yaml"
 STEPS = 4
 # Adam turns reduction-order noise in near-zero grads into lr-sized steps: a small lr keeps the
@@ -36,25 +34,9 @@ COMMON = [
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               ACCELERATE_DISABLE_RICH="1", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 def _sft(data: Path, out: Path, *args: str, config: str | None = None) -> Path:
     tail = ["-m", "pipeline.sft", str(RECIPE), f"data.output_dir={data}", f"output_dir={out}", *COMMON, *args]
-    if config is None:
-        _run([sys.executable, *tail])
-    else:
-        _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "recipes/accelerate" / config), "--main_process_port", "0", *tail])
+    run_command([sys.executable, *tail] if config is None else [*accelerate_launch(config), *tail])
     return out
 
 
@@ -62,7 +44,7 @@ def _sft(data: Path, out: Path, *args: str, config: str | None = None) -> Path:
 def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("parallel_sft")
     data = tmp / "data"
-    _run([sys.executable, "-m", "pipeline.prep", str(RECIPE), f"data.output_dir={data}"])
+    run_command([sys.executable, "-m", "pipeline.prep", str(RECIPE), f"data.output_dir={data}"])
     full, lora = ["lora.enabled=false"], ["lora.enabled=true"]
     ep2 = ["parallel.zero_stage=2", "parallel.expert_parallel_size=2"]
     out = {
