@@ -79,14 +79,21 @@ class Mixtral(nn.Module):
         self.expert_ids = list(range(config.num_local_experts)) if expert_ids is None else list(expert_ids)
         self.gradient_checkpointing = False
         H, V = config.hidden_size, config.vocab_size
-        self.embed_tokens = nn.Embedding(V, H, device=device, dtype=dtype)
+        # On the meta device (shapes only: checkpoint loading, export planning) nothing is initialised:
+        # meta tensors hold no values, and nn.Embedding's own normal_ on meta imports torch._dynamo
+        # (measured 1.3-5 s per process). `device` or an enclosing `with torch.device("meta")` say so.
+        on_meta = torch.device(device).type == "meta" if device is not None else torch.empty(0).is_meta
+        self.embed_tokens = nn.Embedding(
+            V, H, device=device, dtype=dtype,
+            _weight=torch.empty(V, H, device=device, dtype=dtype) if on_meta else None,
+        )
         self.layers = nn.ModuleList(
             DecoderLayer(config, num_local_experts=len(self.expert_ids), device=device, dtype=dtype)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(H, config.rms_norm_eps, device=device, dtype=dtype)
         self.lm_head = nn.Linear(H, V, bias=False, device=device, dtype=dtype)
-        if torch.device(device or "cpu").type != "meta":
+        if not on_meta:
             self.init_weights()
 
     @torch.no_grad()
