@@ -276,6 +276,8 @@ def main() -> None:
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
         "TQDM_DISABLE": "1",
+        # Both sides with our entry points' allocator setting (pipeline/__init__.py).
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
         # This bench is CPU fp32: on a GPU host accelerate (ours, and TRL's Trainer) would move to it.
         "ACCELERATE_USE_CPU": "true",
     }

@@ -1,7 +1,7 @@
 """MoE block fwd+bwd: ours vs transformers 5's MixtralSparseMoeBlock, with a dense-matmul ceiling.
 
     make bench-moe                                   # fp32 at 2048 and 128 tokens, bf16 at 128
-    .venv/bin/python bench/bench_moe.py --dtypes fp32 bf16 --tokens 2048 128 --repeats 3
+    .venv/bin/python bench/bench_moe.py --dtypes fp32 bf16 --tokens 2048 128 --repeats 5
     .venv/bin/python bench/bench_moe.py --threads 1 --tokens 128 --dtypes fp32   # quick comparison
     .venv/bin/python bench/bench_moe.py --device cuda     # make bench-gpu: bf16 and fp32 at 16384/2048/128
 
@@ -29,7 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# As in our entry points (pipeline/__init__.py), for every implementation alike: large CPU
+# tensors on huge pages (each step allocates 352 MB of expert gradients afresh).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,13 +67,19 @@ def warm_up(steps: dict, calls: int) -> dict:
 
 
 def time_interleaved(steps: dict, repeats: int, cuda: bool = False) -> tuple[dict, dict]:
-    """Median seconds of each step, run A B C .. A B C .. so that the load of a shared machine falls
-    on every implementation alike; on CUDA also the largest memory a call allocated above what was
-    allocated before it (bytes). The caller warms up first (warm_up)."""
+    """Median seconds of each step, run interleaved so that the load of a shared machine falls on
+    every implementation alike, with the order rotated each round (A B C, B C A, C A B, ..): on
+    this CPU the call placed right after the dense ceiling measured up to 15% slower than the
+    same call elsewhere in the round, so no implementation keeps that place. On CUDA also the
+    largest memory a call allocated above what was allocated before it (bytes). The caller warms
+    up first (warm_up)."""
     times = {name: [] for name in steps}
     peaks = {name: 0 for name in steps} if cuda else {}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            step = steps[name]
             if cuda:
                 torch.cuda.synchronize()  # nothing queued before the call is timed with it
                 torch.cuda.reset_peak_memory_stats()
@@ -179,7 +189,7 @@ def main() -> None:
                         help="default: 2048 128 on cpu, 16384 2048 128 on cuda")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                         help="default: fp32 bf16 on cpu, bf16 fp32 on cuda (the GPU's main case first)")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 3 on cpu, 20 on cuda")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 5 on cpu (each implementation once in each place of the rotated order), 20 on cuda")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation "
                         "(default: 1 on cpu, 3 on cuda)")
     parser.add_argument("--hidden", type=int, default=1024)
@@ -199,14 +209,15 @@ def main() -> None:
         require_cuda()
     tokens_list = args.tokens or ([16384, 2048, 128] if cuda else [2048, 128])
     dtype_names = args.dtypes or (["bf16", "fp32"] if cuda else ["fp32", "bf16"])
-    repeats = args.repeats or (20 if cuda else 3)
+    repeats = args.repeats or (20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
         f"H={args.hidden} F={args.ffn} E={args.experts} K={args.top_k}; fwd+bwd, median of {repeats} "
-        f"interleaved repeats; load average at start {os.getloadavg()[0]:.1f}\n"
+        f"interleaved repeats (order rotated each round); THP_MEM_ALLOC_ENABLE="
+        f"{os.environ['THP_MEM_ALLOC_ENABLE']}; load average at start {os.getloadavg()[0]:.1f}\n"
     )
     if cuda:
         print(

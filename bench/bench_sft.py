@@ -362,6 +362,8 @@ def main() -> None:
         require_cuda()
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    # Both sides with our entry points' allocator setting (pipeline/__init__.py): huge pages for large CPU tensors.
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     env.pop("ACCELERATE_USE_CPU", None)
     if args.device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"  # accelerate's cpu=True: our side stays on the CPU on a GPU host
@@ -389,7 +391,7 @@ def main() -> None:
               if ours["distinct_rows"] < (args.steps + args.warmup) * args.batch else "")
     print(f"\nLoRA SFT step, {args.device.upper()} {args.dtype}, {args.threads} threads, batch {args.batch} x seq "
           f"{args.seq}, r={RANK} on attention + experts, {args.steps} timed steps (+{args.warmup} warm-up); "
-          f"attention within packed documents on both sides{reused}\n")
+          f"attention within packed documents on both sides{reused}; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}\n")
     if args.device == "cuda":
         print_cuda_table(args, results)
     else:
