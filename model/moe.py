@@ -12,21 +12,25 @@ Which grouped GEMM runs (`grouped_mm`, default `use_grouped_mm=None`), and why:
 
 - CUDA: `torch._grouped_mm` (one kernel launch for all experts, no host sync).
 - CPU: `_ExpertMM`, one BLAS `mm` per non-empty expert forward and backward (dX = g @ w[e],
-  dW[e] = g.T @ x), with bf16/fp16 operands upcast to fp32 one expert at a time and the result
-  cast back. Measured with torch 2.13 on this repo's AVX2 CPU (no native bf16), 1 thread,
-  H=1024 F=3584: `torch._grouped_mm` on CPU is itself a loop of `aten::mm` over experts (the
-  profiler shows 6 mm per expert per fwd+bwd and no weight copy: the transposed weight view is
-  handed to BLAS as is), so fp32 gains nothing from it; in bf16 the CPU mm kernels run at
-  9 GFLOP/s for x @ w.T and 0.5 GFLOP/s for g @ w (the dX product of backward), while upcasting
-  costs ~5 ms per expert weight and the fp32 mm runs at 30-60 GFLOP/s. The fp32 numbers are the
-  per-expert loop's exactly; bf16 ones are the fp32 result rounded once (closer to the true
-  value than a bf16 mm, and within bf16 tolerance of it). Block fwd+bwd at 128 tokens, 1 thread:
-  bf16 0.72 s this way vs 12.6 s through `torch._grouped_mm`; fp32 0.77 s vs 0.79 s.
-  At 128 tokens (~32 rows per expert) 89% of the block's time is in `aten::mm`, with the same
-  102 mm calls per two steps as transformers' grouped_mm experts: the fp32 rate there is MKL's
-  rate for [32, H] x [H, 2F] products (the weight panel is packed for 32 rows only), about a
-  third of one dense [256, H] x [H, 3F] product; no layout of the per-expert mm measured (x @ w.T,
-  (w @ x.T).T, g @ w, (w.T @ g.T).T) moved it by more than the noise. bench/bench_moe.py.
+  dW[e] = g.T @ x). bf16/fp16 operands are multiplied natively where the CPU has instructions for
+  them (`cpu_has_native_mm`: AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX-FP16 for fp16) and
+  otherwise upcast to fp32 one expert at a time, the result cast back once.
+  On a 2-core Xeon with AMX (torch 2.13, 2 threads, H=1024 F=3584, 8 experts top-2) bf16 fwd+bwd
+  took 96-117 ms at 128 tokens and 530-557 ms at 2048 natively, against 335 and 1497 ms upcast;
+  `torch._grouped_mm` took 112 and 664 ms there.
+  On an AVX2 CPU (no native bf16; 1 thread) the bf16 mm kernels ran at 9 GFLOP/s for x @ w.T and
+  0.5 GFLOP/s for g @ w (the dX product of backward), while upcasting cost ~5 ms per expert
+  weight and the fp32 mm ran at 30-60 GFLOP/s: block fwd+bwd at 128 tokens 0.72 s upcast vs
+  12.6 s through `torch._grouped_mm`. Upcast results are the fp32 result rounded once (closer to
+  the true value than a bf16 mm, and within bf16 tolerance of it).
+  fp32: `torch._grouped_mm` on CPU is itself a loop of `aten::mm` over experts (the profiler shows
+  6 mm per expert per fwd+bwd and no weight copy: the transposed weight view is handed to BLAS as
+  is), so it gains nothing at few rows per expert (fp32 at 128 tokens, 1 thread: 0.77 s this way
+  vs 0.79 s). At 128 tokens (~32 rows per expert) ~89% of the block's time is in `aten::mm`, with
+  the same 102 mm calls per two steps as transformers' grouped_mm experts: the fp32 rate there is
+  MKL's rate for [32, H] x [H, 2F] products (the weight panel is packed for 32 rows only), a half
+  to a third of one dense [256, H] x [H, 3F] product; no layout of the per-expert mm measured
+  (x @ w.T, (w @ x.T).T, g @ w, (w.T @ g.T).T) moved it by more than the noise. bench/bench_moe.py.
 - CPU, fp32, >= 256 rows per expert on average (and 16-byte aligned dims): `torch._grouped_mm`.
   On the quiet machine with 2 threads, 2048 tokens (512 rows per expert) fwd+bwd took 2.65 s
   through it vs 2.89 s through `_ExpertMM` (2 threads use its internal parallelism better); at
@@ -36,6 +40,9 @@ Which grouped GEMM runs (`grouped_mm`, default `use_grouped_mm=None`), and why:
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +105,9 @@ def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.
 class _ExpertMM(torch.autograd.Function):
     """y[rows of e] = x[rows of e] @ w[e].T with one BLAS mm per expert, forward and backward.
 
-    Half-precision operands are computed in fp32 one expert at a time (see the module docstring
-    for the measured reason).
+    Half-precision operands are multiplied natively where the CPU has instructions for them and in
+    fp32 one expert at a time where it has not (`cpu_has_native_mm`; measured reasons in the
+    module docstring).
     """
 
     @staticmethod
@@ -128,16 +136,51 @@ class _ExpertMM(torch.autograd.Function):
                 _mm_into(dx[start : start + n], g_e, w[e])
             if dw is not None:
                 if n:
-                    _mm_into(dw[e], g_e.t(), x[start : start + n])
+                    # A row-major g.T: native bf16 mm (oneDNN) ran the whole block 10% (128
+                    # tokens) to 24% (2048) faster for it; fp32 (MKL) measured the same either way.
+                    g_t = g_e.t() if g_e.dtype == torch.float32 else g_e.t().contiguous()
+                    _mm_into(dw[e], g_t, x[start : start + n])
                 else:
                     dw[e].zero_()
             start += n
         return dx, dw, None
 
 
+def _cpu_flags() -> set[str]:
+    """The feature flags of this CPU as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def cpu_has_native_mm(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix instructions for `dtype` (so torch's mm in it is fast).
+
+    bf16: AVX512-BF16 or AMX tiles; fp16: AMX-FP16 or AVX512-FP16. Without them a bf16 mm runs
+    at a few GFLOP/s (see the module docstring) and `_ExpertMM` computes in fp32 instead.
+    """
+    if dtype == torch.float32:
+        return True
+
+    def has(name: str) -> bool:
+        probe = getattr(torch.cpu, name, None)  # private probes of torch.cpu; absent ones mean no
+        return bool(probe is not None and probe())
+
+    if dtype == torch.bfloat16:
+        return has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")
+    if dtype == torch.float16:
+        return has("_is_amx_fp16_supported") or "avx512_fp16" in _cpu_flags()
+    return False
+
+
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out = a @ b; bf16/fp16 are multiplied in fp32 (CPU half-precision mm is slow, see above)."""
-    if out.dtype in (torch.bfloat16, torch.float16):
+    """out = a @ b; half precision is multiplied in fp32 on CPUs without instructions for it."""
+    if out.dtype != torch.float32 and not cpu_has_native_mm(out.dtype):
         out.copy_(a.float() @ b.float())
     else:
         torch.mm(a, b, out=out)
@@ -167,8 +210,9 @@ def grouped_mm(
     supported = _grouped_mm_supported(x, w)
     if use_grouped_mm is None and x.device.type == "cpu":
         # Measured on 2 cores (bench_moe, quiet machine): fp32 at 512 rows per expert the grouped
-        # kernel is 8% faster than our per-expert BLAS; at 32 rows they tie; in bf16 ours is ~17x
-        # faster (this CPU has no native bf16 GEMM, ours computes in fp32).
+        # kernel is 8% faster than our per-expert BLAS; at 32 rows they tie. bf16: ours is ~17x
+        # faster on an AVX2 CPU (it computes in fp32 there), and 1.25x at 512 rows on one with
+        # AMX (native bf16 both ways).
         many_rows = x.shape[0] >= _CPU_GROUPED_MIN_ROWS_PER_EXPERT * w.shape[0]
         if not (supported and x.dtype == torch.float32 and many_rows):
             return _ExpertMM.apply(x, w, tokens_per_expert.tolist())

@@ -157,12 +157,19 @@ def test_cpu_expert_mm_matches_loop_forward_and_backward():
     torch.testing.assert_close(dw[0], g[:4].T @ x[:4])
 
 
-def test_cpu_expert_mm_bf16_is_fp32_math_rounded_once():
+def _bf16_case():
     torch.manual_seed(0)
     x = torch.randn(12, 32, dtype=torch.bfloat16)
     w = torch.randn(3, 16, 32, dtype=torch.bfloat16)
     g = torch.randn(12, 16, dtype=torch.bfloat16)
-    counts = torch.tensor([5, 3, 4])
+    return x, w, g, torch.tensor([5, 3, 4])
+
+
+def test_cpu_expert_mm_bf16_without_native_instructions_is_fp32_math_rounded_once(monkeypatch):
+    from model import moe
+
+    monkeypatch.setattr(moe, "cpu_has_native_mm", lambda dtype: dtype == torch.float32)
+    x, w, g, counts = _bf16_case()
     y, dx, dw = _fwd_bwd(x, w, counts, g)
     y32, dx32, dw32 = _fwd_bwd(x.float(), w.float(), counts, g.float(), use_grouped_mm=False)
     assert y.dtype == dx.dtype == dw.dtype == torch.bfloat16
@@ -173,6 +180,31 @@ def test_cpu_expert_mm_bf16_is_fp32_math_rounded_once():
     y_bf, dx_bf, dw_bf = _fwd_bwd(x, w, counts, g, use_grouped_mm=False)
     torch.testing.assert_close(y, y_bf)
     torch.testing.assert_close(dw, dw_bf)
+
+
+def test_cpu_expert_mm_bf16_with_native_instructions_multiplies_in_bf16(monkeypatch):
+    from model import moe
+
+    monkeypatch.setattr(moe, "cpu_has_native_mm", lambda dtype: True)
+    x, w, g, counts = _bf16_case()
+    y, dx, dw = _fwd_bwd(x, w, counts, g)
+    rows = [slice(0, 5), slice(5, 8), slice(8, 12)]
+    assert torch.equal(y, torch.cat([x[r] @ w[e].t() for e, r in enumerate(rows)]))
+    assert torch.equal(dx, torch.cat([g[r] @ w[e] for e, r in enumerate(rows)]))
+    assert torch.equal(dw, torch.stack([g[r].t().contiguous() @ x[r] for e, r in enumerate(rows)]))
+    y_bf, dx_bf, dw_bf = _fwd_bwd(x, w, counts, g, use_grouped_mm=False)
+    torch.testing.assert_close(y, y_bf)
+    torch.testing.assert_close(dx, dx_bf)
+    torch.testing.assert_close(dw, dw_bf)
+
+
+def test_cpu_has_native_mm_answers_for_every_dtype():
+    from model.moe import cpu_has_native_mm
+
+    assert cpu_has_native_mm(torch.float32)
+    assert not cpu_has_native_mm(torch.int64)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert isinstance(cpu_has_native_mm(dtype), bool)
 
 
 def test_cpu_expert_mm_sum_backward():
