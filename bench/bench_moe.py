@@ -1,6 +1,7 @@
 """MoE block fwd+bwd: ours vs transformers 5's MixtralSparseMoeBlock, with a dense-matmul ceiling.
 
-    make bench-moe                                   # fp32 at 2048 and 128 tokens, bf16 at 128
+    make bench-moe                                   # fp32 and bf16 at 2048 and 128 tokens (bf16 at 128
+                                                     # only, on CPUs without native bf16 instructions)
     .venv/bin/python bench/bench_moe.py --dtypes fp32 bf16 --tokens 2048 128 --repeats 5
     .venv/bin/python bench/bench_moe.py --threads 1 --tokens 128 --dtypes fp32   # quick comparison
     .venv/bin/python bench/bench_moe.py --device cuda     # make bench-gpu: bf16 and fp32 at 16384/2048/128
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import random
 import statistics
 import sys
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 
-from model.moe import MoEBlock  # noqa: E402
+from model.moe import MoEBlock, cpu_has_native_mm  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -51,6 +53,17 @@ def require_cuda() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: run this on a GPU machine", file=sys.stderr)
         raise SystemExit(2)
+
+
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (the benchmark's numbers depend on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def warm_up(steps: dict, calls: int) -> dict:
@@ -200,8 +213,10 @@ def main() -> None:
     parser.add_argument(
         "--bf16-max-tokens",
         type=int,
-        default=128,
-        help="cpu only: skip bf16 above this many tokens (bf16 matmuls are slow on CPUs without AMX)",
+        default=None,
+        help="cpu only: skip bf16 above this many tokens (default: no limit on CPUs with native bf16 "
+        "matrix instructions, AVX512-BF16 or AMX; 128 on others, where transformers' bf16 at 2048 "
+        "tokens took 40 minutes)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
@@ -214,12 +229,20 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
+    native_bf16 = cpu_has_native_mm(torch.bfloat16)
+    bf16_max_tokens = args.bf16_max_tokens or (max(tokens_list) if native_bf16 else 128)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
         f"H={args.hidden} F={args.ffn} E={args.experts} K={args.top_k}; fwd+bwd, median of {repeats} "
         f"interleaved repeats (order shuffled each round); THP_MEM_ALLOC_ENABLE="
-        f"{os.environ['THP_MEM_ALLOC_ENABLE']}; load average at start {os.getloadavg()[0]:.1f}\n"
+        f"{os.environ['THP_MEM_ALLOC_ENABLE']}; load average at start {os.getloadavg()[0]:.1f}"
     )
+    if not cuda:
+        isa = [name for name, probe in (("AVX512", "_is_avx512_supported"), ("AMX", "_is_amx_tile_supported"),
+               ("AVX512-BF16", "_is_avx512_bf16_supported")) if getattr(torch.cpu, probe, lambda: False)()]
+        print(f"CPU: {cpu_name()} ({', '.join(isa) or 'no AVX512'}); bf16 multiplied natively by ours: "
+              f"{'yes' if native_bf16 else 'no, in fp32'}")
+    print()
     if cuda:
         print(
             f"device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), {warmup} warm-up calls each, "
@@ -233,7 +256,7 @@ def main() -> None:
         print("|---:|---|---|---:|---:|---:|---:|")
     for dtype_name in dtype_names:
         for tokens in tokens_list:
-            if not cuda and dtype_name == "bf16" and tokens > args.bf16_max_tokens:
+            if not cuda and dtype_name == "bf16" and tokens > bf16_max_tokens:
                 continue
             rows = bench_case(
                 tokens, DTYPES[dtype_name], args.hidden, args.ffn, args.experts, args.top_k, repeats,
