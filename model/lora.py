@@ -165,22 +165,29 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         return grouped_mm(x, w, tokens_per_expert, use_grouped_mm=self.use_grouped_mm)
 
     def _lora_gate_up(self, adapter: str, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """scaling * [x A_w1^T B_w1^T | x A_w3^T B_w3^T] on expert-sorted rows: [N, H] -> [N, 2F]."""
+        """scaling * [x A_w1^T B_w1^T | x A_w3^T B_w3^T] on expert-sorted rows: [N, H] -> [N, 2F].
+
+        As in the fused path, the scaling multiplies the [N, 2R] low-rank activations, not the
+        [N, 2F] result, and one grouped product with the block-diagonal [E, 2F, 2R] B writes the
+        result whole (two products and a concatenation would cost two more passes over [N, 2F];
+        the zero blocks add 2*N*2F*R flops, a few percent of the base product's N*2F*H).
+        """
         lora_a, lora_b = self.lora_gate_up_A[adapter], self.lora_gate_up_B[adapter]
         r, ffn = self.r[adapter], lora_b.shape[1] // 2
-        mm = self._grouped_mm
-        low = mm(self.lora_dropout[adapter](x.to(lora_a.dtype)), lora_a, tokens_per_expert)  # [N, 2R]
-        gate = mm(low[:, :r], lora_b[:, :ffn], tokens_per_expert)  # [N, F]
-        up = mm(low[:, r:], lora_b[:, ffn:], tokens_per_expert)  # [N, F]
-        return torch.cat((gate, up), dim=-1) * self.scaling[adapter]  # [N, 2F]
+        low = self._grouped_mm(self.lora_dropout[adapter](x.to(lora_a.dtype)), lora_a, tokens_per_expert)
+        zeros = lora_b.new_zeros(lora_b.shape[0], ffn, r)
+        b_diag = torch.cat(
+            (torch.cat((lora_b[:, :ffn], zeros), dim=2), torch.cat((zeros, lora_b[:, ffn:]), dim=2)), dim=1
+        )  # [E, 2F, 2R]
+        return self._grouped_mm(low * self.scaling[adapter], b_diag, tokens_per_expert)  # [N, 2F]
 
     def _lora_down(self, adapter: str, h: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """scaling * h A_w2^T B_w2^T on expert-sorted rows: [N, F] -> [N, H]."""
+        """scaling * h A_w2^T B_w2^T on expert-sorted rows: [N, F] -> [N, H] (scaled at rank R)."""
         lora_a, lora_b = self.lora_down_A[adapter], self.lora_down_B[adapter]
         low = self._grouped_mm(
             self.lora_dropout[adapter](h.to(lora_a.dtype)), lora_a, tokens_per_expert
         )  # [N, R]
-        return self._grouped_mm(low, lora_b, tokens_per_expert) * self.scaling[adapter]  # [N, H]
+        return self._grouped_mm(low * self.scaling[adapter], lora_b, tokens_per_expert)  # [N, H]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if self.disable_adapters:
