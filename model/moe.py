@@ -51,6 +51,8 @@ from torch import nn
 # On CPU, fp32 operands with at least this many rows per expert (on average) go to torch._grouped_mm.
 _CPU_GROUPED_MIN_ROWS_PER_EXPERT = 256
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Half-precision dW products read a row-major copy of g.T when the weight's input dim is at least this.
+_COPY_G_T_MIN_IN = 256
 
 
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -129,6 +131,11 @@ class _ExpertMM(torch.autograd.Function):
         # empty, not zeros: a zero fill of dW is a full extra pass over the expert weights' size.
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # [N, in]
         dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None  # [E, out, in]
+        # A row-major copy of g.T for half-precision dW products of weight size: native bf16 mm
+        # (oneDNN) ran the whole block 10% (128 tokens) to 24% (2048) faster for it; fp32 (MKL)
+        # measured the same either way. Not for rank-sized inputs (LoRA's B, in = R): there the
+        # copy of g took ten times as long as the product.
+        copy_g_t = grad.dtype != torch.float32 and w.shape[2] >= _COPY_G_T_MIN_IN
         start = 0
         for e, n in enumerate(ctx.counts):
             g_e = grad[start : start + n]  # [n, out]
@@ -136,10 +143,7 @@ class _ExpertMM(torch.autograd.Function):
                 _mm_into(dx[start : start + n], g_e, w[e])
             if dw is not None:
                 if n:
-                    # A row-major g.T: native bf16 mm (oneDNN) ran the whole block 10% (128
-                    # tokens) to 24% (2048) faster for it; fp32 (MKL) measured the same either way.
-                    g_t = g_e.t() if g_e.dtype == torch.float32 else g_e.t().contiguous()
-                    _mm_into(dw[e], g_t, x[start : start + n])
+                    _mm_into(dw[e], g_e.t().contiguous() if copy_g_t else g_e.t(), x[start : start + n])
                 else:
                     dw[e].zero_()
             start += n

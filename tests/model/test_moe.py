@@ -157,10 +157,10 @@ def test_cpu_expert_mm_matches_loop_forward_and_backward():
     torch.testing.assert_close(dw[0], g[:4].T @ x[:4])
 
 
-def _bf16_case():
+def _bf16_case(in_dim=32):
     torch.manual_seed(0)
-    x = torch.randn(12, 32, dtype=torch.bfloat16)
-    w = torch.randn(3, 16, 32, dtype=torch.bfloat16)
+    x = torch.randn(12, in_dim, dtype=torch.bfloat16)
+    w = torch.randn(3, 16, in_dim, dtype=torch.bfloat16)
     g = torch.randn(12, 16, dtype=torch.bfloat16)
     return x, w, g, torch.tensor([5, 3, 4])
 
@@ -182,16 +182,21 @@ def test_cpu_expert_mm_bf16_without_native_instructions_is_fp32_math_rounded_onc
     torch.testing.assert_close(dw, dw_bf)
 
 
-def test_cpu_expert_mm_bf16_with_native_instructions_multiplies_in_bf16(monkeypatch):
+@pytest.mark.parametrize("in_dim", [32, 256])  # below and at _COPY_G_T_MIN_IN: g.T as a view / copied
+def test_cpu_expert_mm_bf16_with_native_instructions_multiplies_in_bf16(in_dim, monkeypatch):
     from model import moe
 
     monkeypatch.setattr(moe, "cpu_has_native_mm", lambda dtype: True)
-    x, w, g, counts = _bf16_case()
+    x, w, g, counts = _bf16_case(in_dim)
     y, dx, dw = _fwd_bwd(x, w, counts, g)
     rows = [slice(0, 5), slice(5, 8), slice(8, 12)]
+
+    def g_t(r):
+        return g[r].t().contiguous() if in_dim >= moe._COPY_G_T_MIN_IN else g[r].t()
+
     assert torch.equal(y, torch.cat([x[r] @ w[e].t() for e, r in enumerate(rows)]))
     assert torch.equal(dx, torch.cat([g[r] @ w[e] for e, r in enumerate(rows)]))
-    assert torch.equal(dw, torch.stack([g[r].t().contiguous() @ x[r] for e, r in enumerate(rows)]))
+    assert torch.equal(dw, torch.stack([g_t(r) @ x[r] for r in rows]))
     y_bf, dx_bf, dw_bf = _fwd_bwd(x, w, counts, g, use_grouped_mm=False)
     torch.testing.assert_close(y, y_bf)
     torch.testing.assert_close(dx, dx_bf)
