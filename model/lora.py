@@ -4,7 +4,11 @@ Attention projections are plain `nn.Linear`, so PEFT's own LoRA layer handles th
 one module holding fused 3-D weights (`gate_up_proj` [E, 2F, H], `down_proj` [E, H, F]), which PEFT
 cannot target; `ExpertLoraLayer` is the custom LoRA layer PEFT swaps in for `MixtralExperts`. It
 keeps per-expert A/B as stacked tensors and applies them with `grouped_mm` to the routed rows only,
-so no full-size delta weight is ever built in the forward pass.
+so no full-size delta weight is ever built in the forward pass. The adapter weights stay fp32 over
+a bf16 base (PEFT's autocast_adapter_dtype); under autocast the LoRA products run in autocast's
+dtype (the small adapter weights are cast, not the [N, 2F] activations: on a bf16 base with AMX
+the expert layer's fwd+bwd at 8192 rows, H 512, F 1792, r 16 took 319 vs 431 ms, a whole bf16
+model step 2.60 vs 3.12 s), outside it in fp32.
 
 Registration: importing this module makes every `LoraConfig` (also the ones PEFT builds itself
 from an adapter_config.json) map `MixtralExperts` to `ExpertLoraLayer`. So
@@ -164,6 +168,15 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         # Follow the base module's kernel choice, so that forcing its per-expert loop forces ours too.
         return grouped_mm(x, w, tokens_per_expert, use_grouped_mm=self.use_grouped_mm)
 
+    def _lora_dtype(self, adapter: str, x: torch.Tensor) -> torch.dtype:
+        """The dtype the LoRA products run in: autocast's where it is on (as PEFT's own LoRA layers
+        on the attention projections do: the fp32 adapter weights are cast, not the activations),
+        else the adapter weights' (activations cast to them, the fp32 master weights used as is)."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.lora_gate_up_A[adapter].dtype
+
     def _lora_gate_up(self, adapter: str, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """scaling * [x A_w1^T B_w1^T | x A_w3^T B_w3^T] on expert-sorted rows: [N, H] -> [N, 2F].
 
@@ -172,9 +185,10 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         result whole (two products and a concatenation would cost two more passes over [N, 2F];
         the zero blocks add 2*N*2F*R flops, a few percent of the base product's N*2F*H).
         """
-        lora_a, lora_b = self.lora_gate_up_A[adapter], self.lora_gate_up_B[adapter]
+        dtype = self._lora_dtype(adapter, x)
+        lora_a, lora_b = self.lora_gate_up_A[adapter].to(dtype), self.lora_gate_up_B[adapter].to(dtype)
         r, ffn = self.r[adapter], lora_b.shape[1] // 2
-        low = self._grouped_mm(self.lora_dropout[adapter](x.to(lora_a.dtype)), lora_a, tokens_per_expert)
+        low = self._grouped_mm(self.lora_dropout[adapter](x.to(dtype)), lora_a, tokens_per_expert)
         zeros = lora_b.new_zeros(lora_b.shape[0], ffn, r)
         b_diag = torch.cat(
             (torch.cat((lora_b[:, :ffn], zeros), dim=2), torch.cat((zeros, lora_b[:, ffn:]), dim=2)), dim=1
@@ -183,10 +197,9 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def _lora_down(self, adapter: str, h: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """scaling * h A_w2^T B_w2^T on expert-sorted rows: [N, F] -> [N, H] (scaled at rank R)."""
-        lora_a, lora_b = self.lora_down_A[adapter], self.lora_down_B[adapter]
-        low = self._grouped_mm(
-            self.lora_dropout[adapter](h.to(lora_a.dtype)), lora_a, tokens_per_expert
-        )  # [N, R]
+        dtype = self._lora_dtype(adapter, h)
+        lora_a, lora_b = self.lora_down_A[adapter].to(dtype), self.lora_down_B[adapter].to(dtype)
+        low = self._grouped_mm(self.lora_dropout[adapter](h.to(dtype)), lora_a, tokens_per_expert)  # [N, R]
         return self._grouped_mm(low * self.scaling[adapter], lora_b, tokens_per_expert)  # [N, H]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:

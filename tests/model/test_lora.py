@@ -85,6 +85,38 @@ def test_expert_lora_matches_dense_reference_outputs_and_grads(use_grouped_mm):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_expert_lora_on_a_bf16_base_computes_in_autocast_dtype_and_keeps_fp32_adapters():
+    """Under autocast the LoRA products run in its dtype (the fp32 adapter weights are cast, as PEFT's
+    LoRA layers on the attention do); outside it they run in the adapters' fp32. Both stay within
+    bf16 tolerance of the fp32 reference, and the adapter gradients are fp32."""
+    layer = make_layer()
+    randomise_b(layer)
+    layer.get_base_layer().to(torch.bfloat16)
+    x, tokens_per_expert = sorted_rows()
+    x_bf16 = x.to(torch.bfloat16)
+    assert layer._lora_gate_up("default", x_bf16, tokens_per_expert).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._lora_gate_up("default", x_bf16, tokens_per_expert).dtype == torch.bfloat16
+        assert layer._lora_down("default", x_bf16[:, :1].expand(-1, FFN), tokens_per_expert).dtype == torch.bfloat16
+
+    grad_out = torch.randn(x.shape[0], H)
+    base = layer.get_base_layer()
+    ref_lora = [t.detach().clone().requires_grad_(True) for t in lora_tensors(layer)]
+    ref = dense_reference(x, tokens_per_expert, base.gate_up_proj.float(), base.down_proj.float(), *ref_lora, ALPHA / R)
+    ref.backward(grad_out)
+    for autocast in (False, True):
+        for t in lora_tensors(layer):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x_bf16, tokens_per_expert)
+        out.float().backward(grad_out)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+        for got, want in zip(lora_tensors(layer), ref_lora, strict=True):
+            assert got.dtype == got.grad.dtype == torch.float32
+            torch.testing.assert_close(got.grad, want.grad, atol=5e-2, rtol=5e-2)
+
+
 def test_fresh_adapter_is_a_no_op_and_initialised_like_peft():
     layer = make_layer()
     x, tokens_per_expert = sorted_rows()
