@@ -15,7 +15,7 @@ Which grouped GEMM runs (`grouped_mm`, default `use_grouped_mm=None`), and why:
   dW[e] = g.T @ x). bf16/fp16 operands are multiplied natively where the CPU has instructions for
   them (`cpu_has_native_mm`: AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX-FP16 for fp16) and
   otherwise upcast to fp32 one expert at a time, the result cast back once. Natively, each
-  expert's rows are padded with zero rows to one of a few bucket sizes (`_bucket_rows`): oneDNN
+  expert's rows are padded with zero rows to one of a few bucket sizes (`bucket_rows`): oneDNN
   builds a kernel for every new product shape, and the rows per expert change every step. A bf16
   LoRA model step (bench-small, 4 x ~1020 tokens, a new batch each step) took 3.3 s with the
   buckets and 4.9-5.2 s without.
@@ -113,7 +113,7 @@ class _ExpertMM(torch.autograd.Function):
 
     Half-precision operands are multiplied natively where the CPU has instructions for them and in
     fp32 one expert at a time where it has not (`cpu_has_native_mm`; measured reasons in the
-    module docstring). Natively, each expert's rows are laid out in a block of `_bucket_rows(n)`
+    module docstring). Natively, each expert's rows are laid out in a block of `bucket_rows(n)`
     rows (zeros after the n real ones): oneDNN, which runs half-precision mm on such CPUs, builds a
     kernel for every new shape (15-45 ms for a [~1250, 3584] x [3584, 512] bf16 product against
     4-7 ms once built, AMX Xeon), and the rows per expert change every training step. With a few
@@ -123,7 +123,7 @@ class _ExpertMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        layout = _RowBuckets(counts, x.device) if _buckets_rows(x.dtype) else None
+        layout = _RowBuckets(counts, x.device) if cpu_pads_rows(x.dtype) else None
         x_run = x if layout is None else layout.spread(x)  # [N or padded N, in]
         run_counts = counts if layout is None else layout.sizes
         y = x.new_empty(x_run.shape[0], w.shape[1])  # [N, out]
@@ -165,7 +165,7 @@ class _ExpertMM(torch.autograd.Function):
         return dx, dw, None
 
 
-def _bucket_rows(n: int) -> int:
+def bucket_rows(n: int) -> int:
     """n rounded up to a multiple of 32 up to 128, above that to one of 4 sizes per octave (1024,
     1280, 1536, 1792, 2048, ...): at most 25% more rows, ~30 sizes up to 16k."""
     if n <= 128:
@@ -174,16 +174,17 @@ def _bucket_rows(n: int) -> int:
     return -(-n // step) * step
 
 
-def _buckets_rows(dtype: torch.dtype) -> bool:
-    """Whether `_ExpertMM` pads each expert's rows to a bucket size (native half precision)."""
+def cpu_pads_rows(dtype: torch.dtype) -> bool:
+    """Whether CPU products in `dtype` with a varying row count should pad it to `bucket_rows`:
+    native half precision, where oneDNN builds a kernel per shape (see `_ExpertMM`)."""
     return dtype != torch.float32 and cpu_has_native_mm(dtype)
 
 
 class _RowBuckets:
-    """Where each expert's rows go in a layout of bucket-sized blocks (`_bucket_rows`)."""
+    """Where each expert's rows go in a layout of bucket-sized blocks (`bucket_rows`)."""
 
     def __init__(self, counts: list[int], device: torch.device):
-        self.sizes = [_bucket_rows(n) if n else 0 for n in counts]
+        self.sizes = [bucket_rows(n) if n else 0 for n in counts]
         starts = [0]
         for size in self.sizes[:-1]:
             starts.append(starts[-1] + size)

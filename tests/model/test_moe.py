@@ -203,14 +203,14 @@ def test_cpu_expert_mm_bf16_with_native_instructions_multiplies_in_bf16(in_dim, 
 
 
 def test_bucket_rows_sizes():
-    from model.moe import _bucket_rows
+    from model.moe import bucket_rows
 
-    got = {n: _bucket_rows(n) for n in (1, 32, 33, 128, 129, 1000, 1024, 1025, 1792, 2000, 14336, 14337)}
+    got = {n: bucket_rows(n) for n in (1, 32, 33, 128, 129, 1000, 1024, 1025, 1792, 2000, 14336, 14337)}
     assert got == {1: 32, 32: 32, 33: 64, 128: 128, 129: 160, 1000: 1024, 1024: 1024, 1025: 1280,
                    1792: 1792, 2000: 2048, 14336: 14336, 14337: 16384}
     for n in range(1, 5000):
-        assert n <= _bucket_rows(n) <= max(32 * -(-n // 32), 1.25 * n)
-    assert len({_bucket_rows(n) for n in range(1, 16385)}) <= 40
+        assert n <= bucket_rows(n) <= max(32 * -(-n // 32), 1.25 * n)
+    assert len({bucket_rows(n) for n in range(1, 16385)}) <= 40
 
 
 def test_native_half_precision_products_see_bucket_sized_rows_only(monkeypatch):
