@@ -205,12 +205,12 @@ def test_cpu_expert_mm_bf16_with_native_instructions_multiplies_in_bf16(in_dim, 
 def test_bucket_rows_sizes():
     from model.moe import bucket_rows
 
-    got = {n: bucket_rows(n) for n in (1, 32, 33, 128, 129, 1000, 1024, 1025, 1792, 2000, 14336, 14337)}
-    assert got == {1: 32, 32: 32, 33: 64, 128: 128, 129: 160, 1000: 1024, 1024: 1024, 1025: 1280,
-                   1792: 1792, 2000: 2048, 14336: 14336, 14337: 16384}
+    got = {n: bucket_rows(n) for n in (1, 16, 17, 128, 129, 1000, 1024, 1025, 1792, 2000, 14336, 14337)}
+    assert got == {1: 16, 16: 16, 17: 32, 128: 128, 129: 144, 1000: 1024, 1024: 1024, 1025: 1152,
+                   1792: 1792, 2000: 2048, 14336: 14336, 14337: 15360}
     for n in range(1, 5000):
-        assert n <= bucket_rows(n) <= max(32 * -(-n // 32), 1.25 * n)
-    assert len({bucket_rows(n) for n in range(1, 16385)}) <= 40
+        assert n <= bucket_rows(n) <= max(16 * -(-n // 16), 1.125 * n)
+    assert len({bucket_rows(n) for n in range(1, 16385)}) <= 70
 
 
 def test_native_half_precision_products_see_bucket_sized_rows_only(monkeypatch):
@@ -226,7 +226,7 @@ def test_native_half_precision_products_see_bucket_sized_rows_only(monkeypatch):
     y, dx, dw = _fwd_bwd(x, w, counts, g)
     assert len(shapes) == 9  # 3 experts x (forward, dX, dW)
     for a_shape, _ in shapes:
-        assert a_shape[0] == 32 or a_shape[1] == 32  # 5, 3 and 4 rows -> 32; the dW products sum over them
+        assert a_shape[0] == 16 or a_shape[1] == 16  # 5, 3 and 4 rows -> 16; the dW products sum over them
     torch.testing.assert_close(y, _fwd_bwd(x, w, counts, g, use_grouped_mm=False)[0])
 
 
