@@ -20,8 +20,8 @@ Which grouped GEMM runs (`grouped_mm`, default `use_grouped_mm=None`), and why:
   LoRA model step (bench-small, 4 x ~1020 tokens, a new batch each step) took 3.3 s with the
   buckets and 4.9-5.2 s without.
   On a 2-core Xeon with AMX (torch 2.13, 2 threads, H=1024 F=3584, 8 experts top-2) bf16 fwd+bwd
-  took 96-117 ms at 128 tokens and 530-557 ms at 2048 natively, against 335 and 1497 ms upcast;
-  `torch._grouped_mm` took 112 and 664 ms there.
+  took 96-117 ms at 128 tokens and 530-590 ms at 2048 natively, against 335 and 1497 ms upcast;
+  `torch._grouped_mm` took 108-122 and 555-664 ms there (same products, fixed shapes).
   On an AVX2 CPU (no native bf16; 1 thread) the bf16 mm kernels ran at 9 GFLOP/s for x @ w.T and
   0.5 GFLOP/s for g @ w (the dX product of backward), while upcasting cost ~5 ms per expert
   weight and the fp32 mm ran at 30-60 GFLOP/s: block fwd+bwd at 128 tokens 0.72 s upcast vs
@@ -167,7 +167,7 @@ class _ExpertMM(torch.autograd.Function):
 
 def bucket_rows(n: int) -> int:
     """n rounded up to a multiple of 16 up to 128, above that to one of 8 sizes per octave (1024,
-    1152, 1280, ..., 1920, 2048, ...): at most 12.5% more rows, ~60 sizes up to 16k."""
+    1152, 1280, ..., 1920, 2048, ...): at most 12.5% more rows, 64 sizes up to 16k."""
     if n <= 128:
         return -(-n // 16) * 16
     step = 1 << (n.bit_length() - 4)
@@ -267,8 +267,9 @@ def grouped_mm(
     if use_grouped_mm is None and x.device.type == "cpu":
         # Measured on 2 cores (bench_moe, quiet machine): fp32 at 512 rows per expert the grouped
         # kernel is 8% faster than our per-expert BLAS; at 32 rows they tie. bf16: ours is ~17x
-        # faster on an AVX2 CPU (it computes in fp32 there), and 1.25x at 512 rows on one with
-        # AMX (native bf16 both ways).
+        # faster on an AVX2 CPU (it computes in fp32 there); with AMX both run the same native
+        # products (within 5-15% of each other on fixed shapes, either way), and only ours keeps
+        # each expert's rows in buckets, which steps with new routings need (_ExpertMM).
         many_rows = x.shape[0] >= _CPU_GROUPED_MIN_ROWS_PER_EXPERT * w.shape[0]
         if not (supported and x.dtype == torch.float32 and many_rows):
             return _ExpertMM.apply(x, w, tokens_per_expert.tolist())
