@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 
-from model.moe import MoEBlock, cpu_has_native_mm  # noqa: E402
+from model.moe import MoEBlock, cpu_has_native_mm, cpuinfo  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,17 +53,6 @@ def require_cuda() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: run this on a GPU machine", file=sys.stderr)
         raise SystemExit(2)
-
-
-def cpu_name() -> str:
-    """The CPU's model name as Linux reports it (the benchmark's numbers depend on it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def warm_up(steps: dict, calls: int) -> dict:
@@ -240,7 +229,8 @@ def main() -> None:
     if not cuda:
         isa = [name for name, probe in (("AVX512", "_is_avx512_supported"), ("AMX", "_is_amx_tile_supported"),
                ("AVX512-BF16", "_is_avx512_bf16_supported")) if getattr(torch.cpu, probe, lambda: False)()]
-        print(f"CPU: {cpu_name()} ({', '.join(isa) or 'no AVX512'}); bf16 multiplied natively by ours: "
+        name = cpuinfo("model name") or platform.processor() or "unknown"
+        print(f"CPU: {name} ({', '.join(isa) or 'no AVX512'}); bf16 multiplied natively by ours: "
               f"{'yes' if native_bf16 else 'no, in fp32'}")
     print()
     if cuda:

@@ -202,15 +202,15 @@ class _RowBuckets:
         return t.index_select(0, self.index)
 
 
-def _cpu_flags() -> set[str]:
-    """The feature flags of this CPU as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+def cpuinfo(key: str) -> str:
+    """The value of the first `key` line of Linux's /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
+            if line.startswith(key):
+                return line.partition(":")[2].strip()
     except OSError:
         pass
-    return set()
+    return ""
 
 
 @functools.cache
@@ -230,7 +230,7 @@ def cpu_has_native_mm(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")
     if dtype == torch.float16:
-        return has("_is_amx_fp16_supported") or "avx512_fp16" in _cpu_flags()
+        return has("_is_amx_fp16_supported") or "avx512_fp16" in cpuinfo("flags").split()
     return False
 
 
