@@ -147,8 +147,9 @@ class _ExpertMM(torch.autograd.Function):
         # A row-major copy of g.T for half-precision dW products of weight size: native bf16 mm
         # (oneDNN) ran the whole block 10% (128 tokens) to 24% (2048) faster for it; fp32 (MKL)
         # measured the same either way. Not for rank-sized inputs (LoRA's B, in = R): there the
-        # copy of g took ten times as long as the product.
-        copy_g_t = grad.dtype != torch.float32 and w.shape[2] >= _COPY_G_T_MIN_IN
+        # copy of g took ten times as long as the product. Only natively (layout): the fp32 upcast
+        # path copies its operands anyway.
+        copy_g_t = layout is not None and w.shape[2] >= _COPY_G_T_MIN_IN
         start = 0
         for e, n in enumerate(ctx.counts):
             g_e = grad[start : start + n]  # [n, out]
