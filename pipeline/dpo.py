@@ -43,6 +43,7 @@ from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared
 from pipeline import parallel
 from pipeline.checkpointing import write_json
+from pipeline.comm import group_device
 from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_secrets, save_recipe
 from pipeline.dpo_loss import (
     IGNORE_INDEX,
@@ -343,7 +344,8 @@ def compute_reference_log_probs(
     policy.train(was_training)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)  # [block] each
     if world > 1:
-        chosen, rejected = accelerator.gather(chosen), accelerator.gather(rejected)  # [P * block]
+        device = group_device()
+        chosen, rejected = accelerator.gather(chosen.to(device)), accelerator.gather(rejected.to(device))  # [P * block]
     return chosen[:n].cpu(), rejected[:n].cpu()
 
 

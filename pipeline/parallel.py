@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.comm import group_device
 from pipeline.expert_parallel import (
     EP_GROUP_NAME,
     ExpertParallelStats,
@@ -333,19 +334,25 @@ def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, train
 
 
 def expert_load_imbalance(stats: ExpertParallelStats, ep_group) -> dict[str, float]:
-    """Rows each EP rank computed since the last reset, and max/mean across the EP group; resets."""
-    rows = torch.tensor([0.0 if stats.local_expert_rows is None else float(stats.local_expert_rows.sum())])
-    sent = torch.tensor([float(stats.all_to_all_bytes)])
-    per_rank = [torch.zeros(1) for _ in range(dist.get_world_size(ep_group))]
+    """Rows each EP rank computed since the last reset, and max/mean across the EP group; resets.
+
+    Once per step: the gather runs on the group's device and its result comes to the host in one read.
+    """
+    device = group_device(ep_group)
+    rows = torch.zeros(1, dtype=torch.float64, device=device)
+    if stats.local_expert_rows is not None:
+        rows += stats.local_expert_rows.sum().to(device, torch.float64)
+    per_rank = [torch.empty_like(rows) for _ in range(dist.get_world_size(ep_group))]
     dist.all_gather(per_rank, rows, group=ep_group)
-    loads = torch.cat(per_rank)
+    loads = torch.cat(per_rank).tolist()
+    sent = float(stats.all_to_all_bytes)
     stats.reset()
-    mean = loads.mean().item()
+    mean = sum(loads) / len(loads)
     return {
-        "ep/all_to_all_bytes": sent.item(),
-        "ep/rank_rows_max": loads.max().item(),
-        "ep/rank_rows_min": loads.min().item(),
-        "ep/load_imbalance": loads.max().item() / mean if mean > 0 else 1.0,
+        "ep/all_to_all_bytes": sent,
+        "ep/rank_rows_max": max(loads),
+        "ep/rank_rows_min": min(loads),
+        "ep/load_imbalance": max(loads) / mean if mean > 0 else 1.0,
     }
 
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpointing as ckpt
+from pipeline.comm import group_device
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.parallel import init_process_state, load_rank_shard, moe_param_groups, save_rank_shard
 from pipeline.tracking import Tracker, expert_load_metrics
@@ -277,10 +278,9 @@ class Trainer:
         )
 
     def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.to(self.acc.device)
         if self.world == 1:
             return value.cpu()
-        return self.acc.reduce(value, reduction="sum").cpu()
+        return self.acc.reduce(value.to(group_device()), reduction="sum").cpu()
 
     def _reduce_metrics(self, sums, means, global_units: float, global_batches: float) -> dict[str, float]:
         """Sums over all processes: ``sums`` per unit, ``means`` per micro-batch of the global batch."""
