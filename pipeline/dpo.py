@@ -667,13 +667,14 @@ def run(recipe: DPORecipe) -> Path:
         else (lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
     )
     final = trainer.train()
-    tracker.finish()
 
-    # 5. Artifacts for export: rank 0 writes the whole adapter/model, gathered from EP/ZeRO-3 shards.
+    # 5. Artifacts for export: rank 0 writes the whole adapter/model, gathered from EP/ZeRO-3 shards,
+    # trained tensors from DeepSpeed's fp32 master copy.
     state_dict = None
-    if sharded:
+    if recipe.parallel.deepspeed:
         state_dict = parallel.consolidated_state_dict(
-            accelerator, trainer.model, recipe.parallel, place, trainable_only=recipe.lora.enabled
+            accelerator, trainer.model, recipe.parallel, place, trainable_only=recipe.lora.enabled,
+            dtypes=trainer.param_dtypes,
         )
     if accelerator.is_main_process:
         files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
@@ -696,6 +697,7 @@ def run(recipe: DPORecipe) -> Path:
         summary = ", ".join(f"{k} {final[k]:.4f}" for k in keys if k in final)
         accelerator.print(f"dpo: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
     accelerator.wait_for_everyone()
+    tracker.finish()
     return out
 
 

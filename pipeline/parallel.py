@@ -311,12 +311,13 @@ def moe_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, trainable_only: bool = False,
-                    main_only: bool = False):
+                    main_only: bool = False, dtypes: dict[str, torch.dtype] | None = None):
     """The whole model's tensors: expert tensors gathered from their EP group (every rank must call).
 
     Names are the model's own (`named_parameters`); expert params come back with all E experts, on
     the CPU. `main_only`: other ranks return {} (they still take part in the gathers), so a full
-    model only ever exists on rank 0. Under ZeRO-3 see `consolidated_state_dict`.
+    model only ever exists on rank 0. `dtypes`: see `master_or_module_copy`. Under ZeRO-3 see
+    `consolidated_state_dict`.
     """
     expert_names = set()
     if place.ep_size > 1:
@@ -326,11 +327,31 @@ def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, train
     for name, p in model.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        t = p.detach()
+        t = master_or_module_copy(name, p, dtypes)
         t = gather_expert_tensor(t, ep_group) if name in expert_names else t
         if not main_only or not dist.is_initialized() or dist.get_rank() == 0:
             out[name] = t.to("cpu", copy=True)
     return out
+
+
+def master_or_module_copy(name: str, p: nn.Parameter, dtypes: dict[str, torch.dtype] | None) -> torch.Tensor:
+    """What to save of parameter `p`: the optimizer's fp32 master copy, in the dtype the stage built
+    `p` with (`dtypes[name]`), when DeepSpeed has cast the module copy for mixed precision; else `p`.
+
+    Under DeepSpeed bf16 the module holds bf16 copies of every weight, fp32 adapters included, and
+    the fp32 master weights live (partitioned) in the ZeRO optimizer; a bf16 adapter is not what
+    trained, nor what a one-process run saves. A collective over `p`'s data-parallel group (every
+    rank calls, in the same order).
+    """
+    built = (dtypes or {}).get(name, p.dtype)
+    if not p.requires_grad or built == p.dtype:
+        return p.detach()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(p)  # full tensor (this rank's experts under EP), fp32
+    if master is None:
+        raise ParallelError(f"{name}: DeepSpeed holds it as {p.dtype} but has no fp32 master copy of it")
+    return master.to(built)
 
 
 def expert_load_imbalance(stats: ExpertParallelStats, ep_group) -> dict[str, float]:
@@ -484,19 +505,24 @@ def load_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
 
 
 def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSection, place: ExpertPlacement,
-                            *, trainable_only: bool) -> dict[str, torch.Tensor]:
+                            *, trainable_only: bool,
+                            dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """The whole (unwrapped) model's tensors on rank 0, {} elsewhere; every rank must call.
 
     EP: expert tensors gathered from the EP group. ZeRO-3: DeepSpeed's 16-bit gather, module by
     module onto rank 0 (`stage3_gather_16bit_weights_on_model_save`). Otherwise every rank already
-    holds everything.
+    holds everything. Trained tensors DeepSpeed cast for mixed precision come from the fp32 master
+    copy, in the dtype the stage built them with (`dtypes`, name -> dtype; `master_or_module_copy`).
     """
     inner = accelerator.unwrap_model(model)
     if section.zero_stage == 3:
         state = accelerator.get_state_dict(model)
+        masters = {n: master_or_module_copy(n, p, dtypes) for n, p in inner.named_parameters()
+                   if p.requires_grad and (dtypes or {}).get(n, p.dtype) != p.dtype}
         if not accelerator.is_main_process:
             return {}
+        state.update(masters)
         trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
         return {n: t.cpu() for n, t in state.items() if not trainable_only or n in trainable}
     ep_group = expert_groups(place.ep_size)[0] if place.ep_size > 1 else None
-    return full_state_dict(inner, place, ep_group, trainable_only=trainable_only, main_only=True)
+    return full_state_dict(inner, place, ep_group, trainable_only=trainable_only, main_only=True, dtypes=dtypes)

@@ -152,6 +152,8 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps,
                                          total_steps=self.total_steps, schedule=config.schedule,
                                          min_ratio=config.min_lr_ratio)
+        # As built, before DeepSpeed casts the module for mixed precision: what the final save keeps.
+        self.param_dtypes = {name: p.dtype for name, p in model.named_parameters()}
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step = 0
         self.trained_tokens = 0
@@ -438,6 +440,14 @@ def _accumulate(into: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         into[key] = value if key not in into else into[key] + value
 
 
+def end_process_group() -> None:
+    """Tear down the launch's process group once a stage has finished (NCCL warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def stage_main(argv, usage: str, load_recipe, run) -> int:
     """The command line of a training stage: ``RECIPE [key=value ...]`` -> exit code.
 
@@ -450,6 +460,7 @@ def stage_main(argv, usage: str, load_recipe, run) -> int:
     path, overrides = parse_cli(argv, usage=usage)
     try:
         run(load_recipe(path, overrides))
+        end_process_group()
     except (RecipeError, FileNotFoundError) as err:
         print(f"error: {redact_env_secrets(str(err))}", file=sys.stderr)
         return 2
