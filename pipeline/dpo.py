@@ -587,6 +587,10 @@ def run(recipe: DPORecipe) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
+    parallel.require_shared_directory(out, "output_dir")
+    if recipe.dpo.precompute_ref_log_probs:
+        # Rank 0 writes the reference log-probs cache there and every rank reads it back.
+        parallel.require_shared_directory(recipe.data.output_dir, "data.output_dir")
     set_seed(recipe.train.seed)
 
     # 2. Data, policy and reference.

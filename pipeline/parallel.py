@@ -106,6 +106,44 @@ def validate(section: ParallelSection, *, num_experts: int, world_size: int) -> 
         )
 
 
+def require_shared_directory(path: str | os.PathLike, what: str) -> None:
+    """Startup check: every process sees the directory rank 0 writes into (a no-op in one process).
+
+    Checkpoints are one directory that rank 0 creates and renames and every rank writes its shard
+    into; the final model and the DPO reference log-probs are written by rank 0 and read by the
+    others. With node-local disks, node 1 would fail at the first save, hours in. Rank 0 writes a
+    probe file with a fresh token under `path`; each rank looks for it under its own `path`; one
+    all_reduce tells every rank which ranks could not, and all of them raise. `what` names the recipe
+    key in the message. Every rank must call.
+    """
+    import secrets
+    from pathlib import Path
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = Path(path) / f".shared-fs-probe-{token[0]}"
+    if rank == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    blind = torch.zeros(world, dtype=torch.int32, device=group_device())  # [world] 1 = cannot see the probe
+    blind[rank] = 0 if probe.is_file() and probe.read_text() == token[0] else 1
+    dist.all_reduce(blind)
+    if rank == 0:
+        probe.unlink()
+    ranks = [r for r, flag in enumerate(blind.tolist()) if flag]
+    if ranks:
+        raise ParallelError(
+            f"{what}={path}: processes {ranks} of {world} do not see the files rank 0 writes there. Every "
+            f"rank writes its checkpoint shard into one directory under {what} and reads what rank 0 wrote: "
+            f"a multi-node run needs {what} on a filesystem shared by all nodes (NFS, Lustre, ...), at the "
+            "same path on every node"
+        )
+
+
 def _check_launch(section: ParallelSection) -> None:
     """The accelerate config and the recipe must describe the same DeepSpeed setup."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":

@@ -289,6 +289,7 @@ def run(recipe: SFTRecipe) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
+    parallel.require_shared_directory(out, "output_dir")
     set_seed(recipe.train.seed)
 
     # 2. Data and model.
