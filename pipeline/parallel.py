@@ -144,6 +144,27 @@ def require_shared_directory(path: str | os.PathLike, what: str) -> None:
         )
 
 
+def require_cpu_adam() -> None:
+    """Startup check for `parallel.offload_optimizer`: DeepSpeed's CPU Adam op loads.
+
+    Unless DeepSpeed was installed with it prebuilt, the op is compiled on first use with the host's
+    C++ compiler and ninja (~73 s measured on a 2-core host) and cached in torch's extensions dir
+    (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); later runs load it in a second.
+    """
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    try:
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # the builder raises RuntimeError, the compiler step CalledProcessError, ...
+        raise ParallelError(
+            f"parallel.offload_optimizer=true steps the optimizer with DeepSpeed's CPU Adam, which cannot be "
+            f"built here ({type(err).__name__}: {err}). It is compiled on first use: install a C++ compiler "
+            "(g++; apt-get install build-essential) and ninja (pip install ninja) on every node, and make "
+            "TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) writable; or install DeepSpeed with "
+            "the op prebuilt (DS_BUILD_CPU_ADAM=1 pip install deepspeed); or set parallel.offload_optimizer=false"
+        ) from err
+
+
 def _check_launch(section: ParallelSection) -> None:
     """The accelerate config and the recipe must describe the same DeepSpeed setup."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -192,7 +213,9 @@ def deepspeed_config(
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
-        # Our torch AdamW also runs on offloaded state; DeepSpeed's CPU Adam would need a compiled op.
+        # Under offload the trainer builds DeepSpeed's CPU Adam itself (optim.build_optimizer). With
+        # this flag on, accelerate would rebuild any client optimizer as a CPU Adam from its defaults
+        # (accelerate/utils/deepspeed.py `map_pytorch_optim_to_deepspeed`): ours would lose adamw_mode.
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -240,6 +263,8 @@ def make_accelerator(
     from accelerate.utils import DeepSpeedPlugin
 
     _check_launch(section)
+    if section.offload_optimizer:
+        require_cpu_adam()
     cpu = init_process_state(section.backend, deepspeed=section.deepspeed)
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

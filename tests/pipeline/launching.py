@@ -20,9 +20,11 @@ def launch_env() -> dict:
     return env
 
 
-def run_command(cmd: list[str]) -> None:
+def run_command(cmd: list[str]) -> str:
+    """Runs it from the repository; fails the test with its output's end; returns its stdout."""
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
 
 
 def accelerate_launch(config: str) -> list[str]:

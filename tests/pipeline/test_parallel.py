@@ -104,3 +104,18 @@ def test_output_dir_not_shared_between_ranks_is_refused_on_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_shared_dir_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_cpu_adam_that_cannot_be_built_is_a_clear_error():
+    import subprocess
+    import sys
+
+    from launching import ROOT, launch_env
+
+    # No ninja on PATH: DeepSpeed's builder cannot JIT-compile (or load) the op, whatever is cached.
+    env = {k: v for k, v in launch_env().items() if k != "PATH"}
+    proc = subprocess.run([sys.executable, "-c", "from pipeline.parallel import require_cpu_adam; require_cpu_adam()"],
+                          cwd=ROOT, env={**env, "PATH": "/nonexistent"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ParallelError: parallel.offload_optimizer=true steps the optimizer with DeepSpeed's CPU Adam" in proc.stderr
+    assert "ninja" in proc.stderr and "pip install ninja" in proc.stderr

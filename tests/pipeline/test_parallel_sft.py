@@ -38,9 +38,10 @@ def _sft(data: Path, out: Path, *args: str, config: str | None = None) -> Path:
     """Launched runs keep W&B on (offline), as users run; the one-process references turn it off."""
     tail = ["-m", "pipeline.sft", str(RECIPE), f"data.output_dir={data}", f"output_dir={out}", *COMMON, *args]
     if config is None:
-        run_command([sys.executable, *tail, "tracking.report_to=none"])
+        stdout = run_command([sys.executable, *tail, "tracking.report_to=none"])
     else:
-        run_command([*accelerate_launch(config), *tail])
+        stdout = run_command([*accelerate_launch(config), *tail])
+    out.with_suffix(".stdout").write_text(stdout)
     return out
 
 
@@ -60,6 +61,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "z2ep2_lora": _sft(data, tmp / "z2ep2_lora", *lora, *ep2, config="cpu_zero2_ep2.yaml"),
         "z3_full": _sft(data, tmp / "z3_full", *full, "parallel.zero_stage=3", "model.logits_chunk_size=null",
                         config="cpu_zero3.yaml"),
+        # Optimizer state in host memory, stepped by DeepSpeed's CPU Adam (parallel.offload_optimizer).
+        "z2ep2_full_offload": _sft(data, tmp / "z2ep2_full_offload", *full, *ep2, "parallel.offload_optimizer=true",
+                                   config="cpu_zero2_ep2_offload.yaml"),
         # The Mixtral-8x7B LoRA recipes' path: ZeRO-2 + EP, bf16 (DeepSpeed casts the module, adapters too).
         "z2ep2_lora_bf16": _sft(data, tmp / "z2ep2_lora_bf16", *lora, *ep2, "train.mixed_precision=bf16",
                                 "train.max_steps=2", config="cpu_zero2_ep2.yaml"),
@@ -80,7 +84,7 @@ def _losses(run: Path) -> list[float]:
 
 
 LAUNCHED = [("ddp_full", "ref_full"), ("ddp_lora", "ref_lora"), ("z2ep2_full", "ref_full"),
-            ("z2ep2_lora", "ref_lora"), ("z3_full", "ref_full")]
+            ("z2ep2_lora", "ref_lora"), ("z3_full", "ref_full"), ("z2ep2_full_offload", "ref_full")]
 
 
 @pytest.mark.parametrize("mode", [m for m, _ in LAUNCHED])
@@ -202,3 +206,11 @@ def test_bf16_deepspeed_adapter_is_the_fp32_master_copy(runs):
                        for r in (0, 1)), name
         else:
             assert any(_found_at_float_offset(t, torch.cat(pair)) for pair in zip(*masters, strict=True)), name
+
+
+def test_offloaded_optimizer_steps_with_deepspeed_cpu_adam(runs):
+    # Same losses and grad norms as the one-process AdamW run (test_launched_* above), from DeepSpeed's
+    # compiled CPU Adam: torch's AdamW would step the offloaded state in eager loops.
+    assert "optimizer: DeepSpeedCPUAdam" in runs["z2ep2_full_offload"].with_suffix(".stdout").read_text()
+    assert "optimizer: AdamW" in runs["z2ep2_full"].with_suffix(".stdout").read_text()
+
