@@ -149,7 +149,8 @@ class ExpertParallelDispatch:
                 local_counts if self.stats.local_expert_rows is None else self.stats.local_expert_rows + local_counts
             )
             self.stats.calls += 1
-        return received[order], local_counts.to(tokens_per_expert.device)
+        # index_select: its backward is a plain index_add (advanced indexing sorts the indices first).
+        return received.index_select(0, order), local_counts.to(tokens_per_expert.device)
 
     def combine(self, module: nn.Module, args: tuple, y_local: torch.Tensor) -> torch.Tensor:
         send_splits, recv_splits, order = self._pending.pop()
