@@ -43,6 +43,7 @@ from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared
 from pipeline import parallel
 from pipeline.checkpointing import write_json
+from pipeline.comm import group_device
 from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_secrets, save_recipe
 from pipeline.dpo_loss import (
     IGNORE_INDEX,
@@ -343,7 +344,8 @@ def compute_reference_log_probs(
     policy.train(was_training)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)  # [block] each
     if world > 1:
-        chosen, rejected = accelerator.gather(chosen), accelerator.gather(rejected)  # [P * block]
+        device = group_device()
+        chosen, rejected = accelerator.gather(chosen.to(device)), accelerator.gather(rejected.to(device))  # [P * block]
     return chosen[:n].cpu(), rejected[:n].cpu()
 
 
@@ -585,6 +587,10 @@ def run(recipe: DPORecipe) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
+    parallel.require_shared_directory(out, "output_dir")
+    if recipe.dpo.precompute_ref_log_probs:
+        # Rank 0 writes the reference log-probs cache there and every rank reads it back.
+        parallel.require_shared_directory(recipe.data.output_dir, "data.output_dir")
     set_seed(recipe.train.seed)
 
     # 2. Data, policy and reference.
@@ -665,13 +671,14 @@ def run(recipe: DPORecipe) -> Path:
         else (lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
     )
     final = trainer.train()
-    tracker.finish()
 
-    # 5. Artifacts for export: rank 0 writes the whole adapter/model, gathered from EP/ZeRO-3 shards.
+    # 5. Artifacts for export: rank 0 writes the whole adapter/model, gathered from EP/ZeRO-3 shards,
+    # trained tensors from DeepSpeed's fp32 master copy.
     state_dict = None
-    if sharded:
+    if recipe.parallel.deepspeed:
         state_dict = parallel.consolidated_state_dict(
-            accelerator, trainer.model, recipe.parallel, place, trainable_only=recipe.lora.enabled
+            accelerator, trainer.model, recipe.parallel, place, trainable_only=recipe.lora.enabled,
+            dtypes=trainer.param_dtypes,
         )
     if accelerator.is_main_process:
         files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
@@ -694,6 +701,7 @@ def run(recipe: DPORecipe) -> Path:
         summary = ", ".join(f"{k} {final[k]:.4f}" for k in keys if k in final)
         accelerator.print(f"dpo: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
     accelerator.wait_for_everyone()
+    tracker.finish()
     return out
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.comm import group_device
+
 # DeepSpeed's expert-parameter convention (deepspeed/moe/utils.py `is_moe_param`): params with
 # `allreduce = False` have their grads reduced over the expert-data-parallel group named `group_name`.
 EP_GROUP_NAME = "ep_size_{}"
@@ -80,21 +82,20 @@ def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[i
     return _AllToAll.apply(x, send_splits, recv_splits, group)
 
 
-def local_order(counts: torch.Tensor) -> torch.Tensor:
+def local_order(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Row order that regroups received rows by local expert.
 
     counts [P, El]: rows received from source rank p for local expert j; the received rows are laid
-    out source-major (p, then j). Returns [M] indices that lay them out expert-major (j, then p),
-    keeping each source's rows in order. Pure, so it is tested on its own.
+    out source-major (p, then j). Returns [M] indices (on counts' device) that lay them out
+    expert-major (j, then p), keeping each source's rows in order. ``total`` = M, when the caller
+    already has it on the host: then nothing here waits for the device. Pure, so it is tested on its own.
     """
     P, El = counts.shape
-    starts = (torch.cumsum(counts.reshape(-1), 0) - counts.reshape(-1)).reshape(P, El)  # [P, El]
-    chunks = [
-        torch.arange(int(starts[p, j]), int(starts[p, j] + counts[p, j]), dtype=torch.long)
-        for j in range(El)
-        for p in range(P)
-    ]
-    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+    flat = counts.reshape(-1)  # [P * El] rows per (source, expert) segment, source-major
+    segments = torch.arange(P * El, device=counts.device)  # [P * El]
+    segment_of_row = torch.repeat_interleave(segments, flat, output_size=total)  # [M]
+    expert_major = (segments % El) * P + segments // El  # [P * El] rank of segment (p, j) once sorted by (j, p)
+    return torch.argsort(expert_major[segment_of_row], stable=True)  # [M]
 
 
 @dataclass
@@ -115,6 +116,7 @@ class ExpertParallelDispatch:
     def __init__(self, placement: ExpertPlacement, group, stats: ExpertParallelStats):
         self.placement = placement
         self.group = group
+        self.device = group_device(group)  # where the count exchange runs (CUDA under NCCL)
         self.stats = stats
         self._pending: list[tuple[list[int], list[int], torch.Tensor]] = []
 
@@ -126,13 +128,15 @@ class ExpertParallelDispatch:
                 f"expert parallel dispatch expects tokens_per_expert [E={self.placement.num_experts}], "
                 f"got {tuple(tokens_per_expert.shape)}"
             )
-        send_counts = tokens_per_expert.detach().to("cpu", torch.long).reshape(P, El)  # [P, El] rows per owner
+        send_counts = tokens_per_expert.detach().to(self.device, torch.long).reshape(P, El)  # [P, El] rows per owner
         recv_counts = torch.empty_like(send_counts)  # [P, El] rows from each source for my experts
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send_splits = send_counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        # The layer's one host sync: an uneven all_to_all takes its split sizes as Python ints. Send and
+        # receive counts come over together; backward reuses these splits (saved in _AllToAll's ctx).
+        sent, got = torch.stack([send_counts, recv_counts]).tolist()  # [P][El] each
+        send_splits, recv_splits = [sum(row) for row in sent], [sum(row) for row in got]
         received = all_to_all_rows(x_sorted, send_splits, recv_splits, self.group)  # [M, H] source-major
-        order = local_order(recv_counts).to(received.device)  # [M]
+        order = local_order(recv_counts, total=sum(recv_splits)).to(received.device)  # [M]
         self._pending.append((send_splits, recv_splits, order))
 
         local_counts = recv_counts.sum(0)  # [El]
@@ -145,7 +149,8 @@ class ExpertParallelDispatch:
                 local_counts if self.stats.local_expert_rows is None else self.stats.local_expert_rows + local_counts
             )
             self.stats.calls += 1
-        return received[order], local_counts.to(tokens_per_expert.device)
+        # index_select: its backward is a plain index_add (advanced indexing sorts the indices first).
+        return received.index_select(0, order), local_counts.to(tokens_per_expert.device)
 
     def combine(self, module: nn.Module, args: tuple, y_local: torch.Tensor) -> torch.Tensor:
         send_splits, recv_splits, order = self._pending.pop()
@@ -232,6 +237,7 @@ def install_dispatch(model: nn.Module, placement: ExpertPlacement, group) -> Exp
 
 def gather_expert_tensor(local: torch.Tensor, group) -> torch.Tensor:
     """[El, ...] on each EP rank -> [E, ...] in expert order (rank 0's block first)."""
+    local = local.to(group_device(group)).contiguous()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
+    dist.all_gather(parts, local, group=group)
     return torch.cat(parts, dim=0)

@@ -92,11 +92,19 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
-) -> torch.optim.AdamW:
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+    cpu_adam: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; `cpu_adam`: DeepSpeed's CPU Adam (the same AdamW update, in its
+    compiled vectorised op), for optimizer state offloaded to host memory, where torch's AdamW
+    would step 46.7B parameters in eager Python loops (`parallel.require_cpu_adam` checks it builds)."""
     groups = param_groups(model.named_parameters(), weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters: check lora.* and model.freeze_router")
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 

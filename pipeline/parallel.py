@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.comm import group_device
 from pipeline.expert_parallel import (
     EP_GROUP_NAME,
     ExpertParallelStats,
@@ -105,6 +106,65 @@ def validate(section: ParallelSection, *, num_experts: int, world_size: int) -> 
         )
 
 
+def require_shared_directory(path: str | os.PathLike, what: str) -> None:
+    """Startup check: every process sees the directory rank 0 writes into (a no-op in one process).
+
+    Checkpoints are one directory that rank 0 creates and renames and every rank writes its shard
+    into; the final model and the DPO reference log-probs are written by rank 0 and read by the
+    others. With node-local disks, node 1 would fail at the first save, hours in. Rank 0 writes a
+    probe file with a fresh token under `path`; each rank looks for it under its own `path`; one
+    all_reduce tells every rank which ranks could not, and all of them raise. `what` names the recipe
+    key in the message. Every rank must call.
+    """
+    import secrets
+    from pathlib import Path
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = Path(path) / f".shared-fs-probe-{token[0]}"
+    if rank == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    blind = torch.zeros(world, dtype=torch.int32, device=group_device())  # [world] 1 = cannot see the probe
+    blind[rank] = 0 if probe.is_file() and probe.read_text() == token[0] else 1
+    dist.all_reduce(blind)
+    if rank == 0:
+        probe.unlink()
+    ranks = [r for r, flag in enumerate(blind.tolist()) if flag]
+    if ranks:
+        raise ParallelError(
+            f"{what}={path}: processes {ranks} of {world} do not see the files rank 0 writes there. Every "
+            f"rank writes its checkpoint shard into one directory under {what} and reads what rank 0 wrote: "
+            f"a multi-node run needs {what} on a filesystem shared by all nodes (NFS, Lustre, ...), at the "
+            "same path on every node"
+        )
+
+
+def require_cpu_adam() -> None:
+    """Startup check for `parallel.offload_optimizer`: DeepSpeed's CPU Adam op loads.
+
+    Unless DeepSpeed was installed with it prebuilt, the op is compiled on first use with the host's
+    C++ compiler and ninja (~73 s measured on a 2-core host) and cached in torch's extensions dir
+    (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); later runs load it in a second.
+    """
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    try:
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # the builder raises RuntimeError, the compiler step CalledProcessError, ...
+        raise ParallelError(
+            f"parallel.offload_optimizer=true steps the optimizer with DeepSpeed's CPU Adam, which cannot be "
+            f"built here ({type(err).__name__}: {err}). It is compiled on first use: install a C++ compiler "
+            "(g++; apt-get install build-essential) and ninja (pip install ninja) on every node, and make "
+            "TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) writable; or install DeepSpeed with "
+            "the op prebuilt (DS_BUILD_CPU_ADAM=1 pip install deepspeed); or set parallel.offload_optimizer=false"
+        ) from err
+
+
 def _check_launch(section: ParallelSection) -> None:
     """The accelerate config and the recipe must describe the same DeepSpeed setup."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -153,7 +213,9 @@ def deepspeed_config(
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
-        # Our torch AdamW also runs on offloaded state; DeepSpeed's CPU Adam would need a compiled op.
+        # Under offload the trainer builds DeepSpeed's CPU Adam itself (optim.build_optimizer). With
+        # this flag on, accelerate would rebuild any client optimizer as a CPU Adam from its defaults
+        # (accelerate/utils/deepspeed.py `map_pytorch_optim_to_deepspeed`): ours would lose adamw_mode.
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -201,6 +263,8 @@ def make_accelerator(
     from accelerate.utils import DeepSpeedPlugin
 
     _check_launch(section)
+    if section.offload_optimizer:
+        require_cpu_adam()
     cpu = init_process_state(section.backend, deepspeed=section.deepspeed)
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -310,12 +374,13 @@ def moe_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, trainable_only: bool = False,
-                    main_only: bool = False):
+                    main_only: bool = False, dtypes: dict[str, torch.dtype] | None = None):
     """The whole model's tensors: expert tensors gathered from their EP group (every rank must call).
 
     Names are the model's own (`named_parameters`); expert params come back with all E experts, on
     the CPU. `main_only`: other ranks return {} (they still take part in the gathers), so a full
-    model only ever exists on rank 0. Under ZeRO-3 see `consolidated_state_dict`.
+    model only ever exists on rank 0. `dtypes`: see `master_or_module_copy`. Under ZeRO-3 see
+    `consolidated_state_dict`.
     """
     expert_names = set()
     if place.ep_size > 1:
@@ -325,27 +390,53 @@ def full_state_dict(model: nn.Module, place: ExpertPlacement, ep_group, *, train
     for name, p in model.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        t = p.detach()
+        t = master_or_module_copy(name, p, dtypes)
         t = gather_expert_tensor(t, ep_group) if name in expert_names else t
         if not main_only or not dist.is_initialized() or dist.get_rank() == 0:
             out[name] = t.to("cpu", copy=True)
     return out
 
 
+def master_or_module_copy(name: str, p: nn.Parameter, dtypes: dict[str, torch.dtype] | None) -> torch.Tensor:
+    """What to save of parameter `p`: the optimizer's fp32 master copy, in the dtype the stage built
+    `p` with (`dtypes[name]`), when DeepSpeed has cast the module copy for mixed precision; else `p`.
+
+    Under DeepSpeed bf16 the module holds bf16 copies of every weight, fp32 adapters included, and
+    the fp32 master weights live (partitioned) in the ZeRO optimizer; a bf16 adapter is not what
+    trained, nor what a one-process run saves. A collective over `p`'s data-parallel group (every
+    rank calls, in the same order).
+    """
+    built = (dtypes or {}).get(name, p.dtype)
+    if not p.requires_grad or built == p.dtype:
+        return p.detach()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(p)  # full tensor (this rank's experts under EP), fp32
+    if master is None:
+        raise ParallelError(f"{name}: DeepSpeed holds it as {p.dtype} but has no fp32 master copy of it")
+    return master.to(built)
+
+
 def expert_load_imbalance(stats: ExpertParallelStats, ep_group) -> dict[str, float]:
-    """Rows each EP rank computed since the last reset, and max/mean across the EP group; resets."""
-    rows = torch.tensor([0.0 if stats.local_expert_rows is None else float(stats.local_expert_rows.sum())])
-    sent = torch.tensor([float(stats.all_to_all_bytes)])
-    per_rank = [torch.zeros(1) for _ in range(dist.get_world_size(ep_group))]
+    """Rows each EP rank computed since the last reset, and max/mean across the EP group; resets.
+
+    Once per step: the gather runs on the group's device and its result comes to the host in one read.
+    """
+    device = group_device(ep_group)
+    rows = torch.zeros(1, dtype=torch.float64, device=device)
+    if stats.local_expert_rows is not None:
+        rows += stats.local_expert_rows.sum().to(device, torch.float64)
+    per_rank = [torch.empty_like(rows) for _ in range(dist.get_world_size(ep_group))]
     dist.all_gather(per_rank, rows, group=ep_group)
-    loads = torch.cat(per_rank)
+    loads = torch.cat(per_rank).tolist()
+    sent = float(stats.all_to_all_bytes)
     stats.reset()
-    mean = loads.mean().item()
+    mean = sum(loads) / len(loads)
     return {
-        "ep/all_to_all_bytes": sent.item(),
-        "ep/rank_rows_max": loads.max().item(),
-        "ep/rank_rows_min": loads.min().item(),
-        "ep/load_imbalance": loads.max().item() / mean if mean > 0 else 1.0,
+        "ep/all_to_all_bytes": sent,
+        "ep/rank_rows_max": max(loads),
+        "ep/rank_rows_min": min(loads),
+        "ep/load_imbalance": max(loads) / mean if mean > 0 else 1.0,
     }
 
 
@@ -477,19 +568,24 @@ def load_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
 
 
 def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSection, place: ExpertPlacement,
-                            *, trainable_only: bool) -> dict[str, torch.Tensor]:
+                            *, trainable_only: bool,
+                            dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """The whole (unwrapped) model's tensors on rank 0, {} elsewhere; every rank must call.
 
     EP: expert tensors gathered from the EP group. ZeRO-3: DeepSpeed's 16-bit gather, module by
     module onto rank 0 (`stage3_gather_16bit_weights_on_model_save`). Otherwise every rank already
-    holds everything.
+    holds everything. Trained tensors DeepSpeed cast for mixed precision come from the fp32 master
+    copy, in the dtype the stage built them with (`dtypes`, name -> dtype; `master_or_module_copy`).
     """
     inner = accelerator.unwrap_model(model)
     if section.zero_stage == 3:
         state = accelerator.get_state_dict(model)
+        masters = {n: master_or_module_copy(n, p, dtypes) for n, p in inner.named_parameters()
+                   if p.requires_grad and (dtypes or {}).get(n, p.dtype) != p.dtype}
         if not accelerator.is_main_process:
             return {}
+        state.update(masters)
         trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
         return {n: t.cpu() for n, t in state.items() if not trainable_only or n in trainable}
     ep_group = expert_groups(place.ep_size)[0] if place.ep_size > 1 else None
-    return full_state_dict(inner, place, ep_group, trainable_only=trainable_only, main_only=True)
+    return full_state_dict(inner, place, ep_group, trainable_only=trainable_only, main_only=True, dtypes=dtypes)

@@ -289,6 +289,7 @@ def run(recipe: SFTRecipe) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
+    parallel.require_shared_directory(out, "output_dir")
     set_seed(recipe.train.seed)
 
     # 2. Data and model.
@@ -320,13 +321,14 @@ def run(recipe: SFTRecipe) -> Path:
             lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
     )
     final = trainer.train()
-    tracker.finish()
 
-    # 4. Artifacts for the next stage: rank 0 writes the whole model, gathered from EP/ZeRO-3 shards.
+    # 4. Artifacts for the next stage: rank 0 writes the whole model, gathered from EP/ZeRO-3 shards,
+    # trained tensors from DeepSpeed's fp32 master copy.
     state_dict = None
-    if place.ep_size > 1 or recipe.parallel.zero_stage == 3:
+    if recipe.parallel.deepspeed:
         state_dict = parallel.consolidated_state_dict(accelerator, trainer.model, recipe.parallel, place,
-                                                      trainable_only=recipe.lora.enabled)
+                                                      trainable_only=recipe.lora.enabled,
+                                                      dtypes=trainer.param_dtypes)
     if accelerator.is_main_process:
         files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
         write_manifest(recipe, out, files=files, data=data_fingerprint(recipe, train, eval_set),
@@ -334,6 +336,7 @@ def run(recipe: SFTRecipe) -> Path:
         summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss") if k in final)
         accelerator.print(f"sft: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
     accelerator.wait_for_everyone()
+    tracker.finish()
     return out
 
 

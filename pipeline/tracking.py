@@ -119,8 +119,14 @@ class Tracker:
             self.accelerator.log(metrics, step=step)
 
     def finish(self) -> None:
-        if self.report_to != "none":
-            self.accelerator.end_training()
+        """Close the W&B run; call it last in a stage, after its final collectives.
+
+        Not `accelerator.end_training()`: that also destroys the process group, and a stage's final
+        consolidation and barriers come after training (issue 14: no model, no manifest).
+        """
+        if self.report_to != "none" and self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -33,8 +33,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpointing as ckpt
+from pipeline.comm import group_device
 from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.parallel import init_process_state, load_rank_shard, moe_param_groups, save_rank_shard
+from pipeline.parallel import (
+    ParallelError,
+    init_process_state,
+    load_rank_shard,
+    moe_param_groups,
+    save_rank_shard,
+)
 from pipeline.tracking import Tracker, expert_load_metrics
 
 if TYPE_CHECKING:
@@ -145,18 +152,29 @@ class Trainer:
         self.total_steps = config.max_steps or config.epochs * self.per_epoch
 
         optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
-                                    betas=tuple(config.betas), eps=config.eps)
+                                    betas=tuple(config.betas), eps=config.eps, cpu_adam=self._offloads_optimizer())
         # Expert-parallel params (DeepSpeed-tagged) need groups of their own, before the schedule sees them.
         moe_param_groups(optimizer)
+        accelerator.print(f"optimizer: {type(optimizer).__name__}, groups "
+                          f"{', '.join(str(g.get('name')) for g in optimizer.param_groups)}")
         self.scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps,
                                          total_steps=self.total_steps, schedule=config.schedule,
                                          min_ratio=config.min_lr_ratio)
+        # As built, before DeepSpeed casts the module for mixed precision: what the final save keeps.
+        self.param_dtypes = {name: p.dtype for name, p in model.named_parameters()}
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step = 0
         self.trained_tokens = 0
         self.last_good_checkpoint: Path | None = None
         if resume_from is not None:
             self._load(resume_from)
+
+    def _offloads_optimizer(self) -> bool:
+        """DeepSpeed keeps the optimizer state in host memory: it steps there, with DeepSpeed's CPU Adam."""
+        if not self.deepspeed:
+            return False
+        zero = self.acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -277,10 +295,9 @@ class Trainer:
         )
 
     def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.to(self.acc.device)
         if self.world == 1:
             return value.cpu()
-        return self.acc.reduce(value, reduction="sum").cpu()
+        return self.acc.reduce(value.to(group_device()), reduction="sum").cpu()
 
     def _reduce_metrics(self, sums, means, global_units: float, global_batches: float) -> dict[str, float]:
         """Sums over all processes: ``sums`` per unit, ``means`` per micro-batch of the global batch."""
@@ -438,10 +455,18 @@ def _accumulate(into: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         into[key] = value if key not in into else into[key] + value
 
 
+def end_process_group() -> None:
+    """Tear down the launch's process group once a stage has finished (NCCL warns at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def stage_main(argv, usage: str, load_recipe, run) -> int:
     """The command line of a training stage: ``RECIPE [key=value ...]`` -> exit code.
 
-    2: the recipe or an input is wrong (message, secrets redacted); 3: the loss diverged.
+    2: the recipe, the launch or an input is wrong (message, secrets redacted); 3: the loss diverged.
     """
     import sys
 
@@ -450,7 +475,8 @@ def stage_main(argv, usage: str, load_recipe, run) -> int:
     path, overrides = parse_cli(argv, usage=usage)
     try:
         run(load_recipe(path, overrides))
-    except (RecipeError, FileNotFoundError) as err:
+        end_process_group()
+    except (RecipeError, ParallelError, FileNotFoundError) as err:
         print(f"error: {redact_env_secrets(str(err))}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

@@ -41,6 +41,7 @@ def test_local_order_regroups_source_major_rows_by_expert():
     assert local_order(counts).tolist() == [0, 1, 2, 3, 4, 5]
     counts = torch.tensor([[1, 2], [3, 0]])  # rows: r0e0 [0], r0e1 [1,2], r1e0 [3,4,5]
     assert local_order(counts).tolist() == [0, 3, 4, 5, 1, 2]
+    assert local_order(counts, total=6).tolist() == [0, 3, 4, 5, 1, 2]  # M from the host: no device read
     assert local_order(torch.zeros(2, 4, dtype=torch.long)).tolist() == []
 
 

@@ -76,3 +76,46 @@ def test_lora_init_is_the_same_whatever_the_expert_placement_and_global_rng():
     for name, want in full.items():
         torch.testing.assert_close(rank1[name], want[4:] if ".moe.experts." in name else want, rtol=0, atol=0,
                                    msg=name)
+
+
+def _shared_dir_worker(rank: int, world: int, tmp: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline.parallel import require_shared_directory
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        shared = os.path.join(tmp, "out")
+        require_shared_directory(shared, "output_dir")  # one filesystem: passes, leaves nothing behind
+        assert rank != 0 or not [n for n in os.listdir(shared) if n.startswith(".shared-fs-probe")]
+        # Rank 1 on a node whose output_dir is another disk: here, another directory at the same path name.
+        own = shared if rank == 0 else os.path.join(tmp, "node1-local", "out")
+        with pytest.raises(ParallelError, match=r"output_dir=.*processes \[1\] of 2 do not see the files rank 0 "
+                                                r"writes there.*filesystem shared by all nodes"):
+            require_shared_directory(own, "output_dir")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_output_dir_not_shared_between_ranks_is_refused_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_shared_dir_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_cpu_adam_that_cannot_be_built_is_a_clear_error():
+    import subprocess
+    import sys
+
+    from launching import ROOT, launch_env
+
+    # No ninja on PATH: DeepSpeed's builder cannot JIT-compile (or load) the op, whatever is cached.
+    env = {k: v for k, v in launch_env().items() if k != "PATH"}
+    proc = subprocess.run([sys.executable, "-c", "from pipeline.parallel import require_cpu_adam; require_cpu_adam()"],
+                          cwd=ROOT, env={**env, "PATH": "/nonexistent"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ParallelError: parallel.offload_optimizer=true steps the optimizer with DeepSpeed's CPU Adam" in proc.stderr
+    assert "ninja" in proc.stderr and "pip install ninja" in proc.stderr

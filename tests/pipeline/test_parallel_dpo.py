@@ -3,9 +3,10 @@
 The starting point is a real SFT run kept as short as it can be (2 LoRA steps), so that DPO's
 parallel path includes merging an SFT adapter that is not zero and, under ep=2, cutting its expert
 tensors to each rank's experts. DPO then trains a fresh LoRA adapter for 4 steps, in three ways that
-see the same pairs: one process (micro-batch 1 x 2 accumulation steps), plain DDP on 2 processes and
-ZeRO-2 + expert parallel 2 (micro-batch 1 each). Prep, SFT and the one-process DPO run in this
-process (as their command lines would, on one thread), the two launches as subprocesses.
+see the same pairs: one process (micro-batch 1 x 2 accumulation steps), plain DDP on 2 processes,
+ZeRO-2 + expert parallel 2 and ZeRO-3 (micro-batch 1 each). Prep, SFT and the one-process DPO run in
+this process (as their command lines would, on one thread), the three launches as subprocesses,
+with W&B on (offline), the recipes' default.
 The reference is the policy with its adapter disabled, so under EP its forwards are collectives too.
 Launches are shared between the assertions through one module-scoped fixture.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import ROOT, accelerate_launch, run_command
+from launching import ROOT, accelerate_launch, assert_finished_with_wandb, run_command
 from safetensors.torch import load_file
 
 from pipeline.tracking import read_metrics
@@ -36,7 +37,7 @@ QUIET = ["tracking.report_to=none", "tracking.progress_bar=false"]
 DPO_COMMON = [
     f"train.max_steps={STEPS}", "train.micro_batch_size=1", "train.warmup_steps=1", "train.log_every=1",
     "train.lr=1e-3", "train.eval_every=null", "train.eval_max_batches=3", "train.save_every=null", "train.resume=never",
-    "train.overwrite_output_dir=true", "parallel.backend=gloo", *QUIET,
+    "train.overwrite_output_dir=true", "parallel.backend=gloo", "tracking.progress_bar=false",
 ]
 # Tolerances from fp32 rounding. A pair's summed log-prob (~100-220) has an ulp of 1.5e-5, and under
 # EP the experts see their rows in other GEMM blocks, so a sum can end an ulp or two away. Measured
@@ -53,14 +54,18 @@ TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "
               "logps/chosen", "logps/rejected", "aux_loss", "nll", "grad_norm")
 EVAL_KEYS = tuple(f"eval_{k}" for k in TRAIN_KEYS if k != "grad_norm")
 EP2 = ["parallel.zero_stage=2", "parallel.expert_parallel_size=2"]
-LAUNCHED = {"ddp": ("cpu_ddp.yaml", []), "z2ep2": ("cpu_zero2_ep2.yaml", EP2)}
+# ZeRO-3 runs without the chunked LM head (its checkpointed chunks read a weight ZeRO-3 has released).
+LAUNCHED = {"ddp": ("cpu_ddp.yaml", []), "z2ep2": ("cpu_zero2_ep2.yaml", EP2),
+            "z3": ("cpu_zero3.yaml", ["parallel.zero_stage=3", "model.logits_chunk_size=null"])}
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def _launch(config: str, data: Path, sft: Path, out: Path, *args: str) -> Path:
+    """A launched DPO run with W&B on (offline), as the Mixtral-8x7B recipe runs it (the tiny one has it off)."""
     run_command([*accelerate_launch(config), "-m", "pipeline.dpo", str(DPO_RECIPE),
-                 f"data.output_dir={data}", f"model.sft_dir={sft}", f"output_dir={out}", *DPO_COMMON, *args])
+                 f"data.output_dir={data}", f"model.sft_dir={sft}", f"output_dir={out}", *DPO_COMMON,
+                 "tracking.report_to=wandb", *args])
     return out
 
 
@@ -103,7 +108,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     with _as_a_command():
         code = dpo.main([
             str(DPO_RECIPE), f"data.output_dir={data}", f"model.sft_dir={out['sft']}", f"output_dir={out['ref']}",
-            *DPO_COMMON, "train.grad_accum_steps=2",
+            *DPO_COMMON, "train.grad_accum_steps=2", *QUIET,
         ])
     assert code == 0, "the single-process DPO run failed"
     for mode, (config, args) in LAUNCHED.items():
@@ -162,3 +167,8 @@ def test_ep2_adapter_is_gathered_and_loads_on_the_sft_model(runs):
     merged = merge_adapter_fp32(sft, runs["z2ep2"]).state_dict()
     assert merged.keys() == sft_weights.keys()
     assert max((merged[k] - sft_weights[k]).abs().max().item() for k in merged) > 1e-6
+
+
+@pytest.mark.parametrize("mode", sorted(LAUNCHED))
+def test_launched_runs_write_adapter_manifest_and_wandb_run(runs, mode):
+    assert_finished_with_wandb(runs[mode])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import ROOT, accelerate_launch, run_command
+from launching import ROOT, accelerate_launch, assert_finished_with_wandb, run_command
 from safetensors.torch import load_file
 
 from pipeline.tracking import read_metrics
@@ -27,7 +27,7 @@ STEPS = 4
 # runs comparable (measured: losses within 1e-6, final weights within 1e-6, the training moved them 3e-3).
 COMMON = [
     f"train.max_steps={STEPS}", "train.micro_batch_size=1", "train.warmup_steps=1", "train.save_every=2",
-    "train.eval_max_batches=1", "train.lr=1e-3", "tracking.report_to=none", "tracking.progress_bar=false",
+    "train.eval_max_batches=1", "train.lr=1e-3", "tracking.progress_bar=false",
     "parallel.backend=gloo", "train.overwrite_output_dir=true",
 ]
 
@@ -35,8 +35,13 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def _sft(data: Path, out: Path, *args: str, config: str | None = None) -> Path:
+    """Launched runs keep W&B on (offline), as users run; the one-process references turn it off."""
     tail = ["-m", "pipeline.sft", str(RECIPE), f"data.output_dir={data}", f"output_dir={out}", *COMMON, *args]
-    run_command([sys.executable, *tail] if config is None else [*accelerate_launch(config), *tail])
+    if config is None:
+        stdout = run_command([sys.executable, *tail, "tracking.report_to=none"])
+    else:
+        stdout = run_command([*accelerate_launch(config), *tail])
+    out.with_suffix(".stdout").write_text(stdout)
     return out
 
 
@@ -56,6 +61,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "z2ep2_lora": _sft(data, tmp / "z2ep2_lora", *lora, *ep2, config="cpu_zero2_ep2.yaml"),
         "z3_full": _sft(data, tmp / "z3_full", *full, "parallel.zero_stage=3", "model.logits_chunk_size=null",
                         config="cpu_zero3.yaml"),
+        # Optimizer state in host memory, stepped by DeepSpeed's CPU Adam (parallel.offload_optimizer).
+        "z2ep2_full_offload": _sft(data, tmp / "z2ep2_full_offload", *full, *ep2, "parallel.offload_optimizer=true",
+                                   config="cpu_zero2_ep2_offload.yaml"),
+        # The Mixtral-8x7B LoRA recipes' path: ZeRO-2 + EP, bf16 (DeepSpeed casts the module, adapters too).
+        "z2ep2_lora_bf16": _sft(data, tmp / "z2ep2_lora_bf16", *lora, *ep2, "train.mixed_precision=bf16",
+                                "train.max_steps=2", config="cpu_zero2_ep2.yaml"),
     }
     # Resume: a copy of the ep=2 run cut back to its step-2 checkpoint, continued by a new launch.
     resumed = tmp / "z2ep2_full_resumed"
@@ -73,7 +84,7 @@ def _losses(run: Path) -> list[float]:
 
 
 LAUNCHED = [("ddp_full", "ref_full"), ("ddp_lora", "ref_lora"), ("z2ep2_full", "ref_full"),
-            ("z2ep2_lora", "ref_lora"), ("z3_full", "ref_full")]
+            ("z2ep2_lora", "ref_lora"), ("z3_full", "ref_full"), ("z2ep2_full_offload", "ref_full")]
 
 
 @pytest.mark.parametrize("mode", [m for m, _ in LAUNCHED])
@@ -159,3 +170,47 @@ def test_resume_under_zero2_ep2_continues_the_same_curve(runs):
     assert got[:2] == want[:2]  # kept from before the checkpoint
     for step in (2, 3):
         assert abs(got[step] - want[step]) < 1e-6, f"step {step + 1}: resumed {got[step]} vs {want[step]}"
+
+
+@pytest.mark.parametrize("mode", [m for m, _ in LAUNCHED] + ["resumed", "z2ep2_lora_bf16"])
+def test_launched_runs_write_model_manifest_and_wandb_run(runs, mode):
+    assert_finished_with_wandb(runs[mode])
+
+
+def _found_at_float_offset(needle: torch.Tensor, haystack: torch.Tensor) -> bool:
+    """``needle``'s fp32 values appear, in order, as a contiguous run inside ``haystack``."""
+    hay, pin = haystack.contiguous().numpy().tobytes(), needle.contiguous().numpy().tobytes()
+    at = hay.find(pin)
+    while at != -1 and at % 4:
+        at = hay.find(pin, at + 1)
+    return at != -1
+
+
+def test_bf16_deepspeed_adapter_is_the_fp32_master_copy(runs):
+    # Under bf16 DeepSpeed trains bf16 module copies and steps fp32 master weights, partitioned in its
+    # optimizer: the final checkpoint holds each rank's partitions. ZeRO-2 cuts each dense group's flat
+    # buffer in rank order; each rank's expert groups hold its own experts whole (ep=2 on 2 ranks).
+    run = runs["z2ep2_lora_bf16"]
+    adapter = load_file(run / "adapter_model.safetensors")
+    ckpt = run / "checkpoints/step-000002"
+    masters = [[t for k, t in sorted(load_file(ckpt / f"optimizer-rank{r}.safetensors").items(),
+                                     key=lambda kv: kv[0]) if k.startswith("fp32.")] for r in (0, 1)]
+    module_copy = load_file(ckpt / "model-rank0.safetensors")
+    assert {t.dtype for t in module_copy.values()} == {torch.bfloat16}  # what used to be saved
+    assert adapter.keys() and {t.dtype for t in adapter.values()} == {torch.float32}
+    for name, t in adapter.items():
+        assert not torch.equal(t, t.bfloat16().float()), f"{name}: a bf16 copy widened to fp32"
+        if ".moe.experts." in name:
+            half = t.shape[0] // 2
+            assert all(any(_found_at_float_offset(t[r * half:(r + 1) * half], m) for m in masters[r])
+                       for r in (0, 1)), name
+        else:
+            assert any(_found_at_float_offset(t, torch.cat(pair)) for pair in zip(*masters, strict=True)), name
+
+
+def test_offloaded_optimizer_steps_with_deepspeed_cpu_adam(runs):
+    # Same losses and grad norms as the one-process AdamW run (test_launched_* above), from DeepSpeed's
+    # compiled CPU Adam: torch's AdamW would step the offloaded state in eager loops.
+    assert "optimizer: DeepSpeedCPUAdam" in runs["z2ep2_full_offload"].with_suffix(".stdout").read_text()
+    assert "optimizer: AdamW" in runs["z2ep2_full"].with_suffix(".stdout").read_text()
+
