@@ -328,6 +328,27 @@ def preflight(recipe, launch: LaunchSpec, *, model_config=None, config_source: s
     return pairing
 
 
+STAGES = ("sft", "dpo", "eval")
+
+
+def load_stage_recipe(path: str | os.PathLike, overrides=(), stage: str | None = None):
+    """A stage recipe from YAML + overrides: its class from ``stage`` or the file's `stage:` key
+    (an eval recipe has none: it names `models:`)."""
+    from pipeline.config import build, load_recipe_dict
+
+    raw = load_recipe_dict(path, list(overrides))
+    stage = stage or raw.get("stage") or ("eval" if "models" in raw else None)
+    if stage not in STAGES:
+        raise PreflightError(f"{path}: not a stage recipe this plan knows (stage: {stage!r}; want one of {STAGES})")
+    if stage == "sft":
+        from pipeline.recipe import SFTRecipe as cls
+    elif stage == "dpo":
+        from pipeline.dpo import DPORecipe as cls
+    else:
+        from pipeline.eval import EvalRecipe as cls
+    return build(cls, raw, source=str(path))
+
+
 def stage_of(recipe) -> str:
     stage = getattr(recipe, "stage", None)
     if stage in ("sft", "dpo"):

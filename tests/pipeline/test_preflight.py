@@ -5,29 +5,16 @@ header passes all of them (built on the meta device, no weights, no launch)."""
 from __future__ import annotations
 
 import dataclasses
-import re
-import shlex
 from pathlib import Path
 
 import pytest
+from recipe_headers import PAIRINGS, ROOT, SHIPPED, pairing_params, preset_of
 
 from model import MixtralConfig
-from pipeline.config import build, load_recipe_dict
 from pipeline.parallel import ParallelError
-from pipeline.preflight import CHECKS, LaunchSpec, PreflightError, preflight
+from pipeline.preflight import CHECKS, LaunchSpec, PreflightError, load_stage_recipe, preflight
 
-ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_CONFIGS = sorted((ROOT / "recipes/accelerate").glob("*.yaml"))
-STAGES = ("sft", "dpo", "eval")
-
-
-def _recipe(stage: str, path: Path, overrides=()):
-    from pipeline.dpo import DPORecipe
-    from pipeline.eval import EvalRecipe
-    from pipeline.recipe import SFTRecipe
-
-    cls = {"sft": SFTRecipe, "dpo": DPORecipe, "eval": EvalRecipe}[stage]
-    return build(cls, load_recipe_dict(path, list(overrides)), source=str(path))
 
 
 def _accelerate_env(config: Path) -> dict[str, str]:
@@ -90,7 +77,7 @@ def test_launch_from_deepspeed_json(tmp_path):
 def test_bad_launch_configs_are_refused(tmp_path, yaml_text, message):
     path = tmp_path / "acc.yaml"
     path.write_text(yaml_text)
-    recipe = _recipe("sft", ROOT / "recipes/tiny/sft.yaml")
+    recipe = load_stage_recipe(ROOT / "recipes/tiny/sft.yaml")
     with pytest.raises(PreflightError, match=message):
         preflight(recipe, LaunchSpec.from_config_file(path))
 
@@ -123,18 +110,18 @@ TINY = MixtralConfig.preset("tiny")
 def test_checks_refuse_what_the_launch_refuses(stage, recipe, config, overrides, error, message):
     launch = LaunchSpec.from_config_file(ROOT / "recipes/accelerate" / config)
     with pytest.raises(error, match=message):
-        preflight(_recipe(stage, ROOT / "recipes" / recipe, overrides), launch, model_config=TINY)
+        preflight(load_stage_recipe(ROOT / "recipes" / recipe, overrides, stage=stage), launch, model_config=TINY)
 
 
 def test_data_check_runs_when_the_data_is_prepared(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 5}).save_to_disk(str(tmp_path / "train"))
-    recipe = _recipe("sft", ROOT / "recipes/tiny/sft.yaml", [f"data.output_dir={tmp_path}"])
+    recipe = load_stage_recipe(ROOT / "recipes/tiny/sft.yaml", [f"data.output_dir={tmp_path}"])
     assert preflight(recipe, LaunchSpec.single()).skipped == []
     with pytest.raises(ValueError, match="the training set has 5 rows, fewer than one global batch"):
         preflight(recipe, LaunchSpec.from_config_file(ROOT / "recipes/accelerate/cpu_ddp.yaml"))
-    missing = _recipe("sft", ROOT / "recipes/tiny/sft.yaml", [f"data.output_dir={tmp_path / 'none'}"])
+    missing = load_stage_recipe(ROOT / "recipes/tiny/sft.yaml", [f"data.output_dir={tmp_path / 'none'}"])
     assert "is not prepared yet" in preflight(missing, LaunchSpec.single()).skipped[0]
 
 
@@ -145,7 +132,7 @@ def test_the_stage_runs_the_preflight_before_anything_else(tmp_path, monkeypatch
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    recipe = _recipe("sft", ROOT / "recipes/tiny/sft.yaml", [f"output_dir={tmp_path / 'out'}", "parallel.zero_stage=3"])
+    recipe = load_stage_recipe(ROOT / "recipes/tiny/sft.yaml", [f"output_dir={tmp_path / 'out'}", "parallel.zero_stage=3"])
     with pytest.raises(PreflightError, match="does not work with parallel.zero_stage=3"):
         sft.run(recipe)
     assert not (tmp_path / "out").exists()
@@ -155,55 +142,6 @@ def test_the_stage_runs_the_preflight_before_anything_else(tmp_path, monkeypatch
 # Every launch command in the shipped recipes' headers
 # ------------------------------------------------------------------------------------------------
 
-COMMAND = re.compile(r"(?:accelerate launch .*?|python )-m pipeline\.(\w+) ")
-
-
-def header_commands(path: Path) -> list[tuple[str, str | None, list[str]]]:
-    """(stage, accelerate config or None for `python -m`, overrides) of every stage command in the
-    recipe's comments that runs this recipe (backslash continuations joined, `...` dropped)."""
-    lines = [line.strip()[1:].strip() for line in path.read_text().splitlines() if line.strip().startswith("#")]
-    joined, pending = [], ""
-    for line in lines:
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        joined.append(pending + line)
-        pending = ""
-    found = []
-    for line in joined:
-        match = COMMAND.search(line + " ")
-        if not match or match.group(1) not in STAGES:
-            continue
-        words = shlex.split(line[match.start():])
-        module = words.index(f"pipeline.{match.group(1)}")
-        if Path(words[module + 1]) != path.relative_to(ROOT):
-            continue  # another recipe's command
-        config = words[words.index("--config_file") + 1] if "--config_file" in words else None
-        overrides = [w for w in words[module + 2:] if "=" in w]
-        found.append((match.group(1), config, overrides))
-    return found
-
-
-SHIPPED = sorted((ROOT / "recipes/tiny").glob("*.yaml")) + sorted((ROOT / "recipes/mixtral-8x7b").glob("*.yaml"))
-PAIRINGS = [(path, *command) for path in SHIPPED for command in header_commands(path)]
-# Known not to start with its own header command; issue 14 fixes the recipe (then this xfail turns
-# into a failure, strict, and is removed).
-KNOWN_INVALID = {
-    ("sft_full.yaml", "recipes/accelerate/zero3_offload.yaml"):
-        "zero_stage 3 + logits_chunk_size 2048, and zero3_offload.yaml's offload flags vs the recipe (issue 14)",
-}
-
-
-def _pairing_id(pairing) -> str:
-    path, stage, config, overrides = pairing
-    return f"{path.parent.name}/{path.stem}:{Path(config).stem if config else 'python'}:{len(overrides)}"
-
-
-def _marks(pairing):
-    path, _, config, _ = pairing
-    reason = KNOWN_INVALID.get((path.name, config))
-    return [pytest.mark.xfail(strict=True, raises=(PreflightError, ParallelError), reason=reason)] if reason else []
-
 
 def test_every_shipped_stage_recipe_has_a_launch_command_in_its_header():
     stages = {path.name: {stage for p, stage, _, _ in PAIRINGS if p == path} for path in SHIPPED}
@@ -211,13 +149,12 @@ def test_every_shipped_stage_recipe_has_a_launch_command_in_its_header():
     assert len(PAIRINGS) >= 8
 
 
-@pytest.mark.parametrize("pairing", [pytest.param(p, marks=_marks(p)) for p in PAIRINGS], ids=_pairing_id)
+@pytest.mark.parametrize("pairing", pairing_params((PreflightError, ParallelError)))
 def test_every_header_launch_passes_every_startup_check(pairing):
     path, stage, config, overrides = pairing
     launch = LaunchSpec.from_config_file(ROOT / config) if config else LaunchSpec.single()
-    # The checkpoint / SFT output the command names is not on this machine: its architecture is.
-    preset = "tiny" if path.parent.name == "tiny" else "mixtral-8x7b"
-    result = preflight(_recipe(stage, path, overrides), launch, model_config=MixtralConfig.preset(preset))
+    recipe = load_stage_recipe(path, overrides, stage=stage)
+    result = preflight(recipe, launch, model_config=MixtralConfig.preset(preset_of(path)))
     assert result.stage == stage
 
 
