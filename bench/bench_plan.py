@@ -148,6 +148,7 @@ def compare(case: Case, data: Path, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", choices=("test", "all"), default="all")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-plan-"))
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| case | predicted peak | measured peak | predicted / measured | by phase (predicted / measured MB) |")
     print("|---|---:|---:|---:|---|")
     for case in TEST_CASES if args.cases == "test" else CASES:
+        if args.only not in case.name:
+            continue
         row = compare(case, data, work)
         phases = ", ".join(f"{k} {p / 1e6:,.0f} / {m / 1e6:,.0f}" for k, (p, m) in row["phases"].items() if m)
         print(f"| {row['case']} | {row['predicted'] / 1e6:,.0f} MB | {row['measured'] / 1e6:,.0f} MB | "

@@ -533,6 +533,13 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
             persistent.append(bucket)
             persistent.append(Line("gradient partitions", partition * grad_b, f"{partition:,} x {grad_b} B",
                                    kind="grads", host=host_opt))
+            # stage3.py `initialize_optimizer_states`: the fp32 gradients the optimizer reads are kept,
+            # one buffer per sub-group with offload (all of the partition), else one buffer of the
+            # largest sub-group shared by all.
+            fp32_grads = partition if host_opt else step_group
+            persistent.append(Line("fp32 gradient buffer", fp32_grads * 4, f"{fp32_grads:,} x 4 B",
+                                   kind="grads", host=host_opt))
+            step_temps = [t for t in step_temps if t.what != "fp32 gradient partition of a group"]
             # A leaf MoE block is fetched whole and the next modules are prefetched (prefetch_bucket_size
             # elements); once the step's trace is known, a parameter used again within
             # max_reuse_distance elements is not released (stage3's parameter coordinator): a model
@@ -570,8 +577,9 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
                                kind="optimizer"))
         grads_end.append(Line("gradients", trainable_b, f"{counts.local_trainable:,} x {train_bytes} B", kind="grads"))
         if setup.processes > 1:
-            grads_end.append(Line("DDP gradient buckets", trainable_b, "a second copy of the gradients",
-                                  kind="comm"))
+            # torch DDP's reducer keeps its buckets (a copy of every gradient) as long as the model
+            persistent.append(Line("DDP gradient buckets", trainable_b, "a second copy of the gradients",
+                                   kind="comm"))
         largest = counts.largest_trainable if adam_cpu else max(n for n, _ in counts.groups.values())
         temps = 2 if adam_cpu else 1
         step_temps.append(Line("AdamW temporaries", temps * largest * train_bytes,
@@ -670,9 +678,7 @@ def load_and_final_moments(p: Pairing, setup: Setup, counts: Counts, persistent:
             weights, persistent[1], Line("fp32 gradient partition (initialisation)", partition * 4,
                                          f"{partition:,} x 4 B", kind="optimizer", host=setup.offload_optimizer)]))
     elif setup.zero == 0:
-        ddp = [Line("DDP gradient buckets", counts.local_trainable * train_bytes, "a copy of the gradients",
-                    kind="comm")] if setup.processes > 1 else []
-        moments.append(Moment("prepare", "model on the device", [weights, *ddp]))
+        moments.append(Moment("prepare", "model on the device", [ln for ln in persistent if ln.kind != "optimizer"]))
 
     # ---- final: consolidation and saving on the main process -------------------------------------
     final = list(persistent)
@@ -956,7 +962,11 @@ def main(argv: list[str] | None = None) -> int:
                       gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
                       source=f"{args.recipe} under {args.config_file or 'python -m (one process)'}",
                       zero3_partitioned={"auto": None, "whole": False, "partitioned": True}[args.zero3_load])
-    except (PreflightError, ValueError, FileNotFoundError) as err:
+    except FileNotFoundError as err:
+        print(f"plan: invalid: {err} (plan for a checkpoint that is not on this machine with "
+              "--model-preset NAME, e.g. mixtral-8x7b)", file=sys.stderr)
+        return 2
+    except (PreflightError, ValueError) as err:
         print(f"plan: invalid: {err}", file=sys.stderr)
         return 2
     print(result.render())
