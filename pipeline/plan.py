@@ -551,8 +551,6 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
                 f"reuse distance {z.max_reuse_distance:,.0f})) x {setup.param_bytes} B", kind="comm")
             grad_transient = counts.largest_unit_trainable * grad_b
         else:
-            in_partition = Line("gradients of this rank's partition", partition * grad_b,
-                                f"{partition:,} x {grad_b} B", kind="grads", host=host_opt and False)
             if host_opt:
                 # ZeRO-Offload: fp32 grads, a bf16 copy for the update, bf16 accumulation, pinned on the host
                 persistent += [
@@ -567,8 +565,13 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
                     persistent.append(Line("accumulated gradients (offload)", partition * grad_b,
                                            f"{partition:,} x {grad_b} B", kind="grads", host=True))
                 step_temps = [t for t in step_temps if t.what != "fp32 gradient partition of a group"]
+            elif setup.zero == 1:
+                # ZeRO-1 partitions the optimizer state only: every gradient stays whole
+                grads_end.append(Line("gradients (ZeRO-1: whole)", counts.local_trainable * grad_b,
+                                      f"{counts.local_trainable:,} x {grad_b} B", kind="grads"))
             else:
-                grads_end.append(in_partition)
+                grads_end.append(Line("gradients of this rank's partition", partition * grad_b,
+                                      f"{partition:,} x {grad_b} B", kind="grads"))
             backward_comm.append(bucket)
             grad_transient = counts.largest_trainable * grad_b
     else:

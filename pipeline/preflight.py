@@ -293,6 +293,21 @@ def check_eval_layers(p: Pairing) -> None:
     check_routing_layers(p.recipe.routing.layers or [], model_config(p).num_hidden_layers)
 
 
+def check_eval_models(p: Pairing) -> None:
+    """Every `models:` entry holds a finished run or a checkpoint (`eval.resolve_models`), when the
+    directories are on this machine."""
+    if p.stage != "eval":
+        return
+    from pipeline.eval import resolve_models
+
+    absent = [f"models.{name}: {directory}" for name, directory in p.recipe.models.items()
+              if not Path(directory).exists()]
+    if absent:
+        p.skipped.append(f"eval models not on this machine: {', '.join(absent)}")
+        return
+    resolve_models(p.recipe, log=lambda *_: None)
+
+
 def check_routing_layers(layers: list[int], num_layers: int) -> None:
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
@@ -308,6 +323,7 @@ CHECKS: tuple[Check, ...] = (
     check_dpo_reference,
     check_model_build,
     check_data_fits_global_batch,
+    check_eval_models,
     check_eval_layers,
 )
 

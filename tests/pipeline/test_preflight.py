@@ -125,6 +125,17 @@ def test_data_check_runs_when_the_data_is_prepared(tmp_path):
     assert "is not prepared yet" in preflight(missing, LaunchSpec.single()).skipped[0]
 
 
+def test_eval_models_are_checked_when_they_are_on_this_machine(tmp_path):
+    (tmp_path / "run").mkdir()  # a run still in progress: no manifest.json yet
+    recipe = load_stage_recipe(ROOT / "recipes/tiny/eval.yaml",
+                               [f"models={{base: {tmp_path / 'run'}}}", "missing_models=error"])
+    with pytest.raises(FileNotFoundError, match="holds no finished run"):
+        preflight(recipe, LaunchSpec.single(), model_config=TINY)
+    absent = load_stage_recipe(ROOT / "recipes/tiny/eval.yaml", [f"models={{base: {tmp_path / 'none'}}}"])
+    assert "eval models not on this machine: models.base" in preflight(absent, LaunchSpec.single(),
+                                                                        model_config=TINY).skipped[0]
+
+
 def test_the_stage_runs_the_preflight_before_anything_else(tmp_path, monkeypatch):
     """The real launch refuses with the same message, from its environment, before writing anything."""
     from pipeline import sft
