@@ -8,6 +8,7 @@ PY            := $(VENV)/bin/python
 TORCH_SPEC    ?= torch==2.13.0
 INSTALL_STAMP := $(VENV)/.installed
 RECIPE        ?=
+CONFIG        ?=
 ARGS          ?=
 # Tiny CPU pipeline: where each stage of the bundled default writes.
 TINY          := outputs/tiny
@@ -15,7 +16,7 @@ TINY          := outputs/tiny
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint data sft dpo export chat eval all bench-moe bench-data bench-sft bench-dpo bench-gpu clean help
+.PHONY: install test lint data sft dpo export chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-plan bench-gpu clean help
 
 help:
 	@echo "make sft      prepare the bundled data and run SFT on the tiny default (CPU)"
@@ -24,10 +25,12 @@ help:
 	@echo "make chat     greedy answer from the exported model"
 	@echo "make all      data -> sft -> dpo -> export -> chat"
 	@echo "make eval     perplexity, passkey and routing analysis"
+	@echo "make plan     startup checks + per-GPU / per-node memory of RECIPE under CONFIG (an accelerate config)"
 	@echo "make test     the test suite (what CI runs)"
 	@echo "make bench-moe | bench-data | bench-sft | bench-dpo   benchmarks against the reference libraries"
+	@echo "make bench-plan   the plan's predicted peak memory vs the measured one (CPU runs)"
 	@echo "make bench-gpu  MoE block (bf16, fp32) and LoRA SFT step (bf16) on CUDA; exits 2 without a GPU"
-	@echo "Options: RECIPE=path.yaml ARGS='key=value ...' TORCH_SPEC='torch==X'"
+	@echo "Options: RECIPE=path.yaml CONFIG=accelerate.yaml ARGS='key=value ...' TORCH_SPEC='torch==X'"
 
 install: $(INSTALL_STAMP)
 
@@ -67,6 +70,11 @@ chat: install
 eval: install
 	$(PY) -m pipeline.eval $(or $(RECIPE),recipes/tiny/eval.yaml) $(ARGS)
 
+# Exit 0 fits, 1 does not fit, 2 the recipe and launch cannot start together. A checkpoint that is
+# not on this machine: ARGS='--model-preset mixtral-8x7b'; the GPU: ARGS='--gpu-memory-gb 141'.
+plan: install
+	$(PY) -m pipeline.plan $(or $(RECIPE),recipes/tiny/sft.yaml) $(if $(CONFIG),--config_file $(CONFIG)) $(ARGS)
+
 all: install
 	$(MAKE) sft
 	$(MAKE) dpo
@@ -84,6 +92,9 @@ bench-sft: install
 
 bench-dpo: install
 	$(PY) bench/bench_dpo.py $(ARGS)
+
+bench-plan: install
+	$(PY) bench/bench_plan.py $(ARGS)
 
 # On a GPU machine: both scripts check for CUDA first (exit 2, "no CUDA device: ..."), so the first
 # one stops make at once on a CPU host. Other options: the scripts' --help. A host whose python3

@@ -44,7 +44,7 @@ from data_prep.dataset import load_prepared
 from pipeline import parallel
 from pipeline.checkpointing import write_json
 from pipeline.comm import group_device
-from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_secrets, save_recipe
+from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe
 from pipeline.dpo_loss import (
     IGNORE_INDEX,
     SMOOTHED_LOSS_TYPES,
@@ -53,6 +53,7 @@ from pipeline.dpo_loss import (
     reward_sums,
     split_pairs,
 )
+from pipeline.preflight import LaunchSpec, preflight
 from pipeline.recipe import LoraSection, ParallelSection, TrackingSection, TrainSection
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
@@ -558,18 +559,8 @@ def run(recipe: DPORecipe) -> Path:
     from pipeline.sft import resolve_resume, save_final
 
     out = Path(recipe.output_dir)
-    sharded = recipe.parallel.expert_parallel_size > 1 or recipe.parallel.zero_stage == 3
-    if sharded and not recipe.lora.enabled and not recipe.dpo.precompute_ref_log_probs:
-        raise RecipeError(
-            "full DPO with an on-the-fly reference keeps a frozen copy of the model, which is not "
-            "sharded under expert parallelism or ZeRO-3; set dpo.precompute_ref_log_probs=true"
-        )
-    if recipe.parallel.zero_stage == 3 and recipe.model.logits_chunk_size is not None:
-        # As in SFT: checkpointed LM-head chunks read lm_head.weight after ZeRO-3 released it.
-        raise RecipeError(
-            f"model.logits_chunk_size={recipe.model.logits_chunk_size} does not work with "
-            "parallel.zero_stage=3; set model.logits_chunk_size=null (or use zero_stage 2)"
-        )
+    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
+    preflight(recipe, LaunchSpec.from_env())
     # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
     resume_from = resolve_resume(recipe)
     accelerator = parallel.make_accelerator(

@@ -30,6 +30,7 @@ from model import KVCache
 from pipeline import passkey as pk
 from pipeline import report
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
+from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
 from pipeline.routing import (
     RoutingStats,
     default_layers,
@@ -569,6 +570,8 @@ def run(recipe: EvalRecipe, log=print) -> dict:
     from data_prep import load_tokenizer
 
     started = time.perf_counter()
+    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
+    preflight(recipe, LaunchSpec.from_env())
     # 1. Output dir, device, models to compare, tokenizer, held-out rows.
     out_dir = Path(recipe.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -589,9 +592,7 @@ def run(recipe: EvalRecipe, log=print) -> dict:
         model = build_model(directory, recipe, device)
         num_layers = model.config.num_hidden_layers
         layers = recipe.routing.layers if recipe.routing.layers is not None else default_layers(num_layers)
-        bad = [layer for layer in layers if not 0 <= layer < num_layers]
-        if bad:
-            raise RecipeError(f"routing.layers: {bad} out of range for a {num_layers}-layer model")
+        check_routing_layers(layers, num_layers)
         if recipe.passkey.enabled and max(recipe.passkey.lengths) > model.config.max_position_embeddings:
             log(f"eval: {name}: passkey.lengths go beyond the model's max_position_embeddings "
                 f"({model.config.max_position_embeddings}); expect those cells to fail")

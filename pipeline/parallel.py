@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,9 @@ from pipeline.expert_parallel import (
     install_dispatch,
     tag_expert_params,
 )
+
+if TYPE_CHECKING:
+    from pipeline.preflight import LaunchSpec
 
 
 class ParallelError(ValueError):
@@ -165,19 +168,23 @@ def require_cpu_adam() -> None:
         ) from err
 
 
-def _check_launch(section: ParallelSection) -> None:
-    """The accelerate config and the recipe must describe the same DeepSpeed setup."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        if section.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def check_launch(section: ParallelSection, launch: LaunchSpec) -> None:
+    """The accelerate config and the recipe must describe the same DeepSpeed setup.
+
+    `launch`: `LaunchSpec.from_env()` in the launched process, `LaunchSpec.from_config_file()` in the
+    plan (pipeline/preflight.py runs this among its checks, in both).
+    """
+    if not launch.deepspeed:
+        if section.deepspeed and launch.num_processes > 1:
             raise ParallelError(
                 f"parallel.zero_stage={section.zero_stage} but the launch config does not use DeepSpeed; "
                 f"launch with recipes/accelerate/zero{section.zero_stage}*.yaml"
             )
         return
     launched = {
-        "zero_stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", section.zero_stage or 0)),
-        "offload_optimizer": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none",
-        "offload_params": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") != "none",
+        "zero_stage": launch.zero_stage if launch.zero_stage is not None else section.zero_stage or 0,
+        "offload_optimizer": launch.offload_optimizer_device != "none",
+        "offload_params": launch.offload_param_device != "none",
     }
     wrong = [f"parallel.{k}={launched[k]}" for k in launched if launched[k] != getattr(section, k)]
     if wrong:
@@ -185,9 +192,6 @@ def _check_launch(section: ParallelSection) -> None:
             f"the accelerate config launches DeepSpeed with {', '.join(wrong)} but the recipe says otherwise; "
             f"pass {' '.join(wrong).lower()} or use the matching recipes/accelerate/*.yaml"
         )
-    # The DeepSpeed config is built from the recipe; accelerate refuses a config object while its
-    # launch config also names DeepSpeed fields, which we have just checked agree.
-    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
 
 
 def deepspeed_config(
@@ -262,9 +266,12 @@ def make_accelerator(
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
-    _check_launch(section)
     if section.offload_optimizer:
         require_cpu_adam()
+    # The launch was checked against the recipe by the stage's preflight (pipeline/preflight.py).
+    # The DeepSpeed config is built from the recipe; accelerate refuses a config object while its
+    # launch config also names DeepSpeed fields, which the preflight checked agree.
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     cpu = init_process_state(section.backend, deepspeed=section.deepspeed)
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

@@ -34,6 +34,7 @@ from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_sec
 from pipeline.expert_parallel import ExpertPlacement, shard_experts
 from pipeline.optim import freeze_router
 from pipeline.parallel import placement_independent_lora_init
+from pipeline.preflight import LaunchSpec, preflight
 from pipeline.recipe import SFTRecipe
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
@@ -268,13 +269,8 @@ def run(recipe: SFTRecipe) -> Path:
     from accelerate.utils import set_seed
 
     out = Path(recipe.output_dir)
-    if recipe.parallel.zero_stage == 3 and recipe.model.logits_chunk_size is not None:
-        # Its checkpointed chunks read lm_head.weight outside lm_head's forward; ZeRO-3 has
-        # released that partitioned weight by the time backward recomputes them.
-        raise RecipeError(
-            f"model.logits_chunk_size={recipe.model.logits_chunk_size} does not work with parallel.zero_stage=3; "
-            "set model.logits_chunk_size=null (or use zero_stage 2)"
-        )
+    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
+    preflight(recipe, LaunchSpec.from_env())
     # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
     resume_from = resolve_resume(recipe)
     accelerator = parallel.make_accelerator(

@@ -86,6 +86,16 @@ def steps_per_epoch(num_rows: int, micro_batch_size: int, grad_accum_steps: int,
     return num_rows // (micro_batch_size * grad_accum_steps * world_size)
 
 
+def check_global_batch(num_rows: int, micro_batch_size: int, grad_accum_steps: int, world_size: int) -> None:
+    """At least one optimizer step's rows in the training set (a startup check, pipeline/preflight.py)."""
+    if steps_per_epoch(num_rows, micro_batch_size, grad_accum_steps, world_size) == 0:
+        need = micro_batch_size * grad_accum_steps * world_size
+        raise ValueError(
+            f"the training set has {num_rows} rows, fewer than one global batch ({need} = "
+            f"train.micro_batch_size x train.grad_accum_steps x processes); lower those or add data"
+        )
+
+
 def micro_batch_indices(
     num_rows: int, *, seed: int, step: int, micro: int, rank: int,
     micro_batch_size: int, grad_accum_steps: int, world_size: int,
@@ -141,14 +151,9 @@ class Trainer:
         # each process holds only its shard of the optimizer state (pipeline/parallel.py).
         self.deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
+        check_global_batch(len(train_data), config.micro_batch_size, config.grad_accum_steps, self.world)
         self.per_epoch = steps_per_epoch(len(train_data), config.micro_batch_size, config.grad_accum_steps,
                                          self.world)
-        if self.per_epoch == 0:
-            need = config.micro_batch_size * config.grad_accum_steps * self.world
-            raise ValueError(
-                f"the training set has {len(train_data)} rows, fewer than one global batch ({need} = "
-                f"train.micro_batch_size x train.grad_accum_steps x processes); lower those or add data"
-            )
         self.total_steps = config.max_steps or config.epochs * self.per_epoch
 
         optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
