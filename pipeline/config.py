@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -177,14 +178,20 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
             return int(value)
         raise RecipeError(f"{source}: {dotted} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads "1e-5" (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise RecipeError(f"{source}: {dotted} must be a number, got {value!r}")
+        if number is None:
+            raise RecipeError(f"{source}: {dotted} must be a number, got {value!r}")
+        # No recipe number means anything as nan or inf, and nan passes every `x <= 0` check.
+        if not math.isfinite(number):
+            raise RecipeError(f"{source}: {dotted} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -9,13 +9,19 @@ The ``data`` section is ``data_prep.config.DataConfig`` (pipeline.prep acts on i
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from data_prep.config import DataConfig
-from pipeline.parallel import ParallelSection
+from pipeline.config import RecipeError
+from pipeline.parallel import ParallelError, ParallelSection, validate
 
 MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "mixtral-8x7b")
+# Keys that change speed or memory, not what is trained: a resumed run may change them.
+SPEED_ONLY_KEYS = ("data.num_proc", "data.batch_size", "model.gradient_checkpointing",
+                   "model.logits_chunk_size", "dpo.ref_batch_size")
 
 
 @dataclass
@@ -86,14 +92,21 @@ class TrainSection:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"train.{name} must be >= 1 or null, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"train.eps must be a finite number > 0, got {self.eps}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError("train.max_grad_norm must be > 0, or null for no clipping")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"train.max_grad_norm must be a finite number > 0, or null for no clipping, got "
+                             f"{self.max_grad_norm}")
 
 
 @dataclass
@@ -142,3 +155,22 @@ class SFTRecipe:
             raise ValueError(f"data.kind is {self.data.kind!r}; the SFT stage needs data.kind: sft")
         if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
             raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
+
+
+def check_parallel_launch(section: ParallelSection, num_experts: int) -> None:
+    """The `parallel:` section against the launch, from the environment alone: called before the
+    Accelerator, so a wrong size is one RecipeError on every rank, not a failure inside a collective."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        validate(section, num_experts=num_experts, world_size=world)
+    except ParallelError as err:
+        raise RecipeError(str(err)) from None
+    launched = "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if section.deepspeed and not launched:
+        # accelerate then sets up DeepSpeed with no process group, and its first barrier fails with
+        # "Default process group has not been initialized".
+        raise RecipeError(
+            f"parallel.zero_stage={section.zero_stage} runs DeepSpeed, which needs a launcher: accelerate launch "
+            f"--config_file recipes/accelerate/zero{section.zero_stage}*.yaml -m pipeline.<stage> ...; "
+            "for one process without a launcher set parallel.zero_stage=null"
+        )
