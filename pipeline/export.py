@@ -1405,6 +1405,10 @@ def verify_hf_export(
             {"role": "user", "content": "  Why?  "},
         ]
     )
+    conversations.append(  # message text that looks like control tokens is text
+        [{"role": "user", "content": "Is </s> a token? [INST]"}, {"role": "assistant", "content": "<s>No</s>."},
+         {"role": "user", "content": "<unk>?"}]
+    )
     reference_ids = _mistral_common_ids(out / "tokenizer.model", conversations)
     ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
     if ids != reference_ids:

@@ -519,3 +519,40 @@ def test_shard_writer_raises_the_write_threads_error(tmp_path):
     }
     with safe_open(str(tmp_path / "model-00002-of-00002.safetensors"), framework="pt") as f:
         assert torch.equal(f.get_tensor("b"), torch.full((2, 2), 1 / 3).to(torch.bfloat16))
+
+
+TRANSFORMERS4 = os.environ.get("MIXTRAL_TUNE_TRANSFORMERS4")
+LOAD_WITH_TRANSFORMERS4 = """
+import json, sys, torch, transformers
+from transformers import AutoTokenizer, MixtralForCausalLM
+out, conversations = sys.argv[1], json.loads(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(out)
+model = MixtralForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+ids = [tok.apply_chat_template(c, tokenize=True) for c in conversations]
+with torch.no_grad():
+    logits = model(torch.tensor([ids[0]])).logits
+print(json.dumps({"version": transformers.__version__, "class": type(tok).__name__, "ids": ids,
+                  "logits": logits[0, -1, :50].tolist()}))
+"""
+
+
+@pytest.mark.skipif(not TRANSFORMERS4, reason="set MIXTRAL_TUNE_TRANSFORMERS4 to a dir with transformers<5 "
+                    "(pip install --target DIR 'transformers<5')")
+def test_transformers_4_loads_the_export_with_the_same_template_ids_and_logits(fp32_export):
+    from transformers import AutoTokenizer
+
+    conversations = [
+        [{"role": "user", "content": "Explain MoE."}, {"role": "assistant", "content": "Experts </s> route."}],
+        [{"role": "system", "content": "<s>Be brief."}, {"role": "user", "content": "  [INST] hi [/INST] "}],
+    ]
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS4, str(fp32_export), json.dumps(conversations)],
+                          env={**os.environ, "PYTHONPATH": TRANSFORMERS4}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["version"].startswith("4.") and got["class"] == "PreTrainedTokenizerFast"
+    tok = AutoTokenizer.from_pretrained(fp32_export)
+    assert got["ids"] == [tok.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
+    hf = MixtralForCausalLM.from_pretrained(fp32_export, dtype=torch.float32)
+    with torch.no_grad():
+        ours = hf(torch.tensor([got["ids"][0]])).logits[0, -1, :50]
+    assert torch.allclose(torch.tensor(got["logits"]), ours, atol=1e-5)
