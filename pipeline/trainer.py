@@ -449,6 +449,10 @@ def stage_main(argv, usage: str, load_recipe, run) -> int:
     from pipeline.parallel import ParallelError
 
     path, overrides = parse_cli(argv, usage=usage)
+    if not torch.cuda.is_available():
+        # accelerate imports DeepSpeed on every run (unwrap_model), whose device auto-detection then
+        # warns "Setting accelerator to CPU ... unable to detect it" on a host that has no GPU to detect.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         run(load_recipe(path, overrides))
     except (RecipeError, ParallelError, PreparedDataError) as err:
