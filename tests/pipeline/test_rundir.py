@@ -233,3 +233,21 @@ def test_the_ranks_of_one_launch_share_the_run_and_a_second_launch_is_refused_on
         first.kill()
     assert first.returncode == 0, first.stderr.read()
     assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.multiprocess
+def test_a_recipe_error_under_accelerate_is_one_line_printed_once(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launching import accelerate_launch, launch_env
+
+    cmd = accelerate_launch("cpu_zero2_ep2.yaml") + [
+        "-m", "pipeline.sft", str(REPO / "recipes/tiny/sft.yaml"), "parallel.zero_stage=2",
+        "parallel.expert_parallel_size=3", f"output_dir={tmp_path / 'out'}", "tracking.report_to=none"]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
+    # Both ranks exit 2 with the same error; only rank 0 says it. The rest of stderr is the launcher's
+    # own failure report (torchrun's ChildFailedError), which the stage does not control.
+    assert ours == ["error: parallel.expert_parallel_size=3 must divide the number of experts (8); choose one of "
+                    "[1, 2, 4, 8]"], proc.stderr
+    assert "exitcode  : 2" in proc.stderr and proc.stderr.count("Traceback") <= 1  # the launcher's, none of ours
+    assert not (tmp_path / "out").exists()
