@@ -14,7 +14,8 @@ Every stage writes one directory, and three rules keep a user's files and a live
    main process (global rank 0) takes the lock and decides; the other ranks receive its decision
    (or its error) by broadcast, so every rank of one launch shares the run and every rank of a second
    launch is refused. Across nodes the output dir is on a shared filesystem (checkpoints need it);
-   Linux NFS clients implement ``flock`` with NFS byte-range locks. Where a filesystem has no locks
+   Linux NFS clients implement ``flock`` with NFS byte-range locks (a node that crashes keeps its
+   lock until the server's lease runs out, about 90 s with NFSv4). Where a filesystem has no locks
    at all (ENOLCK, ENOSYS, EOPNOTSUPP), the record alone decides: a holder on this host is checked
    for liveness, one on another host is taken as alive and the message names the file to delete.
 3. Starting point of a training stage (:func:`start_training_run`): ``overwrite_output_dir`` starts
