@@ -78,7 +78,8 @@ class TrainSection:
     # "auto": continue from the newest complete checkpoint in output_dir if there is one;
     # "never": start fresh; any other value: a checkpoint directory to continue from.
     resume: str = "auto"
-    # Start fresh over an output_dir that already holds a finished or started run.
+    # Start over in an output_dir that holds a finished or started run, whatever `resume` says:
+    # deletes what the pipeline wrote there (pipeline/rundir.py), never other files.
     overwrite_output_dir: bool = False
 
     def __post_init__(self):

@@ -194,8 +194,9 @@ def test_sigkill_and_resume_logs_the_same_losses(reference, work):
     first_log = proc.communicate()[0].decode()
     assert not (out / "manifest.json").exists()
 
-    resumed = subprocess.run(sft_cmd([*args, "train.resume=auto"]), cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=900)
+    # (The tiny recipe starts over on every run: overwrite_output_dir would win over resume=auto.)
+    resumed = subprocess.run(sft_cmd([*args, "train.resume=auto", "train.overwrite_output_dir=false"]), cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     rows = read_metrics(metrics)
@@ -255,7 +256,7 @@ def test_overwrite_starts_over_even_with_resume_auto(work, capsys):
     from pipeline.sft import main
 
     out = work / "again"
-    assert main([str(RECIPE), *overrides(work, "again", **QUICK, **{"train.eval_every": "null"})]) == 0
+    assert main([str(RECIPE), *overrides(work, "again", **{**QUICK, "train.eval_every": "null"})]) == 0
     (out / "notes.md").write_text("mine")
     first = json.loads((out / "manifest.json").read_text())
     capsys.readouterr()
