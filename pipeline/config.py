@@ -203,8 +203,17 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
 # Saving
 # ----------------------------------------------------------------------------------------------
 
-# Keys whose values never reach a saved recipe or a tracker config.
-_SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|auth)", re.IGNORECASE)
+# Keys whose values never reach a saved recipe or a tracker config: a word of the name is one of
+# these ("hf_token", "wandb_api_key", "auth_header"), not just a substring of it ("tokenizer",
+# "max_new_tokens" and "text_tokens" are settings to keep).
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "credential", "credentials")
+_API_KEY = re.compile(r"api[_-]?key", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a recipe key or an environment variable name looks like it holds a secret."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return bool(_API_KEY.search(name)) or any(w in _SECRET_WORDS or w.startswith("auth") for w in words)
 
 
 def to_dict(obj: Any) -> Any:
@@ -212,7 +221,7 @@ def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else to_dict(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if is_secret_name(str(k)) and v else to_dict(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Path):
@@ -223,7 +232,7 @@ def to_dict(obj: Any) -> Any:
 def redact_env_secrets(text: str) -> str:
     """Remove the values of secret environment variables (W&B, HF tokens ...) from ``text``."""
     for name, value in os.environ.items():
-        if value and len(value) >= 8 and _SECRET_KEY.search(name):
+        if value and len(value) >= 8 and is_secret_name(name):
             text = text.replace(value, "<redacted>")
     return text
 
