@@ -50,14 +50,19 @@ lint: install
 data: install
 	$(PY) -m pipeline.prep $(or $(RECIPE),recipes/tiny/sft.yaml) $(ARGS)
 
+# Each stage prepares its own recipe's data first (with the same ARGS: data.* overrides change the
+# rows, and the stage refuses data prepared from another data section); an unchanged prep is a no-op.
+SFT_RECIPE := $(or $(RECIPE),recipes/tiny/sft.yaml)
+DPO_RECIPE := $(or $(RECIPE),recipes/tiny/dpo.yaml)
+
 sft: install
-	$(PY) -m pipeline.prep recipes/tiny/sft.yaml
-	$(PY) -m pipeline.sft $(or $(RECIPE),recipes/tiny/sft.yaml) $(ARGS)
+	$(PY) -m pipeline.prep $(SFT_RECIPE) $(ARGS)
+	$(PY) -m pipeline.sft $(SFT_RECIPE) $(ARGS)
 
 dpo: install
-	test -f $(TINY)/sft/manifest.json || $(MAKE) sft
-	$(PY) -m pipeline.prep recipes/tiny/dpo.yaml
-	$(PY) -m pipeline.dpo $(or $(RECIPE),recipes/tiny/dpo.yaml) $(ARGS)
+	$(if $(RECIPE),,test -f $(TINY)/sft/manifest.json || $(MAKE) sft)
+	$(PY) -m pipeline.prep $(DPO_RECIPE) $(ARGS)
+	$(PY) -m pipeline.dpo $(DPO_RECIPE) $(ARGS)
 
 export: install
 	test -f $(TINY)/dpo/manifest.json || $(MAKE) dpo

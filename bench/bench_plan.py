@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/tiny/sft.yaml"
 SEQ = 256
@@ -77,17 +79,22 @@ def write_long_data(work: Path) -> Path:
                             {"role": "assistant", "content": answer}]
                 f.write(json.dumps({"messages": messages}) + "\n")
     data = work / "data"
-    recipe = work / "prep.yaml"
-    recipe.write_text(
-        "stage: sft\n"
-        f"data:\n  kind: sft\n  output_dir: {data}\n  max_seq_len: {SEQ}\n  overlength: truncate\n"
-        "  packing: true\n  dedup: false\n  num_proc: 1\n"
-        f"  sources:\n    - path: {work / 'train.jsonl'}\n    - path: {work / 'eval.jsonl'}\n      role: eval\n"
-        f"output_dir: {work / 'unused'}\nmodel:\n  preset: tiny\n"
-    )
-    subprocess.run([sys.executable, "-m", "pipeline.prep", str(recipe)], cwd=ROOT, env=child_env(),
+    # The tiny SFT recipe with this data section: prep writes the rows, the runs train on them (SFT
+    # refuses prepared data whose data section differs from its recipe's).
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["data"] = {"kind": "sft", "output_dir": str(data), "max_seq_len": SEQ, "overlength": "truncate",
+                      "packing": True, "dedup": False, "num_proc": 1,
+                      "sources": [{"path": str(work / "train.jsonl")},
+                                  {"path": str(work / "eval.jsonl"), "role": "eval"}]}
+    recipe_of(data).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "pipeline.prep", str(recipe_of(data))], cwd=ROOT, env=child_env(),
                    check=True, capture_output=True, text=True, timeout=300)
     return data
+
+
+def recipe_of(data: Path) -> Path:
+    """The SFT recipe `write_long_data` wrote beside the prepared rows."""
+    return data.parent / "sft.yaml"
 
 
 def child_env() -> dict:
@@ -111,7 +118,7 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
 def measure(case: Case, data: Path, work: Path) -> dict:
     """Rank 0's probe result (bench/plan_probe.py) for one run of the case."""
     out = work / "probe"
-    args = [str(ROOT / "bench/plan_probe.py"), str(out), "pipeline.sft", str(RECIPE),
+    args = [str(ROOT / "bench/plan_probe.py"), str(out), "pipeline.sft", str(recipe_of(data)),
             *overrides(case, data, work / "run")]
     if case.config is None:
         cmd = [sys.executable, *args]
@@ -130,7 +137,7 @@ def predict(case: Case, data: Path, work: Path):
     from pipeline.plan import plan
     from pipeline.preflight import LaunchSpec, load_stage_recipe
 
-    recipe = load_stage_recipe(RECIPE, overrides(case, data, work / "run"), stage="sft")
+    recipe = load_stage_recipe(recipe_of(data), overrides(case, data, work / "run"), stage="sft")
     launch = (LaunchSpec.single() if case.config is None
               else LaunchSpec.from_config_file(ROOT / "recipes/accelerate" / case.config))
     return plan(recipe, launch, device="cpu", source=case.name)

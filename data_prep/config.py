@@ -5,10 +5,13 @@ Built with :func:`pipeline.config.build`; every check below names the YAML key i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "preference")
+# `data:` keys that do not change the prepared rows (where they go, and how fast they are made).
+NOT_IN_OUTPUT = ("output_dir", "num_proc", "batch_size")
 
 
 @dataclass
@@ -112,3 +115,26 @@ class DataConfig:
     def prompt_budget(self) -> int:
         """DPO: the most prompt tokens kept when a pair has to be truncated."""
         return self.max_prompt_len if self.max_prompt_len is not None else self.max_seq_len // 2
+
+
+def config_differences(before: Any, after: Any, prefix: str = "", ignore: Sequence[str] = ()) -> list[str]:
+    """``key: a -> b`` for every leaf that differs between two plain-data configs (dot paths; keys
+    in ``ignore`` are skipped)."""
+    if prefix in ignore:
+        return []
+    if isinstance(before, dict) and isinstance(after, dict):
+        out = []
+        for key in sorted(set(before) | set(after), key=str):
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if key not in before or key not in after:
+                if dotted not in ignore:
+                    out.append(f"{dotted}: {before.get(key, '<absent>')!r} -> {after.get(key, '<absent>')!r}")
+                continue
+            out += config_differences(before[key], after[key], dotted, ignore)
+        return out
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)) and len(before) == len(after):
+        out = []
+        for i, (a, b) in enumerate(zip(before, after, strict=True)):
+            out += config_differences(a, b, f"{prefix}.{i}", ignore)
+        return out
+    return [f"{prefix}: {before!r} -> {after!r}"] if before != after else []

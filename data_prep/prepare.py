@@ -2,21 +2,30 @@
 
     manifest = prepare(data_config)        # what `python -m pipeline.prep RECIPE` runs
 
-Output directory (written to a temp dir, then renamed into place):
-    train/ eval/      datasets.save_to_disk (columns in docs/interfaces.md)
+Output directory (each entry written into a temp dir inside it, then renamed into place; the old
+manifest.json goes first and the new one comes last, so a directory with a manifest is always whole):
+    train/ eval/      datasets.save_to_disk (columns in docs/interfaces.md); no eval/ when the
+                      eval split is empty (datasets cannot load a split of 0 rows back)
     manifest.json     sources + content hashes, tokenizer hash, resolved data recipe, counts,
                       token statistics and the fingerprint of all of it
     report.md         counts, rejects by reason, length histograms
     rejects.jsonl     one line per unused record: source, locator, reason, detail
 
 Nothing is lost silently: per source, read = accepted + rejected, where rejected covers invalid
-records, over-long ones (policy "drop") and exact duplicates. A re-run whose fingerprint (data
-recipe, source hashes, tokenizer hash, this package's code) matches the manifest does nothing.
+records (bad JSON, bytes that are not UTF-8, ...), over-long ones (policy "drop") and exact
+duplicates. A source none of whose records is usable stops the stage (PrepError) before anything is
+written, naming the file and the most common reasons. A re-run whose fingerprint (data recipe,
+source hashes, tokenizer hash, this package's code) matches the manifest does nothing.
+
+A re-run replaces only the entries prep writes (OUTPUT_ENTRIES); anything else in the directory
+stays. ``python -m pipeline.prep`` also refuses a directory prep did not write (the folder of the
+source files, say) and holds its lock while writing (``own_output``, from pipeline/rundir.py).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,13 +34,14 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data_prep.config import DataConfig, SourceConfig
+from data_prep.config import NOT_IN_OUTPUT, DataConfig, SourceConfig
 from data_prep.encode import (
     IGNORE_INDEX,
     encode_conversations,
@@ -50,6 +60,9 @@ from data_prep.tokenizer import Tokenizer, load_tokenizer
 # version says in manifest.json which row layout a directory holds, and an older one is never
 # taken as up to date whatever the code hash does.
 MANIFEST_VERSION = 2
+# What prep writes at the top of data.output_dir (ref_logps/: the DPO stage's reference cache, which a
+# new preparation makes stale).
+OUTPUT_ENTRIES = ("train", "eval", "manifest.json", "report.md", "rejects.jsonl", "ref_logps")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,8 +148,6 @@ def _too_long_detail(cfg: DataConfig, example: dict) -> str:
 # Fingerprint
 # ----------------------------------------------------------------------------------------------
 
-# Settings that change speed, not the output.
-_NOT_IN_FINGERPRINT = ("output_dir", "num_proc", "batch_size")
 
 
 def _code_hash() -> str:
@@ -161,7 +172,7 @@ def source_hash(source: SourceConfig) -> str:
 
 
 def fingerprint(cfg: DataConfig, source_hashes: list[str], tokenizer: Tokenizer) -> str:
-    recipe = {k: v for k, v in resolved_config(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    recipe = {k: v for k, v in resolved_config(cfg).items() if k not in NOT_IN_OUTPUT}
     payload = {
         "version": MANIFEST_VERSION,
         "recipe": recipe,
@@ -175,13 +186,37 @@ def fingerprint(cfg: DataConfig, source_hashes: list[str], tokenizer: Tokenizer)
 def up_to_date(output_dir: Path, fp: str) -> dict | None:
     """The existing manifest when ``output_dir`` already holds exactly this fingerprint's output."""
     manifest_path = output_dir / "manifest.json"
-    if not manifest_path.is_file() or not (output_dir / "train").is_dir() or not (output_dir / "eval").is_dir():
+    if not manifest_path.is_file() or not (output_dir / "train").is_dir():
         return None
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         return None
+    if manifest.get("stats", {}).get("eval", {}).get("rows", 0) and not (output_dir / "eval").is_dir():
+        return None
     return manifest if manifest.get("fingerprint") == fp else None
+
+
+class PrepError(ValueError):
+    """The sources give nothing to train on; the message names the file and what was wrong."""
+
+
+def check_usable_sources(per_source: list[tuple[RawSource, ChunkResult]]) -> None:
+    """Raise PrepError when a source gave no usable example (an empty file, a binary file, the
+    wrong format...): the later stages would fail far from the cause."""
+    for raw, result in per_source:
+        if result.examples:
+            continue
+        name = raw.config.name
+        if result.read == 0:
+            raise PrepError(f"data.sources: {name} holds no records (an empty file, or only blank lines)")
+        reasons = collections.Counter(r["reason"] for r in result.rejects).most_common(3)
+        first = "; ".join(f"{r['locator']}: {r['detail']}" for r in result.rejects[:2])
+        raise PrepError(
+            f"data.sources: {name}: 0 of {result.read} records usable (rejected: "
+            f"{', '.join(f'{reason} {n}' for reason, n in reasons)}; e.g. {first}); check the file's format "
+            f"and encoding (records are UTF-8 JSON objects, see the README's data prep section)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +224,13 @@ def up_to_date(output_dir: Path, fp: str) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare(cfg: DataConfig, *, force: bool = False, log=print) -> dict:
-    """Run the prep stage for ``cfg`` (skipped when the output is up to date); returns the manifest."""
+def prepare(cfg: DataConfig, *, force: bool = False, log=print,
+            own_output: Callable[[Path], contextlib.AbstractContextManager] | None = None) -> dict:
+    """Run the prep stage for ``cfg`` (skipped when the output is up to date); returns the manifest.
+
+    ``own_output(output_dir)``: a context held while the output is written (pipeline.prep passes
+    pipeline.rundir.owned_output: the ownership check and the lock).
+    """
     started = time.perf_counter()
     output_dir = Path(cfg.output_dir)
 
@@ -208,6 +248,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, log=print) -> dict:
     for source in cfg.sources:
         raw = read_source(source)
         per_source.append((raw, _process_source(cfg, raw, tokenizer)))
+    check_usable_sources(per_source)
 
     # 3. Exact duplicates (same ids) go; train sources come first so their copy is the one kept.
     counts, rejects = _count(per_source)
@@ -245,11 +286,17 @@ def prepare(cfg: DataConfig, *, force: bool = False, log=print) -> dict:
         c["rejected_total"] = sum(c["rejected"].values())
         if c["accepted"] + c["rejected_total"] != c["read"]:
             raise AssertionError(f"prep lost records of {source.name}: {c}")
+        if not kept[i]:
+            log(f"prep: warning: every usable example of {source.name} ({source.role} source) duplicates one "
+                "kept from another source, so it contributes nothing")
+    if not train:
+        raise PrepError("data.sources: no example is left for train/ (only role: eval sources, or every train "
+                        "example went to eval); add a train source or lower data.eval_fraction")
 
     # 5. Rows.
     splits = {"train": _rows(cfg, train, seed=cfg.seed), "eval": _rows(cfg, evals, seed=cfg.seed + 1)}
 
-    # 6. Write everything next to the destination, then swap it in.
+    # 6. Write everything into a temp dir inside the destination, then move it in (see _write_output).
     manifest = {
         "version": MANIFEST_VERSION,
         "fingerprint": fp,
@@ -266,7 +313,8 @@ def prepare(cfg: DataConfig, *, force: bool = False, log=print) -> dict:
         "stats": {name: _stats(cfg, examples, splits[name]) for name, examples in (("train", train), ("eval", evals))},
     }
     manifest["seconds"] = round(time.perf_counter() - started, 3)
-    _write_output(output_dir, splits, manifest, rejects, cfg.kind)
+    with (own_output or _no_owner)(output_dir):
+        _write_output(output_dir, splits, manifest, rejects, cfg.kind)
     log(_summary(manifest, output_dir))
     return manifest
 
@@ -437,25 +485,53 @@ def _summary(manifest: dict, output_dir: Path) -> str:
 
 
 def _write_output(output_dir: Path, splits: dict, manifest: dict, rejects: list[dict], kind: str) -> None:
+    """Write every entry into a temp dir inside ``output_dir``, then replace prep's entries: the old
+    manifest.json goes first, the new one comes last. The caller holds the directory's lock."""
     import datasets
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".tmp-prep-*"):  # a killed prep's; the lock says none is live
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = output_dir / f".tmp-prep-{os.getpid()}"
     tmp.mkdir()
     try:
         features = _features(kind)
-        for name, rows in splits.items():
-            datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp / name))
+        with _quiet_datasets():
+            for name, rows in splits.items():
+                if next(iter(rows.values())):  # an empty split is left out (see the module docstring)
+                    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp / name))
         with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as fh:
             for reject in rejects:
                 fh.write(json.dumps(reject, ensure_ascii=False) + "\n")
         (tmp / "report.md").write_text(_report(manifest))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        (output_dir / "manifest.json").unlink(missing_ok=True)
+        for name in OUTPUT_ENTRIES:
+            old = output_dir / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+        for name in sorted(p.name for p in tmp.iterdir() if p.name != "manifest.json") + ["manifest.json"]:
+            os.replace(tmp / name, output_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _no_owner(output_dir: Path):
+    yield
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No "Saving the dataset" bars: prep prints its own one-line summary."""
+    import datasets
+
+    was_disabled = datasets.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()

@@ -3,14 +3,22 @@
 A locator says where a record came from ("line 12" in a .jsonl/.csv, "index 3" in a .json list,
 a parquet file or an HF dataset). A .jsonl line that is not valid JSON is still a record: it is
 read as a ``RecordError`` and ends up in rejects.jsonl, so accepted + rejected = read.
+
+Text is UTF-8. Bytes that are not (a binary file, a Latin-1 export) make their record a
+``RecordError("invalid_utf8")``, never U+FFFD characters to train on: .jsonl lines are kept as bytes
+and decoded one by one; .json and .csv files are decoded with ``surrogateescape``, which turns each
+bad byte into a lone surrogate that the record check finds (as it finds the ``\\udc80``-style JSON
+escapes that no UTF-8 text can hold). A UTF-8 byte order mark at the start of a file is skipped.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +28,9 @@ from data_prep.formats import RecordError
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # CSV cells are strings; these columns hold message lists written as JSON.
 _JSON_COLUMNS = ("messages", "conversations", "chosen", "rejected", "prompt")
+# Lone surrogates: what surrogateescape makes of a byte that is not UTF-8, and what a JSON
+# "\\ud800" escape without its pair decodes to. Neither encodes back to UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -35,12 +46,42 @@ class RawSource:
     def record(self, i: int):
         """Row ``i`` as a Python object, or the RecordError that explains why it is not one."""
         row = self.rows[i]
-        if not self.parse_jsonl:
+        if isinstance(row, RecordError):
             return row
-        try:
-            return json.loads(row)
-        except json.JSONDecodeError as err:
-            return RecordError("malformed_json", f"invalid JSON at column {err.colno}: {err.msg}")
+        if self.parse_jsonl:
+            try:
+                row = row.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return RecordError(
+                    "invalid_utf8", f"byte 0x{row[err.start]:02x} at byte {err.start + 1} of the line is not UTF-8"
+                )
+            try:
+                row = json.loads(row)
+            except json.JSONDecodeError as err:
+                return RecordError("malformed_json", f"invalid JSON at column {err.colno}: {err.msg}")
+        where = _invalid_text(row)
+        if where is not None:
+            return RecordError("invalid_utf8", f"{where} holds bytes or escapes that are not UTF-8 text")
+        return row
+
+
+def _invalid_text(value, where: str = "the record") -> str | None:
+    """Where in a parsed record a string holds a lone surrogate (None: all of it is UTF-8 text)."""
+    if isinstance(value, str):
+        return where if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return f"a key of {where}"
+        found = _invalid_text(item, f"{where}[{key!r}]" if where != "the record" else repr(key))
+        if found is not None:
+            return found
+    return None
 
 
 def file_hash(path: Path) -> str:
@@ -62,15 +103,17 @@ def read_source(config: SourceConfig) -> RawSource:
     digest = file_hash(path)
     if suffix == ".jsonl":
         locators, rows = [], []
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, "rb") as fh:
             for number, line in enumerate(fh, start=1):
-                if line.strip():  # blank lines hold no record
+                if number == 1 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8):]
+                if line.decode("utf-8", "replace").strip():  # blank lines hold no record
                     locators.append(f"line {number}")
                     rows.append(line)
         return RawSource(config, locators, rows, digest, parse_jsonl=True)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig", errors="surrogateescape"))
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg}); a .json source must be one JSON list "
@@ -87,7 +130,7 @@ def read_source(config: SourceConfig) -> RawSource:
         rows = pq.read_table(path).to_pylist()
         return RawSource(config, [f"row {i}" for i in range(len(rows))], rows, digest)
     if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             reader = csv.DictReader(fh)
             rows, locators = [], []
             for row in reader:

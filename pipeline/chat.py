@@ -2,6 +2,7 @@
 
     python -m pipeline.chat outputs/tiny/export
     python -m pipeline.chat outputs/tiny/export --prompt "Name three prime numbers." --max-new-tokens 64
+    python -m pipeline.chat outputs/tiny/export-adapter --base outputs/tiny/sft/base   # an adapter export
 
 Loads the export with ``AutoTokenizer`` and ``MixtralForCausalLM`` exactly as a user would (an
 ``export.format=adapter`` export: its base, then ``PeftModel.from_pretrained``), renders
@@ -23,8 +24,10 @@ SYSTEM_PROMPT = "Answer exactly in the requested format."
 PROMPT = "What is 23 + 51? Answer with the number only."
 
 
-def load(export_dir: str | Path):
-    """(tokenizer, model) of a merged export, or of an adapter export on the base it names."""
+def load(export_dir: str | Path, base: str | Path | None = None):
+    """(tokenizer, model) of a merged export, or of an adapter export on its base: ``base``, else the
+    name the export gives (``base_model_name_or_path``: a hub id or a directory name, never a path
+    of the training machine)."""
     import json
 
     from transformers import AutoTokenizer, MixtralForCausalLM
@@ -43,10 +46,12 @@ def load(export_dir: str | Path):
         return tokenizer, MixtralForCausalLM.from_pretrained(export_dir, dtype="auto").eval()
     from peft import PeftModel
 
-    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    if not base or not (Path(base) / "config.json").is_file():
+    named = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    base = base or named
+    if not base or not ((Path(base) / "config.json").is_file() or str(base).count("/") == 1):
         raise FileNotFoundError(
-            f"{adapter_config}: base_model_name_or_path {base!r} is not a checkpoint dir on this machine"
+            f"{adapter_config}: the base model {named!r} is neither a checkpoint dir here nor a hub id; "
+            "pass its directory with --base"
         )
     model = MixtralForCausalLM.from_pretrained(base, dtype="auto")
     return tokenizer, PeftModel.from_pretrained(model, str(export_dir)).eval()
@@ -80,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt ('' for none)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--base", default=None, help="adapter exports: the base checkpoint dir")
     args = parser.parse_args(argv)
     try:
-        tokenizer, model = load(args.export_dir)
+        tokenizer, model = load(args.export_dir, args.base)
     except FileNotFoundError as err:
         print(f"chat: error: {err}", file=sys.stderr)
         return 1

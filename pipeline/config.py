@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -177,14 +178,20 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
             return int(value)
         raise RecipeError(f"{source}: {dotted} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads "1e-5" (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise RecipeError(f"{source}: {dotted} must be a number, got {value!r}")
+        if number is None:
+            raise RecipeError(f"{source}: {dotted} must be a number, got {value!r}")
+        # No recipe number means anything as nan or inf, and nan passes every `x <= 0` check.
+        if not math.isfinite(number):
+            raise RecipeError(f"{source}: {dotted} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -196,8 +203,17 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
 # Saving
 # ----------------------------------------------------------------------------------------------
 
-# Keys whose values never reach a saved recipe or a tracker config.
-_SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|auth)", re.IGNORECASE)
+# Keys whose values never reach a saved recipe or a tracker config: a word of the name is one of
+# these ("hf_token", "wandb_api_key", "auth_header"), not just a substring of it ("tokenizer",
+# "max_new_tokens" and "text_tokens" are settings to keep).
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "credential", "credentials")
+_API_KEY = re.compile(r"api[_-]?key", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a recipe key or an environment variable name looks like it holds a secret."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return bool(_API_KEY.search(name)) or any(w in _SECRET_WORDS or w.startswith("auth") for w in words)
 
 
 def to_dict(obj: Any) -> Any:
@@ -205,7 +221,7 @@ def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else to_dict(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if is_secret_name(str(k)) and v else to_dict(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Path):
@@ -216,7 +232,7 @@ def to_dict(obj: Any) -> Any:
 def redact_env_secrets(text: str) -> str:
     """Remove the values of secret environment variables (W&B, HF tokens ...) from ``text``."""
     for name, value in os.environ.items():
-        if value and len(value) >= 8 and _SECRET_KEY.search(name):
+        if value and len(value) >= 8 and is_secret_name(name):
             text = text.replace(value, "<redacted>")
     return text
 

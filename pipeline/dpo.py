@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 from data_prep.config import DataConfig
-from data_prep.dataset import load_prepared
+from data_prep.dataset import load_prepared, no_eval_note
 from pipeline import parallel
-from pipeline.checkpointing import write_json
+from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.comm import group_device
-from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe
+from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
 from pipeline.dpo_loss import (
     IGNORE_INDEX,
     SMOOTHED_LOSS_TYPES,
@@ -54,7 +54,8 @@ from pipeline.dpo_loss import (
     split_pairs,
 )
 from pipeline.preflight import LaunchSpec, preflight
-from pipeline.recipe import LoraSection, ParallelSection, TrackingSection, TrainSection
+from pipeline.recipe import SPEED_ONLY_KEYS, LoraSection, ParallelSection, TrackingSection, TrainSection
+from pipeline.rundir import start_training_run
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
 
@@ -505,7 +506,7 @@ def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | 
 
 
 def load_datasets(recipe: DPORecipe):
-    return load_prepared(recipe.data.output_dir, kind="dpo", stage="dpo")
+    return load_prepared(recipe.data, stage="dpo")
 
 
 def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, model_config) -> None:
@@ -552,17 +553,14 @@ def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, m
 
 def run(recipe: DPORecipe) -> Path:
     """The whole stage; returns the output directory."""
-    import shutil
-
     from accelerate.utils import set_seed
 
-    from pipeline.sft import resolve_resume, save_final
+    from pipeline.sft import save_final
 
     out = Path(recipe.output_dir)
     # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
     preflight(recipe, LaunchSpec.from_env())
-    # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
-    resume_from = resolve_resume(recipe)
+    # 1. Where we start: the run dir (pipeline/rundir.py): resume a checkpoint, or start over.
     accelerator = parallel.make_accelerator(
         recipe.parallel,
         micro_batch_size=recipe.train.micro_batch_size,
@@ -572,11 +570,15 @@ def run(recipe: DPORecipe) -> Path:
         log_with="wandb" if recipe.tracking.report_to == "wandb" else None,
         project_dir=str(out),
     )
-    if resume_from is None and accelerator.is_main_process and out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
+    start = start_training_run(
+        out, "dpo", resume=recipe.train.resume, overwrite=recipe.train.overwrite_output_dir,
+        recipe=to_dict(recipe), compare=("data", "model", "lora", "dpo"), ignore=SPEED_ONLY_KEYS,
+        is_main=accelerator.is_main_process, latest_checkpoint=latest_checkpoint,
+    )
+    resume_from = start.resume_from
+    if start.note:
+        accelerator.print(f"dpo: {start.note}")
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
     parallel.require_shared_directory(out, "output_dir")
     if recipe.dpo.precompute_ref_log_probs:
@@ -586,6 +588,8 @@ def run(recipe: DPORecipe) -> Path:
 
     # 2. Data, policy and reference.
     train, eval_set = load_datasets(recipe)
+    if eval_set is None:
+        accelerator.print(f"dpo: {no_eval_note(recipe.data)}")
     place = parallel.placement(recipe.parallel, _num_experts(recipe.model.sft_dir))
     model, frozen = build_policy(recipe, place)
     ep_stats = parallel.apply(model, recipe.parallel, place)
@@ -693,6 +697,7 @@ def run(recipe: DPORecipe) -> Path:
         accelerator.print(f"dpo: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
     accelerator.wait_for_everyone()
     tracker.finish()
+    start.release()
     return out
 
 

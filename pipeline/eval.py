@@ -38,6 +38,7 @@ from pipeline.routing import (
     top_k_experts,
     total_variation,
 )
+from pipeline.rundir import owned_output, record
 from pipeline.sft import collate_rows as collate
 
 IGNORE_INDEX = -100
@@ -217,6 +218,7 @@ def load_eval_rows(section: DataSection, log=print) -> list[dict]:
     ``max_rows_per_source`` per source and directory; prepares ``dir`` first if asked."""
     root = Path(section.dir)
     if not root.is_dir():
+        _refuse_an_empty_split(root)
         if section.prep_recipe is None:
             raise FileNotFoundError(f"data.dir: {root} does not exist; run `python -m pipeline.prep RECIPE` "
                                     "or set data.prep_recipe")
@@ -224,6 +226,7 @@ def load_eval_rows(section: DataSection, log=print) -> list[dict]:
 
         log(f"eval: {root} missing, preparing it with pipeline.prep {section.prep_recipe}")
         prep.main([section.prep_recipe])
+        _refuse_an_empty_split(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data.dir: {root} still missing after prepping {section.prep_recipe}; "
                                     "does that recipe's data.output_dir match?")
@@ -233,6 +236,20 @@ def load_eval_rows(section: DataSection, log=print) -> list[dict]:
             raise FileNotFoundError(f"data.routing_dirs.{i}: {extra} does not exist (prepare it, or drop it)")
         rows += read_rows(Path(extra), f"data.routing_dirs.{i}", section.max_rows_per_source, heldout=False)
     return rows
+
+
+def _refuse_an_empty_split(root: Path) -> None:
+    """prep writes no directory for a split of 0 rows; say so instead of "does not exist"."""
+    manifest = root.parent / "manifest.json"
+    if root.is_dir() or not manifest.is_file():
+        return
+    stats = json.loads(manifest.read_text()).get("stats", {}).get(root.name)
+    if stats is not None and stats.get("rows", 0) == 0:
+        raise RecipeError(
+            f"data.dir: {root} is an empty split (prep found no {root.name} rows: data.eval_fraction 0 and no "
+            f"`role: eval` source in the recipe that prepared {root.parent}); prepare some, or point data.dir at "
+            "a split with rows"
+        )
 
 
 def read_rows(root: Path, key: str, max_per_source: int | None, heldout: bool) -> list[dict]:
@@ -461,7 +478,7 @@ def make_report(out_dir: Path, results: dict[str, dict], shift: dict[str, dict],
     pngs: list[Path] = []
     sections = [("Run", f"<p class='note'>{note}</p>")]
     ppl = {m: {s: v["perplexity"] for s, v in r["loss"].items()} for m, r in results.items()}
-    pngs.append(report.plot_bars(ppl, out_dir / "perplexity.png", ylabel="perplexity",
+    pngs.append(report.plot_bars(ppl, out_dir / "perplexity.png", ylabel="perplexity", log_scale=True,
                                  title="Held-out perplexity per source (answer tokens)"))
     rows = [[m, s, v["loss"], v["perplexity"], v["tokens"]] for m, r in results.items() for s, v in r["loss"].items()]
     sections.append(("Held-out loss", report.image_html(pngs[-1], "perplexity")
@@ -566,7 +583,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def run(recipe: EvalRecipe, log=print) -> dict:
-    """The whole stage; returns what eval.json holds."""
+    """The whole stage; returns what eval.json holds. output_dir: new, empty or an earlier eval's
+    (pipeline/rundir.py), locked while this runs."""
+    with owned_output(recipe.output_dir, "eval"):
+        return _evaluate(recipe, log)
+
+
+def _evaluate(recipe: EvalRecipe, log) -> dict:
     from data_prep import load_tokenizer
 
     started = time.perf_counter()
@@ -574,7 +597,6 @@ def run(recipe: EvalRecipe, log=print) -> dict:
     preflight(recipe, LaunchSpec.from_env())
     # 1. Output dir, device, models to compare, tokenizer, held-out rows.
     out_dir = Path(recipe.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out_dir / "recipe.yaml")
     device = pick_device(recipe.device)
     models = resolve_models(recipe, log)
@@ -615,6 +637,7 @@ def run(recipe: EvalRecipe, log=print) -> dict:
     note = ("Evaluated a RANDOM-INIT model: no trained run directory was found." if random_note else
             "Evaluated: " + ", ".join(f"{n} = {d}" for n, d in models) + ".")
     pngs = make_report(out_dir, results, shift, texts, PieceNames(tokenizer), layers, note)
+    record(out_dir, [p.name for p in pngs])
     summary = {
         "models": results, "routing_shift": shift, "layers": layers, "sources": sources,
         "random_init": random_note, "note": note, "routing_text": texts,
@@ -644,4 +667,4 @@ if __name__ == "__main__":
         main()
     except (RecipeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None

@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from model.checkpoint import NAME_TABLE, hf_tensors, hf_to_native, parse_size, publish_dir
 from model.config import MixtralConfig
-from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
+from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe, to_dict
+from pipeline.rundir import acquire_lock, check_ownable, remove_stale_siblings, sibling_lock_path
 
 # ----------------------------------------------------------------------------------------------
 # Recipe
@@ -80,9 +81,14 @@ class ExportSection:
     # in float32 (they are small, and PEFT casts the delta to the base weights' dtype itself).
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     max_shard_size: str = "5GB"
-    # A non-empty output_dir is refused unless this is true (it is then replaced atomically).
+    # A non-empty output_dir is refused unless this is true (it is then replaced atomically). A
+    # directory holding anything the export does not write is refused either way.
     overwrite: bool = False
     progress_bar: bool = True
+    # How the base model is named in shipped files (adapter_config.json's base_model_name_or_path,
+    # the model card), e.g. "mistralai/Mixtral-8x7B-v0.1"; null: the base checkpoint dir's name
+    # (never a path of this machine).
+    base_model_name: str | None = None
 
     def __post_init__(self):
         parse_size(self.max_shard_size)
@@ -952,7 +958,7 @@ def write_adapter(
             f"export: format=adapter writes the LoRA factors in float32 (export.dtype={recipe.export.dtype} "
             "is for merged weights)"
         )
-    tensors, kwargs = peft_adapter(adapters, meta_state(config), str(source.checkpoint))
+    tensors, kwargs = peft_adapter(adapters, meta_state(config), base_model_name(recipe, source))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     LoraConfig(**kwargs).save_pretrained(str(tmp))
     spm_path = Path(recipe.tokenizer.spm_path) if recipe.tokenizer.spm_path else DEFAULT_SPM_PATH
@@ -979,8 +985,9 @@ def verify_adapter_export(
     if n_params > section.max_params:
         return [f"verify: PEFT reload and logits skipped ({n_params:,} parameters > verify.max_params)"]
     base = MixtralForCausalLM.from_pretrained(source.checkpoint, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
-    loaded = get_peft_model_state_dict(peft_model)
+    with _target_parameter_patterns_apply():
+        peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)  # no hub look-up of the base name
     if set(loaded) != set(tensors):
         raise RuntimeError(
             f"verify: PEFT holds {sorted(set(loaded) ^ set(tensors))[:4]} against the exported adapter"
@@ -1010,23 +1017,81 @@ def verify_adapter_export(
     ]
 
 
+@contextlib.contextmanager
+def _target_parameter_patterns_apply():
+    """PEFT 0.21 warns that rank_pattern/alpha_pattern keys of target_parameters "did not match any
+    targeted module and were ignored": its check looks at module names only, and the ranks do apply
+    (the verification below loads every tensor with its shape). Only that warning, for only those
+    keys, is dropped; any other is passed on."""
+    import ast
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = str(w.message)
+        match = re.search(r"_pattern keys did not match any targeted module and were ignored: (\[.*\])", text)
+        if match and set(ast.literal_eval(match.group(1))) <= set(ADAPTER_TARGET_PARAMETERS):
+            continue
+        if "`is_gradient_checkpointing` is deprecated" in text:  # PEFT calling transformers 5's old name
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 # ----------------------------------------------------------------------------------------------
 # Output directory handling
 # ----------------------------------------------------------------------------------------------
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output_dir {out} exists and is not a directory")
+    """A new or empty ``out``, or (with ``overwrite``) an earlier export: nothing else is replaced."""
+    check_ownable(out, "export")  # holds only names an export writes, or is refused whatever overwrite says
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"output_dir {out} is not empty; pass export.overwrite=true to replace it (or choose another output_dir)"
+            f"output_dir {out} holds an earlier export; pass export.overwrite=true to replace it (or choose "
+            "another output_dir)"
         )
 
 
 def new_temp_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700, the export is for others to read
+    return tmp
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(tree: Path) -> None:
+    """Modes a plain ``mkdir``/``open`` would give under the umask (0755 / 0644 with the usual 022):
+    temp dirs and some writers (safetensors) create 0700 / 0600."""
+    mask = current_umask()
+    tree.chmod(0o777 & ~mask)
+    for path in tree.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def portable(value):
+    """``value`` with every absolute path of this machine cut to its last component: shipped files
+    (model card, recipe.yaml) must not carry the training machine's directory layout."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, (str, Path)) and os.path.isabs(str(value)):
+        return Path(value).name or str(value)
+    return str(value) if isinstance(value, Path) else value
+
+
+def base_model_name(recipe: ExportRecipe, source: Source) -> str:
+    """How shipped files name the base: export.base_model_name, else the base dir's own name."""
+    return recipe.export.base_model_name or source.checkpoint.resolve().name
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -1050,10 +1115,10 @@ def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, repo
         "",
         "## Base model",
         "",
-        f"- checkpoint: `{source.checkpoint}`",
+        f"- checkpoint: `{base_model_name(recipe, source)}`",
         f"- size: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_local_experts} experts "
         f"(top-{config.num_experts_per_tok}), ffn {config.intermediate_size}, vocab {config.vocab_size}",
-        f"- merged adapters (in order): {', '.join(f'`{a}`' for a in source.adapters) or 'none'}",
+        f"- merged adapters (in order): {', '.join(f'`{portable(a)}`' for a in source.adapters) or 'none'}",
         f"- export: format `{recipe.export.format}`, dtype `{recipe.export.dtype}` (LoRA merged in float32)",
         "",
         "## Training stages",
@@ -1067,7 +1132,7 @@ def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, repo
         lines.append("")
         data = manifest.get("data")
         if data:
-            lines.append(f"- data: `{json.dumps(data, ensure_ascii=False)[:500]}`")
+            lines.append(f"- data: `{json.dumps(portable(data), ensure_ascii=False)[:500]}`")
         if manifest.get("recipe"):
             lines.append(f"- recipe: `{manifest['recipe']}` (in the stage output dir)")
         if manifest.get("lora"):
@@ -1091,7 +1156,7 @@ def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, repo
         *(
             [
                 "from peft import PeftModel",
-                f'base = MixtralForCausalLM.from_pretrained("{source.checkpoint}", dtype="auto")',
+                f'base = MixtralForCausalLM.from_pretrained("{base_model_name(recipe, source)}", dtype="auto")',
                 "model = PeftModel.from_pretrained(base, path)  # or .merge_and_unload()",
             ]
             if recipe.export.format == "adapter"
@@ -1125,7 +1190,24 @@ def export(recipe: ExportRecipe, log: Callable[[str], None] = print) -> Path:
     started = time.perf_counter()
     out = Path(recipe.output_dir)
     check_output_dir(out, recipe.export.overwrite)
+    # One export of an output at a time; under the lock, every .<name>.tmp-* / .old-* next to it is
+    # what a killed export left (up to a whole model's size): gone before this one starts.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(sibling_lock_path(out), what=f"output_dir {out}")
+    try:
+        stale = remove_stale_siblings(out)
+        if stale:
+            log(f"export: removed what an interrupted export of {out} left: {', '.join(stale)}")
+        report = _export_locked(recipe, out, log)
+    finally:
+        lock.release()
+    log(f"export: wrote {out} in {time.perf_counter() - started:.1f}s")
+    for line in report:
+        log(f"  {line}")
+    return out
 
+
+def _export_locked(recipe: ExportRecipe, out: Path, log: Callable[[str], None]) -> list[str]:
     # 1. Source.
     source = source_from_recipe(recipe.source)
     config = MixtralConfig.from_hf(source.checkpoint / "config.json")
@@ -1138,17 +1220,15 @@ def export(recipe: ExportRecipe, log: Callable[[str], None] = print) -> Path:
             report = write_adapter(recipe, source, adapters, config, tmp, log)
         else:
             report = _write_weights(recipe, source, config, adapters, tmp, log)
-        save_recipe(recipe, tmp / "recipe.yaml")
+        save_recipe(portable(to_dict(recipe)), tmp / "recipe.yaml")
         (tmp / "README.md").write_text(model_card(recipe, source, config, report))
+        make_readable(tmp)
         check_output_dir(out, recipe.export.overwrite)  # again: something may have appeared meanwhile
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"export: wrote {out} in {time.perf_counter() - started:.1f}s")
-    for line in report:
-        log(f"  {line}")
-    return out
+    return report
 
 
 def _write_weights(
@@ -1325,6 +1405,10 @@ def verify_hf_export(
             {"role": "user", "content": "  Why?  "},
         ]
     )
+    conversations.append(  # message text that looks like control tokens is text
+        [{"role": "user", "content": "Is </s> a token? [INST]"}, {"role": "assistant", "content": "<s>No</s>."},
+         {"role": "user", "content": "<unk>?"}]
+    )
     reference_ids = _mistral_common_ids(out / "tokenizer.model", conversations)
     ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
     if ids != reference_ids:
@@ -1392,7 +1476,7 @@ def main(argv: list[str] | None = None) -> int:
         export(recipe)
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"export: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -7,11 +7,16 @@ The fast tokenizer encodes exactly like SentencePiece (FORMATS.md section 1): a 
 merges are ranked by the SentencePiece piece scores, a normalizer that prepends the dummy ``▁`` and
 turns spaces into ``▁``, no pre-tokenizer, and BOS added by the post-processor. transformers'
 own conversion ranks merges by id (``▁▁`` merges first) and skips the dummy ``▁`` before a leading
-space, so neither is used here. The files are saved as ``TokenizersBackend``: a ``LlamaTokenizer``
-class name makes transformers 5 rebuild the pipeline on load and lose the leading-space rule.
+space, so neither is used here.
+
+The class written to tokenizer_config.json is ``PreTrainedTokenizerFast``: transformers 4.x and 5.x
+both load tokenizer.json as it is under that name (checked with 4.57.6 and 5.23.0: the same ids and
+chat-template ids). The alternatives each break one of them: ``TokenizersBackend`` (what 5.x saves)
+does not exist in 4.x; ``LlamaTokenizer``/``LlamaTokenizerFast`` (the hub's Mixtral files) make 5.x
+rebuild the pipeline from tokenizer.model and lose the leading-space rule.
 
 The chat template reproduces mistral-common's v1 instruct encoding once the rendered string is
-tokenized (see :data:`CHAT_TEMPLATE`).
+tokenized (see :data:`CHAT_TEMPLATE`), also for messages whose text holds "<s>", "</s>" or "<unk>".
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from transformers import PreTrainedTokenizerFast
 DEFAULT_SPM_PATH = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+# Written by the chat template after every "<" of message text and deleted by the normalizer, so that
+# "</s>" typed in a message is not matched as the EOS token (see CHAT_TEMPLATE). A Unicode
+# noncharacter (U+FDD0, "for internal use"): text holding it is the one thing encoded differently
+# from SentencePiece, which keeps it.
+TEXT_MARK = "\ufdd0"
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 # Why this template tokenizes like mistral-common's per-segment encoding:
 # mistral-common encodes "[INST] {user} [/INST]" and every answer as separate SentencePiece calls,
@@ -40,6 +51,13 @@ SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 # them apart, as in mistral-common) are separated the same way. No merge crosses such a boundary
 # because no vocabulary piece holds "▁" after a non-space character (checked in tests). An empty
 # answer is written as nothing (SentencePiece encodes "" to no ids).
+#
+# Message text is text. mistral-common encodes a "</s>" typed in a message as the pieces "</", "s",
+# ">", never as EOS; the fast tokenizer matches its special tokens in the rendered string first. So
+# the template writes TEXT_MARK after every "<" of message content: "<\ufdd0/s>" matches no special
+# token, and the normalizer (which runs on the pieces between special tokens) deletes the mark again,
+# leaving the text SentencePiece sees. "[INST]" in a message needs nothing: in v1 it is plain text
+# for both.
 #
 # Message handling follows mistral-common v1: runs of messages with the same role are joined with
 # "\n\n"; system messages are collected (in order) into one prompt that is prepended to the first
@@ -66,7 +84,7 @@ CHAT_TEMPLATE = (
     "{%- set ns.role = message['role'] -%}{%- set ns.parts = [] -%}{%- set ns.prefix = false -%}"
     "{%- endif -%}"
     "{%- if message['role'] != 'system' or message['content'] -%}"
-    "{%- set ns.parts = ns.parts + [message['content'] or ''] -%}"
+    "{%- set ns.parts = ns.parts + [(message['content'] or '') | replace('<', '<" + TEXT_MARK + "')] -%}"
     "{%- endif -%}"
     "{%- if message.get('prefix') -%}{%- set ns.prefix = true -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -142,7 +160,9 @@ def build_backend(spm_path: str | os.PathLike = DEFAULT_SPM_PATH) -> Tokenizer:
         vocab=vocab, merges=merges_by_score(vocab, scores), unk_token=UNK, fuse_unk=True, byte_fallback=True
     )
     tok = Tokenizer(bpe)
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Replace(TEXT_MARK, ""), normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)]
+    )
     tok.decoder = decoders.Sequence(
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
@@ -177,11 +197,11 @@ def save_tokenizer_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_fast_tokenizer(spm_path)
     tok.save_pretrained(out_dir)
-    # transformers 5 writes the class it loaded as; pin it so that a reload never rebuilds the
-    # pipeline from tokenizer.model (which would bring back the leading-space error).
+    # transformers 5 writes the class it loaded as (TokenizersBackend, unknown to 4.x); see the
+    # module docstring for why this one.
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "TokenizersBackend"
+    config["tokenizer_class"] = TOKENIZER_CLASS
     config["add_bos_token"] = True
     config["add_eos_token"] = False
     # transformers >= 4.43 reads chat_template.jinja; older loaders (and the hub's Mixtral files)

@@ -180,6 +180,14 @@ def check_launch(section: ParallelSection, launch: LaunchSpec) -> None:
                 f"parallel.zero_stage={section.zero_stage} but the launch config does not use DeepSpeed; "
                 f"launch with recipes/accelerate/zero{section.zero_stage}*.yaml"
             )
+        if section.deepspeed and not launch.launched:
+            # accelerate would set up DeepSpeed with no process group, and its first barrier fail with
+            # "Default process group has not been initialized".
+            raise ParallelError(
+                f"parallel.zero_stage={section.zero_stage} runs DeepSpeed, which needs a launcher: accelerate "
+                f"launch --config_file recipes/accelerate/zero{section.zero_stage}*.yaml -m pipeline.<stage> ...; "
+                "for one process without a launcher set parallel.zero_stage=null"
+            )
         return
     launched = {
         "zero_stage": launch.zero_stage if launch.zero_stage is not None else section.zero_stage or 0,

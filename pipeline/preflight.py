@@ -54,6 +54,8 @@ class LaunchSpec:
     offload_param_device: str = "none"
     mixed_precision: str = "no"
     use_cpu: bool = False
+    # Started by a launcher (accelerate launch, torchrun), which sets up the process group DeepSpeed needs.
+    launched: bool = False
     # Where these facts come from (the config file's path, or "the environment"): named in errors.
     source: str = "single process (python -m)"
 
@@ -87,6 +89,7 @@ class LaunchSpec:
             offload_param_device=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower(),
             mixed_precision=env.get("ACCELERATE_MIXED_PRECISION", "no"),
             use_cpu=env.get("ACCELERATE_USE_CPU", "false").lower() == "true",
+            launched="WORLD_SIZE" in env or deepspeed,
             source="the environment accelerate launch set",
         )
         ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -120,6 +123,7 @@ class LaunchSpec:
             distributed_type=kind,
             mixed_precision=str(raw.get("mixed_precision", "no")),
             use_cpu=bool(raw.get("use_cpu", False)),
+            launched=True,
             source=str(path),
         )
         if kind == "DEEPSPEED":
@@ -317,8 +321,8 @@ def check_routing_layers(layers: list[int], num_layers: int) -> None:
 # Every startup check, in order. A new check is a function of the Pairing added here.
 CHECKS: tuple[Check, ...] = (
     check_launch_config,
-    check_parallel_launch,
     check_expert_parallel,
+    check_parallel_launch,
     check_zero3_logits_chunk,
     check_dpo_reference,
     check_model_build,

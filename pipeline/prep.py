@@ -4,16 +4,20 @@
 
 Reads the recipe's `data:` section only (the other sections belong to other stages) and writes
 `data.output_dir` (train/, eval/, manifest.json, report.md, rejects.jsonl). An unchanged re-run is
-a no-op that says so; pass `--force` to redo the work anyway.
+a no-op that says so; pass `--force` to redo the work anyway. `data.output_dir` must be new, empty
+or written by prep (pipeline/rundir.py); a source with no usable record stops the stage. Exit
+status 2 for every such error, with one line saying what is wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from data_prep.config import DataConfig
-from data_prep.prepare import prepare
+from data_prep.prepare import PrepError, prepare
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli
+from pipeline.rundir import check_ownable, owned_output
 
 USAGE = "usage: python -m pipeline.prep RECIPE.yaml [--force] [data.key=value ...]"
 
@@ -31,13 +35,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise RecipeError(f"{path}: no `data:` section; the prep stage needs one (see recipes/tiny/sft.yaml)")
     data = build(DataConfig, raw["data"], source=str(path), prefix="data")
 
-    # 3. Run (skips when the output's fingerprint matches).
-    return prepare(data, force=force)
+    # 3. Run (skips when the output's fingerprint matches); refuse a directory prep may not write
+    #    before the work, then own and lock it while writing.
+    check_ownable(data.output_dir, "prep", key="data.output_dir")
+    return prepare(data, force=force, own_output=functools.partial(owned_output, stage="prep", key="data.output_dir"))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (RecipeError, FileNotFoundError, ValueError) as err:
+    except (RecipeError, PrepError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None

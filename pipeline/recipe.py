@@ -9,6 +9,7 @@ The ``data`` section is ``data_prep.config.DataConfig`` (pipeline.prep acts on i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +17,9 @@ from data_prep.config import DataConfig
 from pipeline.parallel import ParallelSection
 
 MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "mixtral-8x7b")
+# Keys that change speed or memory, not what is trained: a resumed run may change them.
+SPEED_ONLY_KEYS = ("data.num_proc", "data.batch_size", "model.gradient_checkpointing",
+                   "model.logits_chunk_size", "dpo.ref_batch_size")
 
 
 @dataclass
@@ -72,7 +76,8 @@ class TrainSection:
     # "auto": continue from the newest complete checkpoint in output_dir if there is one;
     # "never": start fresh; any other value: a checkpoint directory to continue from.
     resume: str = "auto"
-    # Start fresh over an output_dir that already holds a finished or started run.
+    # Start over in an output_dir that holds a finished or started run, whatever `resume` says:
+    # deletes what the pipeline wrote there (pipeline/rundir.py), never other files.
     overwrite_output_dir: bool = False
 
     def __post_init__(self):
@@ -86,14 +91,21 @@ class TrainSection:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"train.{name} must be >= 1 or null, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"train.eps must be a finite number > 0, got {self.eps}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError("train.max_grad_norm must be > 0, or null for no clipping")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"train.max_grad_norm must be a finite number > 0, or null for no clipping, got "
+                             f"{self.max_grad_norm}")
 
 
 @dataclass

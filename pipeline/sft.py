@@ -27,15 +27,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.dataset import load_prepared
+from data_prep.dataset import load_prepared, no_eval_note
 from pipeline import parallel
 from pipeline.checkpointing import latest_checkpoint, write_json
-from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_secrets, save_recipe
+from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
 from pipeline.expert_parallel import ExpertPlacement, shard_experts
 from pipeline.optim import freeze_router
 from pipeline.parallel import placement_independent_lora_init
 from pipeline.preflight import LaunchSpec, preflight
-from pipeline.recipe import SFTRecipe
+from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe
+from pipeline.rundir import record, start_training_run
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
 
@@ -112,30 +113,8 @@ def load_recipe(path: str, overrides: list[str]) -> SFTRecipe:
     return build(SFTRecipe, raw, source=str(path))
 
 
-def resolve_resume(recipe: SFTRecipe) -> Path | None:
-    """Which checkpoint to continue from; refuses to overwrite a run it was not told to."""
-    out = Path(recipe.output_dir)
-    resume = recipe.train.resume
-    if resume not in ("auto", "never"):
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise RecipeError(f"train.resume={resume}: not a checkpoint directory (no state.json there)")
-        return path
-    if resume == "auto":
-        found = latest_checkpoint(out / "checkpoints")
-        if found is not None:
-            return found
-    if out.exists() and any(out.iterdir()):
-        if not recipe.train.overwrite_output_dir:
-            raise RecipeError(
-                f"output_dir {out} already holds a run; pass train.resume=auto to continue it, "
-                f"train.overwrite_output_dir=true to start over, or choose another output_dir"
-            )
-    return None
-
-
 def load_datasets(recipe: SFTRecipe):
-    return load_prepared(recipe.data.output_dir, kind="sft", stage="sft")
+    return load_prepared(recipe.data, stage="sft")
 
 
 def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
@@ -232,6 +211,7 @@ def save_final(model: nn.Module, output_dir: Path, lora: bool,
             raise ValueError(f"save_final: the consolidated state dict lacks {missing[:3]}")
         full.save_pretrained(tmp)
     names = sorted(p.name for p in tmp.iterdir())
+    record(output_dir, names)  # listed before they land: starting over deletes them, and only them
     for name in names:
         os.replace(tmp / name, output_dir / name)
     tmp.rmdir()
@@ -269,27 +249,33 @@ def run(recipe: SFTRecipe) -> Path:
     from accelerate.utils import set_seed
 
     out = Path(recipe.output_dir)
-    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
+    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs); they
+    #    need no process group, so a wrong size is one clear error on every rank.
     preflight(recipe, LaunchSpec.from_env())
-    # 1. Where we start: a checkpoint to resume, or a fresh (possibly overwritten) output dir.
-    resume_from = resolve_resume(recipe)
+    # 1. Where we start: the main process locks and claims the output dir and decides: resume a
+    #    checkpoint, or start over (pipeline/rundir.py).
     accelerator = parallel.make_accelerator(
         recipe.parallel, micro_batch_size=recipe.train.micro_batch_size,
         grad_accum_steps=recipe.train.grad_accum_steps, max_grad_norm=recipe.train.max_grad_norm,
         mixed_precision=recipe.train.mixed_precision,
         log_with="wandb" if recipe.tracking.report_to == "wandb" else None, project_dir=str(out),
     )
-    if resume_from is None and accelerator.is_main_process and out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
+    start = start_training_run(
+        out, "sft", resume=recipe.train.resume, overwrite=recipe.train.overwrite_output_dir,
+        recipe=to_dict(recipe), ignore=SPEED_ONLY_KEYS, is_main=accelerator.is_main_process,
+        latest_checkpoint=latest_checkpoint)
+    resume_from = start.resume_from
+    if start.note:
+        accelerator.print(f"sft: {start.note}")
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")
     parallel.require_shared_directory(out, "output_dir")
     set_seed(recipe.train.seed)
 
     # 2. Data and model.
     train, eval_set = load_datasets(recipe)
+    if eval_set is None:
+        accelerator.print(f"sft: {no_eval_note(recipe.data)}")
     place = parallel.placement(recipe.parallel, _num_experts(recipe))
     model = build_model(recipe, out, accelerator.is_main_process, place)
     ep_stats = parallel.apply(model, recipe.parallel, place)
@@ -333,6 +319,7 @@ def run(recipe: SFTRecipe) -> Path:
         accelerator.print(f"sft: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
     accelerator.wait_for_everyone()
     tracker.finish()
+    start.release()
     return out
 
 

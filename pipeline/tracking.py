@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,26 +39,65 @@ def redacted_config(recipe: Any) -> dict:
 
 
 def expert_load_metrics(expert_counts: torch.Tensor, prefix: str = "expert_load") -> dict[str, float]:
-    """Share of routed tokens per expert and the max/min share ratio, per layer.
+    """Share of routed tokens per expert, the max/min share ratio per layer, and the dead experts.
 
-    ``expert_counts`` is [L, E]: top-k slots routed to each expert. An expert that got no tokens
-    makes the ratio ``inf``; it is logged as such (a dead expert is what the chart should show).
+    ``expert_counts`` is [L, E]: top-k slots routed to each expert. ``{prefix}/dead_experts`` counts
+    the (layer, expert) pairs that got no token; a layer with one has no max/min ratio (it would be
+    infinite, and JSON and charts have no infinity): the count says it instead.
     """
     counts = expert_counts.detach().to(torch.float64).cpu()  # [L, E]
     totals = counts.sum(dim=1, keepdim=True).clamp_min(1.0)  # [L, 1]
     shares = counts / totals  # [L, E]
     out: dict[str, float] = {}
+    dead = 0
     for layer, row in enumerate(shares.tolist()):
         for expert, share in enumerate(row):
             out[f"{prefix}/layer{layer}/expert{expert}"] = share
         low = min(row)
-        out[f"{prefix}/layer{layer}/max_min_ratio"] = max(row) / low if low > 0 else math.inf
+        dead += sum(share == 0 for share in row)
+        if low > 0:
+            out[f"{prefix}/layer{layer}/max_min_ratio"] = max(row) / low
+    out[f"{prefix}/dead_experts"] = float(dead)
     return out
 
 
-def _json_number(value: float) -> float | str:
-    # JSON has no inf/nan; strings keep the line parseable by every reader.
-    return value if math.isfinite(value) else str(value)
+_SHARE_KEY = re.compile(r"^expert_load/layer(\d+)/expert(\d+)$")
+# Logged steps in a row without a token after which an expert is called dead in the log.
+DEAD_EXPERT_STEPS = 100
+
+
+class DeadExpertWatch:
+    """Says once per expert when it has had no token in every logged step for ``steps`` steps."""
+
+    def __init__(self, steps: int = DEAD_EXPERT_STEPS):
+        self.steps = steps
+        self.zero_since: dict[tuple[int, int], int] = {}  # first step of the current run of zeros
+        self.warned: set[tuple[int, int]] = set()
+
+    def update(self, step: int, metrics: dict[str, float]) -> list[str]:
+        messages = []
+        for key, share in metrics.items():
+            match = _SHARE_KEY.match(key)
+            if match is None:
+                continue
+            expert = (int(match.group(1)), int(match.group(2)))
+            if share > 0:
+                self.zero_since.pop(expert, None)
+                continue
+            first = self.zero_since.setdefault(expert, step)
+            if step - first + 1 >= self.steps and expert not in self.warned:
+                self.warned.add(expert)
+                messages.append(
+                    f"warning: expert {expert[1]} of layer {expert[0]} got no token in any logged step from "
+                    f"{first} to {step}: a dead expert (W&B: expert_load/dead_experts); a larger "
+                    "model.router_aux_loss_coef spreads the load"
+                )
+        return messages
+
+
+def _json_number(value: float) -> float | None:
+    # JSON has no inf/nan: null keeps the line parseable by every reader (never a string).
+    return value if math.isfinite(value) else None
 
 
 class Tracker:
@@ -70,6 +110,7 @@ class Tracker:
         self.path = self.output_dir / METRICS_FILE
         self.report_to = report_to
         self.wandb_dir: Path | None = None
+        self.dead_experts = DeadExpertWatch()
         if not accelerator.is_main_process:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +156,8 @@ class Tracker:
         line = {"step": step, **{k: _json_number(float(v)) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
+        for message in self.dead_experts.update(step, metrics):
+            self.accelerator.print(message)
         if self.report_to != "none":
             self.accelerator.log(metrics, step=step)
 

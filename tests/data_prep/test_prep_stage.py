@@ -321,3 +321,137 @@ def test_worker_processes_and_an_hf_tokenizer_json_give_the_same_rows(tmp_path):
         assert m["counts"][src]["rejected"] == {"malformed_json": 1}
         outputs.append(datasets.load_from_disk(str(tmp_path / name / "train")).to_dict())
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_bytes_that_are_not_utf8_are_rejected_and_a_bom_is_skipped(tmp_path):
+    ok = json.dumps(conv("What is 2+2?", "4")).encode()
+    latin1 = json.dumps(conv("caf_", "ok")).encode().replace(b"caf_", b"caf\xe9")  # a Latin-1 export
+    surrogate = b'{"messages": [{"role": "user", "content": "a \\udc80 b"}, {"role": "assistant", "content": "c"}]}'
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + ok + b"\n" + latin1 + b"\n" + surrogate + b"\n" + ok.replace(b"4", b"5") + b"\n")
+    records = [conv("json one", "a"), conv("json caf_", "b")]
+    as_json = tmp_path / "list.json"
+    as_json.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode().replace(b"caf_", b"caf\xe9"))
+    as_csv = tmp_path / "table.csv"
+    as_csv.write_bytes(b"\xef\xbb\xbfinstruction,output\nSay hi,hi\nSay caf\xe9,x\n")
+    cfg = DataConfig(sources=[SourceConfig(path=str(p)) for p in (jsonl, as_json, as_csv)],
+                     output_dir=str(tmp_path / "out"), max_seq_len=64, dedup=False)
+    manifest = prepare(cfg, log=quiet)
+    got = {(Path(r["source"]).name, r["locator"]): r["reason"] for r in rejects(tmp_path / "out")}
+    assert got == {("mixed.jsonl", "line 2"): "invalid_utf8", ("mixed.jsonl", "line 3"): "invalid_utf8",
+                   ("list.json", "index 1"): "invalid_utf8", ("table.csv", "line 3"): "invalid_utf8"}
+    for name, c in manifest["counts"].items():
+        assert c["read"] == c["accepted"] + c["rejected_total"], name
+        assert c["accepted"] >= 1, name  # line 1 of each file, after its BOM, is a record
+    assert manifest["counts"][str(jsonl)]["rejected"] == {"invalid_utf8": 2}
+    # no U+FFFD was trained on
+    train = datasets.load_from_disk(str(tmp_path / "out" / "train"))
+    tok = load_tokenizer()
+    assert all("\ufffd" not in tok.decode(row) for row in train["input_ids"])
+
+
+def test_a_source_with_no_usable_record_stops_prep_naming_it(tmp_path):
+    from data_prep.prepare import PrepError
+
+    binary = tmp_path / "weights.jsonl"
+    binary.write_bytes(bytes(range(256)) * 40 + b"\n" + bytes(range(128, 256)) * 3 + b"\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    good = write_jsonl(tmp_path / "good.jsonl", [conv("q", "a")])
+    out = tmp_path / "out"
+    with pytest.raises(PrepError, match=rf"{binary}: 0 of \d+ records usable \(rejected: invalid_utf8 \d+"):
+        prepare(DataConfig(sources=[SourceConfig(path=good), SourceConfig(path=str(binary))], output_dir=str(out)),
+                log=quiet)
+    with pytest.raises(PrepError, match=rf"{empty} holds no records"):
+        prepare(DataConfig(sources=[SourceConfig(path=str(empty))], output_dir=str(out)), log=quiet)
+    invalid = write_jsonl(tmp_path / "invalid.jsonl", [{"foo": 1}, '{"messages": [', {"instruction": "x"}])
+    with pytest.raises(PrepError, match=r"0 of 3 records usable \(rejected: unknown_format 1, malformed_json 1, "
+                                         r"missing_field 1; e.g. line 1: keys \[foo\]"):
+        prepare(DataConfig(sources=[SourceConfig(path=invalid)], output_dir=str(out)), log=quiet)
+    assert not out.exists()  # nothing written
+
+
+def test_the_command_exits_2_with_one_line_naming_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(bytes(range(256)) * 8)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prep", str(REPO / "recipes/tiny/sft.yaml"),
+                           f"data.sources=[{{path: {binary}}}]", f"data.output_dir={tmp_path / 'out'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: data.sources: {binary}: 0 of ") and "invalid_utf8" in lines[0]
+
+
+def test_an_empty_eval_split_is_left_out_and_loads_as_none(tmp_path):
+    from data_prep.dataset import load_prepared, no_eval_note
+
+    train_src = write_jsonl(tmp_path / "t.jsonl", [conv(f"q{i}", f"a{i}") for i in range(6)])
+    cfg = DataConfig(sources=[SourceConfig(path=train_src)], output_dir=str(tmp_path / "out"), eval_fraction=0.0)
+    manifest = prepare(cfg, log=quiet)
+    assert manifest["stats"]["eval"]["rows"] == 0 and not (tmp_path / "out" / "eval").exists()
+    train, eval_set = load_prepared(cfg, stage="sft")
+    assert len(train) >= 1 and eval_set is None
+    assert "data.eval_fraction is 0 and no source has role: eval" in no_eval_note(cfg)
+    lines = []
+    prepare(cfg, log=lines.append)
+    assert "up to date" in lines[0]
+    # An eval source whose every example duplicates a train one: said, and eval is empty too.
+    eval_src = write_jsonl(tmp_path / "e.jsonl", [conv("q1", "a1"), conv("q2", "a2")])
+    cfg = DataConfig(sources=[SourceConfig(path=train_src), SourceConfig(path=eval_src, role="eval")],
+                     output_dir=str(tmp_path / "out2"))
+    lines = []
+    manifest = prepare(cfg, log=lines.append)
+    assert any(f"every usable example of {eval_src} (eval source) duplicates" in line for line in lines), lines
+    assert manifest["counts"][eval_src]["rejected"] == {"duplicate": 2}
+    assert load_prepared(cfg, stage="sft")[1] is None
+    assert "every held-out example was rejected or a duplicate" in no_eval_note(cfg)
+
+
+def test_prepared_data_that_does_not_match_the_recipe_is_refused_with_the_difference(tmp_path):
+    from data_prep.dataset import PreparedDataError, load_prepared
+
+    src = write_jsonl(tmp_path / "t.jsonl", [conv(f"q{i}", f"a{i}") for i in range(4)])
+    cfg = DataConfig(sources=[SourceConfig(path=src)], output_dir=str(tmp_path / "out"), max_seq_len=64)
+    prepare(cfg, log=quiet)
+    load_prepared(DataConfig(**{**cfg.__dict__, "num_proc": 2, "batch_size": 7}), stage="sft")  # speed only: fine
+    changed = DataConfig(**{**cfg.__dict__, "max_seq_len": 128, "packing": False})
+    with pytest.raises(PreparedDataError, match=r"prepared from a different data section \(prepared -> recipe: "
+                                                r"data.max_seq_len: 64 -> 128; data.packing: True -> False\)"):
+        load_prepared(changed, stage="sft")
+    with pytest.raises(PreparedDataError, match="holds data.kind 'sft' rows, the dpo stage needs 'dpo'"):
+        load_prepared(DataConfig(**{**cfg.__dict__, "kind": "dpo"}), stage="dpo")
+    with pytest.raises(PreparedDataError, match="holds no prepared data"):
+        load_prepared(DataConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "none")}), stage="sft")
+
+
+def test_prep_refuses_a_directory_it_did_not_write_and_replaces_only_its_own_entries(tmp_path):
+    from pipeline.rundir import OWNER_FILE, RunDirError
+
+    sources = tmp_path / "my_data"
+    sources.mkdir()
+    src = write_jsonl(sources / "chats.jsonl", [conv(f"q{i}", f"a{i}") for i in range(4)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"sources": [{"path": src}], "output_dir": str(sources)}}))
+    with pytest.raises(RunDirError, match=rf"data.output_dir {sources} is not empty and was not written by this "
+                                          r"pipeline \(it holds chats.jsonl\)"):
+        prep_entry.main([str(recipe)])
+    assert sorted(p.name for p in sources.iterdir()) == ["chats.jsonl"]
+
+    out = tmp_path / "prepared"
+    prep_entry.main([str(recipe), f"data.output_dir={out}"])
+    owner = json.loads((out / OWNER_FILE).read_text())
+    assert owner["stage"] == "prep" and {"train", "manifest.json", "ref_logps"} <= set(owner["entries"])
+    (out / "notes.txt").write_text("mine")
+    (out / "ref_logps").mkdir()  # the DPO reference cache: stale once the data changes
+    prep_entry.main([str(recipe), f"data.output_dir={out}", "data.max_seq_len=128"])
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "ref_logps").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [OWNER_FILE, "manifest.json", "notes.txt", "rejects.jsonl", "report.md", "train"])
+    # A directory written by another stage is not prep's either.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / OWNER_FILE).write_text(json.dumps({"stage": "sft", "entries": []}))
+    with pytest.raises(RunDirError, match="holds the output of the sft stage"):
+        prep_entry.main([str(recipe), f"data.output_dir={tmp_path / 'run'}"])

@@ -1,5 +1,6 @@
 """pipeline.chat: greedy, KV-cached generation through transformers equals our model's greedy decoding."""
 
+import pytest
 import torch
 
 from model import Mixtral, MixtralConfig
@@ -61,7 +62,9 @@ def test_chat_loads_an_adapter_export_onto_its_base(tmp_path):
     }
     out = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
 
-    tokenizer, model = load(out)
+    with pytest.raises(FileNotFoundError, match="the base model 'base' is neither a checkpoint dir here nor a hub id"):
+        load(out)  # the export names its base, it does not point at this machine's directories
+    tokenizer, model = load(out, base=tmp_path / "base")
     assert isinstance(model, PeftModel)
     prompt, generated, _ = answer(tokenizer, model, [{"role": "user", "content": "Hi"}], max_new_tokens=6)
     native = PeftModel.from_pretrained(

@@ -85,3 +85,15 @@ def test_saved_recipe_has_no_secrets(tmp_path, monkeypatch):
     assert "wandb-secret-0123456789" not in text
     assert "hunter2hunter2" not in text
     assert yaml.safe_load(text)["train"]["learning_rate"] == 1e-4
+
+
+def test_secret_looking_keys_are_redacted_and_settings_that_mention_tokens_are_kept():
+    from pipeline.config import to_dict
+
+    saved = to_dict({"hf_token": "hf_abc", "wandb_api_key": "k", "auth": "x", "db_password": "p", "apikey": "q",
+                     "client_secret": "s", "tokenizer": "/models/tokenizer.model", "max_new_tokens": 64,
+                     "routing": {"text_tokens": 160}, "empty_token": None})
+    assert all(saved[k] == "<redacted>" for k in ("hf_token", "wandb_api_key", "auth", "db_password", "apikey",
+                                                    "client_secret"))
+    assert saved["tokenizer"] == "/models/tokenizer.model" and saved["max_new_tokens"] == 64
+    assert saved["routing"] == {"text_tokens": 160} and saved["empty_token"] is None

@@ -396,3 +396,24 @@ def test_wandb_offline_gets_every_plot_and_table(tmp_path, monkeypatch):
     tables = sorted(p.name.split("_")[0] for p in (run_dir / "files" / "media" / "table").rglob("*.table.json"))
     assert tables == ["loss", "passkey", "repetition", "routing"]
     assert list(run_dir.glob("*.wandb"))
+
+
+def test_eval_refuses_a_directory_it_did_not_write_and_names_an_empty_split(tmp_path):
+    from data_prep.config import DataConfig, SourceConfig
+    from data_prep.prepare import prepare
+    from pipeline.rundir import RunDirError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "paper.pdf").write_bytes(b"%PDF")
+    with pytest.raises(RunDirError, match=rf"output_dir {mine} is not empty and was not written by this pipeline"):
+        main([str(TINY_RECIPE), f"output_dir={mine}", "tracking.report_to=none"])
+    assert sorted(p.name for p in mine.iterdir()) == ["paper.pdf"]
+    chats = tmp_path / "c.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                         {"role": "assistant", "content": f"a{i}"}]})
+                               for i in range(3)) + "\n")
+    prepare(DataConfig(sources=[SourceConfig(path=str(chats))], output_dir=str(tmp_path / "data")), log=lambda _: None)
+    with pytest.raises(RecipeError, match=rf"data.dir: {tmp_path / 'data' / 'eval'} is an empty split"):
+        main([str(TINY_RECIPE), f"output_dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'data' / 'eval'}",
+              "tracking.report_to=none"])

@@ -85,3 +85,22 @@ def test_html_embeds_images_and_tables(tmp_path, routing_summary):
     assert base64.b64decode(embedded) == png.read_bytes()
     assert "<td>12.35</td>" in text and "&lt;code&gt;" in text
     assert not (tmp_path / "report.html.tmp").exists()
+
+
+def _pixels_of(path, colour: str) -> int:
+    import numpy as np
+    from matplotlib import colors as mcolors
+
+    rgb = np.array(mcolors.to_rgb(colour))
+    return int((np.abs(mimage.imread(path)[..., :3] - rgb).max(-1) < 0.05).sum())
+
+
+def test_perplexities_orders_of_magnitude_apart_are_all_readable(tmp_path):
+    # A random base (~32,000) next to SFT and DPO (~17): on a linear axis the tuned bars are < 1 pixel.
+    ppl = {"base": {"chat": 32398.0, "code": 30000.0}, "sft": {"chat": 17.7, "code": 20.1},
+           "dpo": {"chat": 17.5, "code": 19.0}}
+    flat = plot_bars(ppl, tmp_path / "linear.png", ylabel="perplexity", title="t")
+    log = plot_bars(ppl, tmp_path / "log.png", ylabel="perplexity", title="t", log_scale=True)
+    assert _pixels_of(flat, "C1") < 500  # the legend swatch only
+    for colour in ("C0", "C1", "C2"):
+        assert _pixels_of(log, colour) > 3000, colour

@@ -19,7 +19,7 @@ from transformers import MixtralForCausalLM
 import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
 from model import Mixtral, MixtralConfig
 from model.lora import apply_lora
-from pipeline.config import build
+from pipeline.config import RecipeError, build
 from pipeline.export import (
     ExportRecipe,
     ShardWriter,
@@ -289,6 +289,9 @@ def test_adapter_export_loads_with_peft_onto_transformers_with_equal_logits(runs
         with adapted.disable_adapter():  # and the adapter is what makes the difference
             assert (adapted(PROMPT).logits - reference).abs().max().item() > 1e-2
     assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
+    # Named, not located: the base's directory name (export.base_model_name sets a hub id instead).
+    assert config["base_model_name_or_path"] == "base"
+    _assert_no_paths_of_this_machine(out, root, root.resolve())
 
 
 def test_adapter_export_of_a_full_model_or_a_rank_shard_is_a_clear_error(runs, tmp_path):
@@ -322,24 +325,103 @@ def test_rope_permutation_is_the_inverse_of_the_hf_conversion():
     )
 
 
-def test_non_empty_output_dir_is_refused_unless_overwrite(runs):
+def _base_recipe(root: Path, out: Path, **export_section):
+    raw = {
+        "source": {"checkpoint": str(root / "base")},
+        "output_dir": str(out),
+        "export": {"progress_bar": False, **export_section},
+        "verify": {"enabled": False},
+    }
+    return build(ExportRecipe, raw, source="test")
+
+
+def test_a_directory_the_export_did_not_write_is_refused_even_with_overwrite(runs):
     root, _ = runs
     out = root / "occupied"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    raw = {
-        "source": {"checkpoint": str(root / "base")},
-        "output_dir": str(out),
-        "export": {"progress_bar": False},
-        "verify": {"enabled": False},
-    }
-    with pytest.raises(FileExistsError, match="export.overwrite=true"):
-        export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
-    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    raw["export"]["overwrite"] = True
-    export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert not list(root.glob(".occupied.*"))  # no temp or old dirs left behind
+    for overwrite in (False, True):
+        with pytest.raises(RecipeError, match=rf"{out} is not empty and was not written by this pipeline \(it holds keep.txt\)"):
+            export(_base_recipe(root, out, overwrite=overwrite), log=lambda _: None)
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert not list(root.glob(".occupied.*"))  # no lock, temp or old dirs left behind
+
+
+def test_an_earlier_export_is_replaced_only_with_overwrite(runs):
+    root, _ = runs
+    out = root / "again"
+    export(_base_recipe(root, out), log=lambda _: None)
+    before = (out / "model.safetensors").stat().st_ino
+    with pytest.raises(FileExistsError, match="holds an earlier export; pass export.overwrite=true"):
+        export(_base_recipe(root, out), log=lambda _: None)
+    assert (out / "model.safetensors").stat().st_ino == before
+    export(_base_recipe(root, out, overwrite=True), log=lambda _: None)
+    assert (out / "model.safetensors").stat().st_ino != before
+    assert not list(root.glob(".again.*"))
+
+
+def test_the_next_export_removes_what_a_killed_one_left(runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "model"
+    # What a SIGKILLed export leaves next to its output: the temp dir it was writing, and the old
+    # output it was moving aside.
+    (tmp_path / ".model.tmp-k1ll3d").mkdir()
+    (tmp_path / ".model.tmp-k1ll3d" / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / ".model.old-abc").mkdir()
+    (tmp_path / ".other.tmp-keep").mkdir()  # another output's: not this export's business
+    lines = []
+    export(_base_recipe(root, out), log=lines.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "model"]
+    assert any(".model.old-abc, .model.tmp-k1ll3d" in line for line in lines), lines
+
+
+def test_a_second_export_of_a_live_output_is_refused(runs, tmp_path):
+    """The lock is held by another process (a live export); a killed holder would not block (flock)."""
+    root, _ = runs
+    out = tmp_path / "model"
+    (tmp_path / ".model.tmp-live").mkdir()  # the live export's temp dir: must survive
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.rundir import acquire_lock; "
+         "acquire_lock(sys.argv[1], what='x'); print('held', flush=True); time.sleep(60)",
+         str(tmp_path / ".model.lock")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RecipeError, match=rf"output_dir {out} is in use by another run \(pid {holder.pid} on host"):
+            export(_base_recipe(root, out), log=lambda _: None)
+        assert (tmp_path / ".model.tmp-live").is_dir() and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder was killed without releasing anything: the lock does not outlive it.
+    export(_base_recipe(root, out), log=lambda _: None)
+    assert (out / "model.safetensors").is_file() and not (tmp_path / ".model.tmp-live").exists()
+
+
+def test_exports_are_readable_by_others(fp32_export):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in [fp32_export, *fp32_export.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == want, (path.name, oct(path.stat().st_mode & 0o777))
+
+
+def _assert_no_paths_of_this_machine(out: Path, *roots: Path):
+    for path in out.rglob("*"):
+        if path.suffix in (".json", ".md", ".yaml", ".jinja", ".txt"):
+            text = path.read_text()
+            for root in (REPO, *roots):
+                assert str(root) not in text, (path.name, str(root))
+            assert "/tmp/" not in text, path.name
+
+
+def test_shipped_files_hold_no_path_of_this_machine(runs, fp32_export):
+    root, _ = runs
+    _assert_no_paths_of_this_machine(fp32_export, root, root.resolve())
+    card = (fp32_export / "README.md").read_text()
+    assert "- checkpoint: `base`" in card and "- merged adapters (in order): `sft`, `dpo`" in card
+    assert "run_dir: dpo" in (fp32_export / "recipe.yaml").read_text()
 
 
 def test_bad_adapter_config_is_a_clear_error(runs, tmp_path):
@@ -437,3 +519,40 @@ def test_shard_writer_raises_the_write_threads_error(tmp_path):
     }
     with safe_open(str(tmp_path / "model-00002-of-00002.safetensors"), framework="pt") as f:
         assert torch.equal(f.get_tensor("b"), torch.full((2, 2), 1 / 3).to(torch.bfloat16))
+
+
+TRANSFORMERS4 = os.environ.get("MIXTRAL_TUNE_TRANSFORMERS4")
+LOAD_WITH_TRANSFORMERS4 = """
+import json, sys, torch, transformers
+from transformers import AutoTokenizer, MixtralForCausalLM
+out, conversations = sys.argv[1], json.loads(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(out)
+model = MixtralForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+ids = [tok.apply_chat_template(c, tokenize=True) for c in conversations]
+with torch.no_grad():
+    logits = model(torch.tensor([ids[0]])).logits
+print(json.dumps({"version": transformers.__version__, "class": type(tok).__name__, "ids": ids,
+                  "logits": logits[0, -1, :50].tolist()}))
+"""
+
+
+@pytest.mark.skipif(not TRANSFORMERS4, reason="set MIXTRAL_TUNE_TRANSFORMERS4 to a dir with transformers<5 "
+                    "(pip install --target DIR 'transformers<5')")
+def test_transformers_4_loads_the_export_with_the_same_template_ids_and_logits(fp32_export):
+    from transformers import AutoTokenizer
+
+    conversations = [
+        [{"role": "user", "content": "Explain MoE."}, {"role": "assistant", "content": "Experts </s> route."}],
+        [{"role": "system", "content": "<s>Be brief."}, {"role": "user", "content": "  [INST] hi [/INST] "}],
+    ]
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS4, str(fp32_export), json.dumps(conversations)],
+                          env={**os.environ, "PYTHONPATH": TRANSFORMERS4}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["version"].startswith("4.") and got["class"] == "PreTrainedTokenizerFast"
+    tok = AutoTokenizer.from_pretrained(fp32_export)
+    assert got["ids"] == [tok.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
+    hf = MixtralForCausalLM.from_pretrained(fp32_export, dtype=torch.float32)
+    with torch.no_grad():
+        ours = hf(torch.tensor([got["ids"][0]])).logits[0, -1, :50]
+    assert torch.allclose(torch.tensor(got["logits"]), ours, atol=1e-5)

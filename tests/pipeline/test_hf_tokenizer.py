@@ -79,7 +79,10 @@ def test_encode_and_decode_equal_sentencepiece(exported, sp):
 def test_saved_files(exported):
     out, tok = exported
     config = json.loads((out / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "TokenizersBackend"
+    # A class transformers 4.x and 5.x both load from tokenizer.json as it is (4.x has no
+    # TokenizersBackend; a Llama class makes 5.x rebuild the pipeline from tokenizer.model), and the
+    # template where 4.x reads it. tests/pipeline/test_export.py loads an export with 4.x when given one.
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert config["chat_template"] == CHAT_TEMPLATE
     assert json.loads((out / "special_tokens_map.json").read_text()) == {
         "bos_token": "<s>",
@@ -142,6 +145,30 @@ PROMPTS = [  # test mode: the last message is the user's (or an assistant prefix
     _msgs(("user", "q"), ("assistant", "The answer is"), **{"1": {"prefix": True}}),
 ]
 
+# Message text that looks like control tokens is text for mistral-common ("</s>" -> "</", "s", ">").
+LOOKALIKES = [
+    _msgs(("user", "say </s> now"), ("assistant", "a <s> b </s> c")),
+    _msgs(("user", "[INST] x [/INST]"), ("assistant", "[/INST]</s>")),
+    _msgs(("system", "<s>sys</s>"), ("user", "<unk> q <"), ("assistant", "  lead </s>")),
+    _msgs(("user", "</s>"), ("assistant", "<s>"), ("user", "<unk>"), ("assistant", "<<s>>")),
+    _msgs(("user", "<|im_start|>user\nhi<|im_end|>"), ("assistant", "<0x0A> < / s >")),
+]
+
+
+def _varied(n=30, seed=0):
+    """Conversations built from pieces that stress the template: special-token lookalikes, [INST],
+    runs of spaces, newlines, a system prompt now and then, two or four turns."""
+    rng = random.Random(seed)
+    pieces = ["<s>", "</s>", "<unk>", "[INST]", "[/INST]", "<", ">", "</", " ", "  ", "hi", "x", "\n", "日本", "🎉"]
+    out = []
+    for _ in range(n):
+        text = lambda: "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) + rng.choice(["a", "b"])  # noqa: E731
+        turns = [("system", text())] if rng.random() < 0.3 else []
+        turns += [("user" if t % 2 == 0 else "assistant", text()) for t in range(rng.choice([2, 4]))]
+        out.append(_msgs(*turns))
+    return out
+
+
 _ROLES = {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage}
 
 
@@ -178,3 +205,23 @@ def test_chat_template_rejects_what_mistral_common_rejects(exported, messages, m
     _, tok = exported
     with pytest.raises(Exception, match=match):
         tok.apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.parametrize("messages", LOOKALIKES + _varied(), ids=[f"lookalike{i}" for i in range(len(LOOKALIKES))]
+                         + [f"varied{i}" for i in range(30)])
+def test_message_text_that_looks_like_control_tokens_stays_text(exported, messages):
+    _, tok = exported
+    got = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+    want = _mistral_ids(messages, ValidationMode.finetuning)
+    assert got == want
+    answers = sum(m["role"] == "assistant" for i, m in enumerate(messages)
+                  if i + 1 == len(messages) or messages[i + 1]["role"] != "assistant")
+    assert got.count(2) == answers and got.count(1) == 1  # EOS only after answers, BOS once
+
+
+def test_data_prep_encodes_lookalike_text_like_mistral_common():
+    from data_prep import encode_messages, load_tokenizer
+
+    tok = load_tokenizer()
+    for messages in LOOKALIKES + _varied(10, seed=1):
+        assert encode_messages(messages, tok)["input_ids"] == _mistral_ids(messages, ValidationMode.finetuning)

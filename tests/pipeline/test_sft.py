@@ -87,7 +87,7 @@ def test_loss_falls_and_outputs_exist(reference):
     losses = [r["loss"] for r in rows]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
     for key in ("aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens",
-                "expert_load/layer0/expert0", "expert_load/layer1/max_min_ratio"):
+                "expert_load/layer0/expert0", "expert_load/dead_experts"):
         assert key in rows[0], key
     assert "eval_loss" in rows[2] and "eval_loss" in rows[-1]
     assert rows[-1]["trained_tokens"] > rows[0]["trained_tokens"] > 0
@@ -194,8 +194,9 @@ def test_sigkill_and_resume_logs_the_same_losses(reference, work):
     first_log = proc.communicate()[0].decode()
     assert not (out / "manifest.json").exists()
 
-    resumed = subprocess.run(sft_cmd([*args, "train.resume=auto"]), cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=900)
+    # (The tiny recipe starts over on every run: overwrite_output_dir would win over resume=auto.)
+    resumed = subprocess.run(sft_cmd([*args, "train.resume=auto", "train.overwrite_output_dir=false"]), cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     rows = read_metrics(metrics)
@@ -230,18 +231,84 @@ def test_recipes_build():
     assert not full.lora.enabled and full.model.router_aux_loss_coef == pytest.approx(0.02)
 
 
-def test_existing_output_dir_is_not_overwritten_silently(tmp_path):
-    from pipeline.config import RecipeError
-    from pipeline.sft import resolve_resume
+QUICK = {"train.max_steps": 2, "train.save_every": "null", "train.eval_every": 1, "tracking.report_to": "none",
+         "lora.dropout": 0.0}
 
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "metrics.jsonl").write_text("")
-    recipe = load_recipe(str(RECIPE), [f"output_dir={tmp_path / 'out'}", "train.resume=never",
-                                       "train.overwrite_output_dir=false"])
-    with pytest.raises(RecipeError, match="already holds a run; pass train.resume=auto"):
-        resolve_resume(recipe)
-    recipe.train.overwrite_output_dir = True
-    assert resolve_resume(recipe) is None
+
+@pytest.mark.e2e
+def test_a_failed_start_does_not_block_the_fixed_rerun(work, capsys):
+    from pipeline.sft import main
+
+    out = work / "failed_start"
+    # (The tiny recipe sets train.resume: never.) Fails after the run dir is claimed and recipe.yaml written: the data dir was never prepared.
+    rc = main([str(RECIPE), *overrides(work, "failed_start", **QUICK, **{"data.output_dir": str(work / "nodata")})])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "holds no prepared data" in err, err
+    assert (out / "recipe.yaml").is_file()
+    rc = main([str(RECIPE), *overrides(work, "failed_start", **QUICK, **{"train.overwrite_output_dir": "false"})])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "stopped before its first checkpoint" in captured.out and (out / "manifest.json").is_file()
+
+
+@pytest.mark.e2e
+def test_overwrite_starts_over_even_with_resume_auto(work, capsys):
+    from pipeline.sft import main
+
+    out = work / "again"
+    assert main([str(RECIPE), *overrides(work, "again", **{**QUICK, "train.eval_every": "null"})]) == 0
+    (out / "notes.md").write_text("mine")
+    first = json.loads((out / "manifest.json").read_text())
+    capsys.readouterr()
+    rc = main([str(RECIPE), *overrides(work, "again", **QUICK, **{
+        "train.resume": "auto", "train.overwrite_output_dir": "true", "train.lr": 5e-3})])
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "train.overwrite_output_dir=true: starting over" in stdout and "resumed from" not in stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]  # trained again, from step 1
+    assert json.loads((out / "manifest.json").read_text())["final_metrics"] != first["final_metrics"]
+    assert (out / "notes.md").read_text() == "mine"
+    assert "lr: 0.005" in (out / "recipe.yaml").read_text()
+
+
+@pytest.mark.e2e
+def test_no_eval_rows_means_training_without_eval_said_once(work, capsys):
+    from pipeline import prep
+    from pipeline.sft import main
+
+    data = work / "data_no_eval"
+    # The simplest recipe: one source, eval_fraction 0 (the default), so the eval split is empty.
+    prep.main([str(RECIPE), f"data.output_dir={data}", "data.sources=[{path: data_prep/data/sft_messages.jsonl}]"])
+    capsys.readouterr()
+    rc = main([str(RECIPE), *overrides(work, "no_eval", **QUICK, **{
+        "data.output_dir": str(data), "data.sources": "[{path: data_prep/data/sft_messages.jsonl}]"})])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.count("no eval rows") == 1 and "training without eval" in captured.out
+    assert all("eval_loss" not in row for row in read_metrics(work / "no_eval" / "metrics.jsonl"))
+
+
+@pytest.mark.e2e
+def test_prepared_data_of_another_data_section_is_refused(work, capsys):
+    from pipeline.sft import main
+
+    rc = main([str(RECIPE), *overrides(work, "mismatch", **QUICK, **{"data.max_seq_len": 512})])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "was prepared from a different data section (prepared -> recipe: data.max_seq_len: 256 -> 512)" in err
+
+
+@pytest.mark.parametrize(("parallel", "message"), [
+    (["parallel.expert_parallel_size=3", "parallel.zero_stage=2"],
+     "parallel.expert_parallel_size=3 must divide the number of experts (8); choose one of [1, 2, 4, 8]"),
+    (["parallel.zero_stage=2"], "parallel.zero_stage=2 runs DeepSpeed, which needs a launcher"),
+])
+def test_parallel_sizes_are_checked_before_anything_distributed(tmp_path, capsys, parallel, message):
+    from pipeline.sft import main
+
+    rc = main([str(RECIPE), f"output_dir={tmp_path / 'out'}", *parallel])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: {message}" + err.split(message, 1)[1] and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.e2e

@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline import checkpointing as ckpt
 from pipeline.optim import build_optimizer, freeze_router, lr_factor, param_group_name, param_groups
-from pipeline.tracking import expert_load_metrics, read_metrics
+from pipeline.tracking import Tracker, expert_load_metrics, read_metrics
 from pipeline.trainer import micro_batch_indices, steps_per_epoch
 
 
@@ -160,13 +160,34 @@ def test_commit_is_atomic_and_keeps_last_k(tmp_path):
         ckpt.load_checkpoint(tmp_path / "step-000004")
 
 
-def test_expert_load_shares_and_ratio():
+def test_expert_load_shares_ratio_and_dead_experts():
     counts = torch.tensor([[6, 2, 0, 0], [3, 3, 1, 1]])
     m = expert_load_metrics(counts)
     assert m["expert_load/layer0/expert0"] == pytest.approx(0.75)
-    assert m["expert_load/layer0/max_min_ratio"] == math.inf
+    assert "expert_load/layer0/max_min_ratio" not in m  # infinite: the dead count says it instead
+    assert m["expert_load/dead_experts"] == 2.0
     assert m["expert_load/layer1/expert2"] == pytest.approx(0.125)
     assert m["expert_load/layer1/max_min_ratio"] == pytest.approx(3.0)
+    assert all(math.isfinite(v) for v in m.values())
+
+
+def test_dead_experts_are_warned_once_and_no_metric_is_a_string(tmp_path, capsys):
+    from accelerate import Accelerator
+
+    tracker = Tracker(Accelerator(cpu=True), tmp_path, report_to="none", project="p", run_name=None, tags=[],
+                      config={})
+    tracker.dead_experts.steps = 3
+    alive, dead = torch.tensor([[2, 2, 1, 1]]), torch.tensor([[2, 2, 2, 0]])
+    for step, counts in enumerate([dead, alive, dead, dead, dead, dead, dead], start=1):
+        tracker.log(step, {"loss": 1.0, "grad_norm": math.inf, **expert_load_metrics(counts)})
+    out = capsys.readouterr().out
+    # expert 3 was dead at step 1, alive at 2, then dead from step 3 on: warned once, at step 5
+    assert out.count("warning: expert 3 of layer 0 got no token in any logged step from 3 to 5") == 1, out
+    assert out.count("dead expert") == 1
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "Infinity" not in text and '"inf"' not in text and "NaN" not in text
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["grad_norm"] is None and [r["expert_load/dead_experts"] for r in rows] == [1, 0, 1, 1, 1, 1, 1]
 
 
 def test_read_metrics_parses_lines(tmp_path):
