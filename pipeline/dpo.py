@@ -41,7 +41,7 @@ from torch import nn
 
 from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared
-from pipeline import parallel
+from pipeline import parallel, sharded_load
 from pipeline.checkpointing import write_json
 from pipeline.config import RecipeError, build, load_recipe_dict, redact_env_secrets, save_recipe
 from pipeline.dpo_loss import (
@@ -285,20 +285,28 @@ def from_main_process(value, accelerator):
     return broadcast_object_list([value])[0]
 
 
-def reference_fingerprint(model: nn.Module) -> str:
+def reference_fingerprint(model: nn.Module, accelerator=None) -> str:
     """sha256 of the reference weights: every base parameter, none of the trainable adapters.
 
     PEFT's trainable copies (``lora_*``, ``modules_to_save``) are left out: with the adapters
-    disabled the model computes with the other tensors only.
+    disabled the model computes with the other tensors only. A ZeRO-3 partitioned parameter holds
+    only this rank's slice: each rank hashes its slices and the ranks' hashes are hashed together
+    (a collective: every rank calls with the ``accelerator``).
     """
     digest = hashlib.sha256()
+    params = dict(model.named_parameters())
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name or "modules_to_save" in name:
             continue
+        tensor = getattr(params.get(name), "ds_tensor", tensor)
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    if accelerator is None or not any(sharded_load.is_partitioned(p) for p in params.values()):
+        return digest.hexdigest()
+    from accelerate.utils import gather_object
+
+    return hashlib.sha256("|".join(gather_object([digest.hexdigest()])).encode()).hexdigest()
 
 
 def ref_cache_path(data_dir: str | os.PathLike, split: str, dataset, model_key: str, autocast: str) -> Path:
@@ -413,22 +421,28 @@ EXPERT_LORA_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_
 
 
 def load_sft_model(
-    sft_dir: str | os.PathLike, dtype: torch.dtype, expert_ids: list[int] | None = None
+    sft_dir: str | os.PathLike, dtype: torch.dtype | None = None, expert_ids: list[int] | None = None,
+    *, load: Callable[[str], nn.Module] | None = None,
 ) -> nn.Module:
     """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
 
-    ``expert_ids``: hold only these experts (expert parallelism). The SFT adapter is merged in fp32
-    and then cast to ``dtype``, as export merges it, so DPO trains on the weights export writes.
+    ``expert_ids``: hold only these experts (expert parallelism). ``load(path)``: how to read a
+    checkpoint instead (``sft.build_model`` passes its own: EP experts or ZeRO-3 partitions). The
+    SFT adapter is merged in fp32 and then cast to ``dtype``, as export merges it, so DPO trains on
+    the weights export writes.
     """
     from model import Mixtral
 
+    if load is None:
+        def load(path):
+            return Mixtral.from_pretrained(path, dtype=dtype, expert_ids=expert_ids)
+
     manifest = read_sft_manifest(sft_dir)
     if manifest["kind"] == "full":
-        model_dir = manifest.get("model_dir") or str(Path(sft_dir).resolve())
-        return Mixtral.from_pretrained(model_dir, dtype=dtype, expert_ids=expert_ids)
+        return load(manifest.get("model_dir") or str(Path(sft_dir).resolve()))
     base_dir = manifest["base"]["checkpoint"]
     adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
-    base = Mixtral.from_pretrained(base_dir, dtype=dtype, expert_ids=expert_ids)
+    base = load(base_dir)
     # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
     return merge_adapter_fp32(base, adapter_dir).requires_grad_(True)
 
@@ -463,9 +477,13 @@ def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
         raise ValueError(f"{path}: tensors the model has no place for: {result.unexpected_keys[:3]}")
     with torch.no_grad():
         for module in peft_model.modules():
-            if isinstance(module, lora.ExpertLoraLayer):
-                module.merge()  # per expert, summed in fp32 (model/lora.py)
-            elif isinstance(module, LoraLinear):
+            if not isinstance(module, lora.ExpertLoraLayer | LoraLinear):
+                continue
+            # ZeRO-3: this layer's weights whole for the merge, then partitioned again.
+            with sharded_load.gathered(module.get_base_layer().parameters()):
+                if isinstance(module, lora.ExpertLoraLayer):
+                    module.merge()  # per expert, summed in fp32 (model/lora.py)
+                    continue
                 weight = module.get_base_layer().weight
                 for adapter in module.active_adapters:
                     a = module.lora_A[adapter].weight.float()  # [R, in]
@@ -486,7 +504,7 @@ def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | 
         Path(recipe.output_dir),
         False,
         place,
-        load_base=lambda dtype, expert_ids: load_sft_model(sft_dir, dtype, expert_ids),
+        load_base=lambda load: load_sft_model(sft_dir, load=load),
     )
     if recipe.lora.enabled:
         return model, None
@@ -606,7 +624,7 @@ def run(recipe: DPORecipe) -> Path:
     # 3. Reference log-probs once, before any update: the policy still equals the reference here.
     if recipe.dpo.precompute_ref_log_probs:
         # Under EP each rank holds other experts: the main process's hash names the cache for all.
-        model_key = from_main_process(reference_fingerprint(model), accelerator)
+        model_key = from_main_process(reference_fingerprint(model, accelerator), accelerator)
         kw = dict(
             policy=model,
             reference=reference,
@@ -615,12 +633,14 @@ def run(recipe: DPORecipe) -> Path:
             batch_size=recipe.dpo.ref_batch_size,
             accelerator=accelerator,
         )
-        train = attach_reference_log_probs(train, "train", **kw)
-        if eval_set is not None:
-            eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
+        # ZeRO-3: before `prepare` no DeepSpeed hooks gather the partitioned weights; these do.
+        with sharded_load.forward_gathers(model):
+            train = attach_reference_log_probs(train, "train", **kw)
+            if eval_set is not None:
+                eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
         reference = None
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
+    n_all = sharded_load.parameter_count(model.parameters())
     accelerator.print(
         f"dpo: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train pairs, "
         f"{len(eval_set) if eval_set is not None else 0} eval pairs; reference: "

@@ -480,11 +480,16 @@ def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSect
                             *, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The whole (unwrapped) model's tensors on rank 0, {} elsewhere; every rank must call.
 
-    EP: expert tensors gathered from the EP group. ZeRO-3: DeepSpeed's 16-bit gather, module by
-    module onto rank 0 (`stage3_gather_16bit_weights_on_model_save`). Otherwise every rank already
-    holds everything.
+    EP: expert tensors gathered from the EP group. ZeRO-3: the trainable params only, one at a time
+    (`sharded_load.trainable_state_dict`), or for full fine-tuning DeepSpeed's 16-bit gather, module
+    by module onto rank 0 (`stage3_gather_16bit_weights_on_model_save`). Otherwise every rank
+    already holds everything.
     """
     inner = accelerator.unwrap_model(model)
+    if section.zero_stage == 3 and trainable_only:
+        from pipeline.sharded_load import trainable_state_dict
+
+        return trainable_state_dict(inner)
     if section.zero_stage == 3:
         state = accelerator.get_state_dict(model)
         if not accelerator.is_main_process:
