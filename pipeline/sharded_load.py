@@ -242,6 +242,55 @@ def checkpoint_loader(dtype: torch.dtype, expert_ids: list[int] | None,
     return load
 
 
+EXPERT_LORA_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """``base`` with the PEFT adapter in ``adapter_dir`` merged: W = cast(fp32(W) + fp32(s * B A)).
+
+    PEFT's own merge adds a delta already rounded to the weight dtype (two roundings in bf16);
+    export sums in fp32 and rounds once, and so does this. Expert tensors of an adapter trained on
+    all experts are cut to the experts ``base`` holds (``base.expert_ids``).
+    """
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import Linear as LoraLinear
+    from safetensors.torch import load_file
+
+    # Registers the expert LoRA layer with PEFT before the config builds the adapter.
+    from model import lora
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {adapter_dir} holds no PEFT adapter (safetensors)")
+    state = load_file(str(path))
+    keep = torch.tensor(base.expert_ids)
+    for name in list(state):
+        if name.rsplit(".", 1)[-1] in EXPERT_LORA_TENSORS and state[name].shape[0] != len(keep):
+            state[name] = state[name][keep]  # [E, ...] -> [El, ...]
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = True
+    peft_model = get_peft_model(base, config)
+    result = set_peft_model_state_dict(peft_model, state)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: tensors the model has no place for: {result.unexpected_keys[:3]}")
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not isinstance(module, lora.ExpertLoraLayer | LoraLinear):
+                continue
+            # ZeRO-3: this layer's weights whole for the merge, then partitioned again.
+            with gathered(module.get_base_layer().parameters()):
+                if isinstance(module, lora.ExpertLoraLayer):
+                    module.merge()  # per expert, summed in fp32 (model/lora.py)
+                    continue
+                weight = module.get_base_layer().weight
+                for adapter in module.active_adapters:
+                    a = module.lora_A[adapter].weight.float()  # [R, in]
+                    b = module.lora_B[adapter].weight.float()  # [out, R]
+                    weight.copy_((weight.float() + module.scaling[adapter] * (b @ a)).to(weight.dtype))
+    # The deltas are in the weights now: drop the adapter layers without merging them again.
+    return peft_model.unload()
+
+
 def gathered(params) -> contextlib.AbstractContextManager:
     """Within: the given ZeRO-3 parameters whole on every rank (a collective); changes made on rank 0
     are kept (every rank should make the same ones). A no-op for parameters that are not partitioned."""
