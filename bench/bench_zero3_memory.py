@@ -1,12 +1,13 @@
 """Host memory of a launched ZeRO-3 SFT run per process, against the checkpoint's size (make bench-zero3).
 
-    python bench/bench_zero3_memory.py [--mode lora full] [--steps 2] [--keep DIR]
+    python bench/bench_zero3_memory.py [--mode lora full] [--steps 2] [--layers 4 --ffn 3584] [--keep DIR]
 
 Writes a random-init HF checkpoint of ~1.7 GB in fp32 (hidden 1024, 4 layers, 8 experts top-2, ffn
-3584, vocab 32000: 428M parameters), prepares the tiny recipe's data, and launches
+3584, vocab 32000: 428M parameters; `--layers 8 --ffn 1792` is as large, in twice the layers),
+prepares the tiny recipe's data, and launches
 `python -m pipeline.sft` under `accelerate launch --config_file recipes/accelerate/cpu_zero3.yaml`
 (2 CPU processes, gloo, ZeRO-3, fp32) from that checkpoint, for `--steps` optimizer steps, LoRA r=16
-and/or full fine-tuning. Each process is this file in `--child` mode: it imports everything the
+and/or full fine-tuning, activation checkpointing on (as every Mixtral-8x7B recipe). Each process is this file in `--child` mode: it imports everything the
 stage imports, records its resident memory (VmRSS, /proc/self/status) as the baseline, runs the
 stage, and records its peak resident memory (VmHWM) at the end. Reported: peak - baseline per
 process, and that over the checkpoint's bytes. A ZeRO-3 process holds its half of the weights
@@ -28,9 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
-              num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-              max_position_embeddings=4096, torch_dtype="float32")
+CONFIG = dict(vocab_size=32000, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2,
+              num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096, torch_dtype="float32")
 
 
 def status_kb(field: str) -> int:
@@ -57,7 +57,7 @@ def child(out: Path, sft_args: list[str]) -> None:
     (out / f"rss-rank{rank}.json").write_text(json.dumps(record))
 
 
-def write_checkpoint(path: Path) -> int:
+def write_checkpoint(path: Path, layers: int, ffn: int) -> int:
     """A random-init checkpoint written one tensor at a time; returns its weight bytes."""
     import torch
 
@@ -65,7 +65,7 @@ def write_checkpoint(path: Path) -> int:
     from model.checkpoint import save_pretrained
     from model.transformer import init_parameter
 
-    config = MixtralConfig(**CONFIG)
+    config = MixtralConfig(**CONFIG, num_hidden_layers=layers, intermediate_size=ffn)
     meta = Mixtral(config, device="meta")
 
     def draws():
@@ -86,7 +86,7 @@ def launch(work: Path, checkpoint: Path, mode: str, steps: int) -> list[dict]:
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", ACCELERATE_DISABLE_RICH="1")
     sft_args = [
         str(ROOT / "recipes/tiny/sft.yaml"), f"data.output_dir={work / 'data'}", f"output_dir={out / 'sft'}",
-        "model.preset=null", f"model.checkpoint={checkpoint}", "model.logits_chunk_size=null",
+        "model.preset=null", f"model.checkpoint={checkpoint}", "model.logits_chunk_size=null", "model.gradient_checkpointing=true",
         f"lora.enabled={mode == 'lora'}", f"train.max_steps={steps}", "train.micro_batch_size=1",
         "train.warmup_steps=0", "train.eval_max_batches=1", "tracking.report_to=none",
         "tracking.progress_bar=false", "parallel.backend=gloo", "parallel.zero_stage=3",
@@ -105,6 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", nargs="+", choices=["lora", "full"], default=["lora", "full"])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=3584)
     parser.add_argument("--keep", type=Path, default=None, help="work dir to keep (checkpoint reused if there)")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -113,15 +115,16 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-zero3-") as tmp:
         work = args.keep or Path(tmp)
-        checkpoint = work / "checkpoint"
+        checkpoint = work / f"checkpoint-{args.layers}x{args.ffn}"
         if not (checkpoint / "config.json").is_file():
-            model_bytes = write_checkpoint(checkpoint)
+            model_bytes = write_checkpoint(checkpoint, args.layers, args.ffn)
         else:
             model_bytes = json.loads((checkpoint / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         if not (work / "data").is_dir():
             subprocess.run([sys.executable, "-m", "pipeline.prep", str(ROOT / "recipes/tiny/sft.yaml"),
                             f"data.output_dir={work / 'data'}"], cwd=ROOT, check=True, capture_output=True)
-        print(f"checkpoint: {model_bytes / 1e9:.2f} GB of fp32 weights; 2 processes, ZeRO-3, {args.steps} steps")
+        print(f"checkpoint: {model_bytes / 1e9:.2f} GB of fp32 weights, {args.layers} layers, ffn {args.ffn}; "
+              f"2 processes, ZeRO-3, {args.steps} steps")
         print("| mode | rank | import baseline | peak | peak - baseline | / checkpoint | run |")
         print("|---|---|---|---|---|---|---|")
         for mode in args.mode:

@@ -89,7 +89,34 @@ def build_partitioned(config: MixtralConfig, ds_config: dict, dtype: torch.dtype
     unpartitioned = [n for n, p in model.named_parameters() if not is_partitioned(p)]
     if unpartitioned:
         raise RuntimeError(f"zero.Init left parameters whole: {unpartitioned[:3]}")
+    size_zero3_buffers(ds_config, model)
     return model
+
+
+def size_zero3_buffers(ds_config: dict, model: Mixtral) -> None:
+    """DeepSpeed's ZeRO-3 buffer and gather sizes for this model (values the config sets are kept).
+
+    DeepSpeed's defaults are absolute numbers of elements: up to 1e9 gathered elements stay live, a
+    weight stays whole between two uses less than 1e9 gathered elements apart, gradients are
+    reduced through a 5e8-element bucket. For Mixtral-8x7B (1.45e9 elements a decoder layer) the
+    first two are less than a layer; for a model of under 1e9 elements they keep every weight whole
+    from its first use in the forward to its last in the backward, the whole model in every process
+    (measured, bench/bench_zero3_memory.py: 2.3x the checkpoint's bytes per process with 2
+    processes), and the 5e8-element bucket alone is 2 GB in fp32. Here, in units of this model:
+    one decoder layer live and kept for reuse (with activation checkpointing a layer's recomputed
+    forward and its backward use the same gather), parameters gathered one at a time, and
+    accelerate's `auto` sizes for the buckets (hidden^2; 0.9 hidden^2 prefetched; weights under
+    10 hidden elements stay whole).
+    """
+    zero = ds_config["zero_optimization"]
+    layer = max(parameter_count(layer.parameters()) for layer in model.layers)
+    hidden = model.config.hidden_size
+    zero.setdefault("stage3_max_live_parameters", layer)
+    zero.setdefault("stage3_max_reuse_distance", layer)
+    zero.setdefault("stage3_allgather_sequential", True)
+    zero.setdefault("reduce_bucket_size", hidden * hidden)
+    zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+    zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
 
 
 def own_range(param: torch.Tensor) -> tuple[int, int]:
