@@ -280,12 +280,17 @@ def apply(model: nn.Module, section: ParallelSection, place: ExpertPlacement) ->
         if section.zero_stage in (1, 2):
             model.add_module("deepspeed_expert_marker", _marker_class()(place.num_experts, place.ep_size))
     if section.zero_stage == 3:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
         from deepspeed.utils import set_z3_leaf_modules
 
         from model.moe import MoEBlock
 
         # Experts run in a data-dependent order; ZeRO-3 must gather a block's params all at once.
         set_z3_leaf_modules(model, [MoEBlock])
+        # The chunked LM loss (DPO always) multiplies by lm_head.weight in the model's own forward,
+        # outside lm_head's: gathered for the model's forward and backward, not lm_head's alone.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        register_external_parameter(base, base.lm_head.weight)
     return stats
 
 

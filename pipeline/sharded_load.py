@@ -340,16 +340,20 @@ def forward_gathers(model: nn.Module):
         yield
         return
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import z3_leaf_module
 
     handles = []
     open_contexts: dict[int, list] = {}
 
     def hook(module, recurse):
-        params = [p for p in module.parameters(recurse=recurse) if is_partitioned(p)]
+        external = [p for _, p in module.ds_external_parameters()] if hasattr(module, "ds_external_parameters") else []
+        params = [p for p in [*module.parameters(recurse=recurse), *external] if is_partitioned(p)]
 
         def pre(mod, args):
-            context = deepspeed.zero.GatheredParameters(params)
+            # A weight an enclosing module has gathered already (its external parameter) stays as it is.
+            context = deepspeed.zero.GatheredParameters(
+                [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE])
             context.__enter__()
             open_contexts.setdefault(id(mod), []).append(context)
 
@@ -363,7 +367,7 @@ def forward_gathers(model: nn.Module):
         if z3_leaf_module(module):
             hook(module, recurse=True)
             return
-        if any(is_partitioned(p) for p in module.parameters(recurse=False)):
+        if any(is_partitioned(p) for p in module.parameters(recurse=False)) or hasattr(module, "ds_external_parameters"):
             hook(module, recurse=False)
         for child in module.children():
             visit(child)

@@ -65,9 +65,9 @@ def _worker(rank: int, world: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=world)
     try:
         import deepspeed
-        from deepspeed.utils import set_z3_leaf_modules
 
-        from model.moe import MoEBlock
+        from pipeline import parallel
+        from pipeline.expert_parallel import ExpertPlacement
         from pipeline.optim import param_groups
         from pipeline.sharded_load import (
             checkpoint_loader,
@@ -90,13 +90,18 @@ def _worker(rank: int, world: int, root: str) -> None:
             with deepspeed.zero.GatheredParameters([p]):
                 assert torch.equal(p.data, reference[name]), name
 
-        # A forward before the engine, gathering module by module (MoE blocks whole, as leaf modules).
-        set_z3_leaf_modules(model, [MoEBlock])
+        # A forward before the engine, gathering module by module (MoE blocks whole, as leaf modules;
+        # lm_head.weight for the whole model's forward too, as the chunked loss reads it there).
+        parallel.apply(model, parallel.ParallelSection(zero_stage=3), ExpertPlacement(8, 1, 0))
         ids = torch.randint(3, 32000, (2, 9), generator=torch.Generator().manual_seed(rank))
+        labels = ids.clone()
         with forward_gathers(model):
             got = model(ids).logits
+            chunked = model(ids, labels=labels, logits_chunk_size=5, loss_reduction="sum").loss
         with torch.no_grad():
             torch.testing.assert_close(got, whole(ids).logits, rtol=0, atol=1e-6)
+            want = whole(ids, labels=labels, logits_chunk_size=5, loss_reduction="sum").loss
+            torch.testing.assert_close(chunked, want, rtol=1e-6, atol=0)
         assert all(p.numel() == 0 for p in model.parameters())  # released again
 
         # Optimizer groups from the whole shapes (a partitioned weight's own shape is [0]).
