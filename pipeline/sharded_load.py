@@ -20,12 +20,13 @@ out-of-memory on an 80 GB GPU. So under ZeRO-3 the stages build this way instead
    its slice; the main process streams the same tensors to base/.
 3. LoRA adapters are created whole in every process (small); DeepSpeed partitions them in
    `prepare`. `match_engine_dtype` casts them as the engine would have (it skips a model built
-   under zero.Init).
+   under zero.Init). `size_zero3_buffers` sizes DeepSpeed's gather and bucket limits to the model.
 
 Afterwards the parameters' own shapes are [0]: `full_shape` / `parameter_count` give the real ones,
-`gathered` makes some of them whole for a moment (merging an adapter), `forward_gathers` lets a
-forward run before DeepSpeed's engine exists (DPO's reference pass) and `trainable_state_dict`
-collects the adapter at the end without gathering the frozen base.
+`gathered` makes some of them whole for a moment (`merge_adapter_fp32` merges an SFT adapter layer
+by layer that way; it also cuts an adapter to the experts an expert-parallel rank holds, for DPO and
+eval), `forward_gathers` lets a forward run before DeepSpeed's engine exists (DPO's reference pass)
+and `trainable_state_dict` collects the adapter at the end without gathering the frozen base.
 """
 
 from __future__ import annotations
