@@ -16,7 +16,7 @@ TINY          := outputs/tiny
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint data sft dpo export chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-plan bench-gpu clean help
+.PHONY: install test lint data sft dpo export chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-plan bench-zero3 bench-gpu clean help
 
 help:
 	@echo "make sft      prepare the bundled data and run SFT on the tiny default (CPU)"
@@ -29,6 +29,7 @@ help:
 	@echo "make test     the test suite (what CI runs)"
 	@echo "make bench-moe | bench-data | bench-sft | bench-dpo   benchmarks against the reference libraries"
 	@echo "make bench-plan   the plan's predicted peak memory vs the measured one (CPU runs)"
+	@echo "make bench-zero3  host memory per process of a launched ZeRO-3 SFT run vs the checkpoint's size"
 	@echo "make bench-gpu  MoE block (bf16, fp32) and LoRA SFT step (bf16) on CUDA; exits 2 without a GPU"
 	@echo "Options: RECIPE=path.yaml CONFIG=accelerate.yaml ARGS='key=value ...' TORCH_SPEC='torch==X'"
 
@@ -100,6 +101,9 @@ bench-dpo: install
 
 bench-plan: install
 	$(PY) bench/bench_plan.py $(ARGS)
+
+bench-zero3: install
+	$(PY) bench/bench_zero3_memory.py $(ARGS)
 
 # On a GPU machine: both scripts check for CUDA first (exit 2, "no CUDA device: ..."), so the first
 # one stops make at once on a CPU host. Other options: the scripts' --help. A host whose python3

@@ -145,7 +145,8 @@ def hf_tensors(
 # ---- loading -----------------------------------------------------------------------------
 
 
-def _weight_files(path: Path) -> list[str]:
+def weight_files(path: Path) -> list[str]:
+    """The safetensors files of a checkpoint dir (from its index when sharded), checked to exist."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -190,7 +191,7 @@ def load_pretrained(
     path = Path(path)
     config = MixtralConfig.from_hf(path / "config.json")
     dtype = dtype or config.dtype
-    files = _weight_files(path)
+    files = weight_files(path)
     with torch.device("meta"):
         model = Mixtral(config, expert_ids=expert_ids, dtype=dtype)
     model = model.to_empty(device=device)
@@ -298,10 +299,20 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def save_pretrained(
-    model, path: str | Path, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+    model,
+    path: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    native_tensors: Iterator[tuple[str, torch.Tensor]] | None = None,
 ) -> None:
     """config.json, generation_config.json and per-expert safetensors shards (+ index), written to
-    a temporary directory next to `path` and renamed into place; an existing `path` is replaced."""
+    a temporary directory next to `path` and renamed into place; an existing `path` is replaced.
+
+    `native_tensors`: the values, as (native name, whole tensor) in `model.state_dict()` order, for
+    a `model` that only gives the names and shapes (built on the meta device): each tensor is
+    copied into its shard as it arrives, so the caller may produce them one at a time.
+    """
     path = Path(path)
     limit = parse_size(max_shard_size)
     if model.expert_ids != list(range(model.config.num_local_experts)):
@@ -344,12 +355,24 @@ def save_pretrained(
             if len(shards) == 1
             else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
         )
-        tensors_of = dict(hf_tensors(model))
-        for k, shard in enumerate(shards):
+        if native_tensors is None:
+            pieces = hf_tensors(model)
+        else:
+            pieces = (piece for name, tensor in native_tensors for piece in hf_tensors({name: tensor}))
+        order = iter([(k, name) for k, shard in enumerate(shards) for name in shard])
+        data: dict[str, torch.Tensor] = {}
+        for name, tensor in pieces:
+            k, planned = next(order, (None, None))
+            if name != planned:
+                raise ValueError(f"save_pretrained: got tensor {name} where the plan expects {planned}")
             # clone: w1/w3 views share storage, which safetensors refuses to write.
-            data = {name: tensors_of[name].detach().to("cpu", dtype).clone() for name in shard}
-            save_file(data, str(tmp / file_names[k]), metadata={"format": "pt"})
-            del data
+            data[name] = tensor.detach().to("cpu", dtype).clone()
+            if len(data) == len(shards[k]):
+                save_file(data, str(tmp / file_names[k]), metadata={"format": "pt"})
+                data = {}
+        missing = next(order, None)
+        if missing is not None:
+            raise ValueError(f"save_pretrained: no tensor arrived for {missing[1]}")
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": total_size},

@@ -97,8 +97,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self.get_base_layer().use_grouped_mm = value
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        hidden = module.down_proj.shape[1]
-        return hidden, hidden
+        return module.hidden_size, module.hidden_size
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
         return base_layer.gate_up_proj.device, base_layer.gate_up_proj.dtype
@@ -123,8 +122,9 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             )
 
         base = self.get_base_layer()
-        num_experts, two_ffn, hidden = base.gate_up_proj.shape
-        ffn = two_ffn // 2
+        # From the module, not its weights: a ZeRO-3 partitioned weight's own shape is [0].
+        num_experts, hidden, ffn = base.num_experts, base.hidden_size, base.intermediate_size
+        two_ffn = 2 * ffn
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r

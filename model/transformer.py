@@ -98,13 +98,10 @@ class Mixtral(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for the norms (HF's init)."""
-        std = self.config.initializer_range
+        """Normal(0, initializer_range) for every matrix, ones for the norms (HF's init), drawn
+        parameter by parameter in `named_parameters` order."""
         for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, std)
+            init_parameter(name, param, self.config.initializer_range)
 
     def forward(
         self,
@@ -200,6 +197,19 @@ class Mixtral(nn.Module):
         from model.checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+
+@torch.no_grad()
+def init_parameter(name: str, param: torch.Tensor, std: float) -> None:
+    """`Mixtral.init_weights` for one parameter (by its name in the model), in place.
+
+    Drawing the same names and shapes in the same order from the same generator gives the same
+    weights however the parameters are stored (whole, or one at a time for a sharded model).
+    """
+    if name.endswith("layernorm.weight") or name == "norm.weight":
+        param.fill_(1.0)
+    else:
+        param.normal_(0.0, std)
 
 
 @torch.no_grad()

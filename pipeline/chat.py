@@ -3,12 +3,21 @@
     python -m pipeline.chat outputs/tiny/export
     python -m pipeline.chat outputs/tiny/export --prompt "Name three prime numbers." --max-new-tokens 64
     python -m pipeline.chat outputs/tiny/export-adapter --base outputs/tiny/sft/base   # an adapter export
+    python -m pipeline.chat /runs/mixtral-8x7b-export          # 8 GPUs: the layers split over them
 
 Loads the export with ``AutoTokenizer`` and ``MixtralForCausalLM`` exactly as a user would (an
 ``export.format=adapter`` export: its base, then ``PeftModel.from_pretrained``), renders
 the bundled conversation with the exported chat template and decodes greedily with the KV cache
 (``generate(do_sample=False, use_cache=True)``). The tiny demo model is trained for a few steps on a
 small dataset, so its answer shows that the pipeline runs end to end, not that the model is good.
+
+Where the weights go: ``--device-map auto`` (the default) is transformers' / accelerate's
+``device_map="auto"``: the decoder layers are split over the visible GPUs in order, filling each
+before the next (then the CPU, then disk), and the hidden states move from one GPU to the next
+during each forward. Mixtral-8x7B in bf16 (93.4 GB) takes ~12 GB on each of 8 x 80 GB GPUs, plus a
+small KV cache per GPU; one GPU computes at a time, which is what one greedy conversation needs (a
+launched, expert-parallel generation is what pipeline.eval does for passkey). On a CPU-only host
+everything stays on the CPU. ``--device-map none`` loads the whole model on the CPU.
 """
 
 from __future__ import annotations
@@ -24,13 +33,22 @@ SYSTEM_PROMPT = "Answer exactly in the requested format."
 PROMPT = "What is 23 + 51? Answer with the number only."
 
 
-def load(export_dir: str | Path, base: str | Path | None = None):
+def load(export_dir: str | Path, base: str | Path | None = None, device_map: str | dict | None = None,
+         max_memory: dict | None = None, offload_folder: str | Path | None = None):
     """(tokenizer, model) of a merged export, or of an adapter export on its base: ``base``, else the
     name the export gives (``base_model_name_or_path``: a hub id or a directory name, never a path
-    of the training machine)."""
+    of the training machine).
+
+    ``device_map`` / ``max_memory`` / ``offload_folder``: as transformers' ``from_pretrained`` takes
+    them (``"auto"``: split over the GPUs, see the module docstring); None: all on the CPU.
+    """
     import json
 
     from transformers import AutoTokenizer, MixtralForCausalLM
+
+    placement = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory,
+        "offload_folder": None if offload_folder is None else str(offload_folder)}
 
     export_dir = Path(export_dir)
     adapter_config = export_dir / "adapter_config.json"
@@ -43,7 +61,7 @@ def load(export_dir: str | Path, base: str | Path | None = None):
         )
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     if not adapter_config.is_file():
-        return tokenizer, MixtralForCausalLM.from_pretrained(export_dir, dtype="auto").eval()
+        return tokenizer, MixtralForCausalLM.from_pretrained(export_dir, dtype="auto", **placement).eval()
     from peft import PeftModel
 
     named = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
@@ -53,7 +71,7 @@ def load(export_dir: str | Path, base: str | Path | None = None):
             f"{adapter_config}: the base model {named!r} is neither a checkpoint dir here nor a hub id; "
             "pass its directory with --base"
         )
-    model = MixtralForCausalLM.from_pretrained(base, dtype="auto")
+    model = MixtralForCausalLM.from_pretrained(base, dtype="auto", **placement)
     return tokenizer, PeftModel.from_pretrained(model, str(export_dir)).eval()
 
 
@@ -64,7 +82,10 @@ def answer(
     prompt = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=False
     )
-    input_ids = torch.tensor([prompt])
+    # On the first layer's device (the embedding's): with a device map the model spans several. An
+    # embedding offloaded to disk (meta here) gets its inputs moved by accelerate's hook.
+    device = model.get_input_embeddings().weight.device
+    input_ids = torch.tensor([prompt], device="cpu" if device.type == "meta" else device)
     with torch.no_grad():
         out = model.generate(
             input_ids,
@@ -75,7 +96,7 @@ def answer(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.eos_token_id,
         )
-    generated = out[0, input_ids.shape[1] :].tolist()
+    generated = out[0, input_ids.shape[1] :].tolist()  # [new tokens]
     return prompt, generated, tokenizer.decode(generated, skip_special_tokens=True)
 
 
@@ -86,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt ('' for none)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--base", default=None, help="adapter exports: the base checkpoint dir")
+    parser.add_argument("--device-map", choices=["auto", "none"], default="auto",
+                        help="auto: split the layers over the GPUs (transformers' device_map); none: the CPU")
     args = parser.parse_args(argv)
     try:
-        tokenizer, model = load(args.export_dir, args.base)
+        tokenizer, model = load(args.export_dir, args.base,
+                                device_map=None if args.device_map == "none" else "auto")
     except FileNotFoundError as err:
         print(f"chat: error: {err}", file=sys.stderr)
         return 1

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import os
 import time
@@ -41,7 +40,7 @@ from torch import nn
 
 from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared, no_eval_note
-from pipeline import parallel
+from pipeline import parallel, sharded_load
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.comm import group_device
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
@@ -56,6 +55,7 @@ from pipeline.dpo_loss import (
 from pipeline.preflight import LaunchSpec, preflight
 from pipeline.recipe import SPEED_ONLY_KEYS, LoraSection, ParallelSection, TrackingSection, TrainSection
 from pipeline.rundir import start_training_run
+from pipeline.sharded_load import merge_adapter_fp32
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
 
@@ -288,20 +288,28 @@ def from_main_process(value, accelerator):
     return broadcast_object_list([value])[0]
 
 
-def reference_fingerprint(model: nn.Module) -> str:
+def reference_fingerprint(model: nn.Module, accelerator=None) -> str:
     """sha256 of the reference weights: every base parameter, none of the trainable adapters.
 
     PEFT's trainable copies (``lora_*``, ``modules_to_save``) are left out: with the adapters
-    disabled the model computes with the other tensors only.
+    disabled the model computes with the other tensors only. A ZeRO-3 partitioned parameter holds
+    only this rank's slice: each rank hashes its slices and the ranks' hashes are hashed together
+    (a collective: every rank calls with the ``accelerator``).
     """
     digest = hashlib.sha256()
+    params = dict(model.named_parameters())
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name or "modules_to_save" in name:
             continue
+        tensor = getattr(params.get(name), "ds_tensor", tensor)
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    if accelerator is None or not any(sharded_load.is_partitioned(p) for p in params.values()):
+        return digest.hexdigest()
+    from accelerate.utils import gather_object
+
+    return hashlib.sha256("|".join(gather_object([digest.hexdigest()])).encode()).hexdigest()
 
 
 def ref_cache_path(data_dir: str | os.PathLike, split: str, dataset, model_key: str, autocast: str) -> Path:
@@ -413,70 +421,31 @@ def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-EXPERT_LORA_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
-
-
 def load_sft_model(
-    sft_dir: str | os.PathLike, dtype: torch.dtype, expert_ids: list[int] | None = None
+    sft_dir: str | os.PathLike, dtype: torch.dtype | None = None, expert_ids: list[int] | None = None,
+    *, load: Callable[[str], nn.Module] | None = None,
 ) -> nn.Module:
     """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
 
-    ``expert_ids``: hold only these experts (expert parallelism). The SFT adapter is merged in fp32
-    and then cast to ``dtype``, as export merges it, so DPO trains on the weights export writes.
+    ``expert_ids``: hold only these experts (expert parallelism). ``load(path)``: how to read a
+    checkpoint instead (``sft.build_model`` passes its own: EP experts or ZeRO-3 partitions). The
+    SFT adapter is merged in fp32 and then cast to ``dtype``, as export merges it, so DPO trains on
+    the weights export writes.
     """
     from model import Mixtral
 
+    if load is None:
+        def load(path):
+            return Mixtral.from_pretrained(path, dtype=dtype, expert_ids=expert_ids)
+
     manifest = read_sft_manifest(sft_dir)
     if manifest["kind"] == "full":
-        model_dir = manifest.get("model_dir") or str(Path(sft_dir).resolve())
-        return Mixtral.from_pretrained(model_dir, dtype=dtype, expert_ids=expert_ids)
+        return load(manifest.get("model_dir") or str(Path(sft_dir).resolve()))
     base_dir = manifest["base"]["checkpoint"]
     adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
-    base = Mixtral.from_pretrained(base_dir, dtype=dtype, expert_ids=expert_ids)
+    base = load(base_dir)
     # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
     return merge_adapter_fp32(base, adapter_dir).requires_grad_(True)
-
-
-def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """``base`` with the PEFT adapter in ``adapter_dir`` merged: W = cast(fp32(W) + fp32(s * B A)).
-
-    PEFT's own merge adds a delta already rounded to the weight dtype (two roundings in bf16);
-    export sums in fp32 and rounds once, and so does this. Expert tensors of an adapter trained on
-    all experts are cut to the experts ``base`` holds (``base.expert_ids``).
-    """
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-    from peft.tuners.lora import Linear as LoraLinear
-    from safetensors.torch import load_file
-
-    # Registers the expert LoRA layer with PEFT before the config builds the adapter.
-    lora = importlib.import_module("model.lora")
-
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the SFT manifest's adapter_dir holds no PEFT adapter")
-    state = load_file(str(path))
-    keep = torch.tensor(base.expert_ids)
-    for name in list(state):
-        if name.rsplit(".", 1)[-1] in EXPERT_LORA_TENSORS and state[name].shape[0] != len(keep):
-            state[name] = state[name][keep]  # [E, ...] -> [El, ...]
-    config = PeftConfig.from_pretrained(str(adapter_dir))
-    config.inference_mode = True
-    peft_model = get_peft_model(base, config)
-    result = set_peft_model_state_dict(peft_model, state)
-    if result.unexpected_keys:
-        raise ValueError(f"{path}: tensors the model has no place for: {result.unexpected_keys[:3]}")
-    with torch.no_grad():
-        for module in peft_model.modules():
-            if isinstance(module, lora.ExpertLoraLayer):
-                module.merge()  # per expert, summed in fp32 (model/lora.py)
-            elif isinstance(module, LoraLinear):
-                weight = module.get_base_layer().weight
-                for adapter in module.active_adapters:
-                    a = module.lora_A[adapter].weight.float()  # [R, in]
-                    b = module.lora_B[adapter].weight.float()  # [out, R]
-                    weight.copy_((weight.float() + module.scaling[adapter] * (b @ a)).to(weight.dtype))
-    # The deltas are in the weights now: drop the adapter layers without merging them again.
-    return peft_model.unload()
 
 
 def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | None]:
@@ -490,7 +459,7 @@ def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | 
         Path(recipe.output_dir),
         False,
         place,
-        load_base=lambda dtype, expert_ids: load_sft_model(sft_dir, dtype, expert_ids),
+        load_base=lambda load: load_sft_model(sft_dir, load=load),
     )
     if recipe.lora.enabled:
         return model, None
@@ -607,7 +576,7 @@ def run(recipe: DPORecipe) -> Path:
     # 3. Reference log-probs once, before any update: the policy still equals the reference here.
     if recipe.dpo.precompute_ref_log_probs:
         # Under EP each rank holds other experts: the main process's hash names the cache for all.
-        model_key = from_main_process(reference_fingerprint(model), accelerator)
+        model_key = from_main_process(reference_fingerprint(model, accelerator), accelerator)
         kw = dict(
             policy=model,
             reference=reference,
@@ -616,12 +585,14 @@ def run(recipe: DPORecipe) -> Path:
             batch_size=recipe.dpo.ref_batch_size,
             accelerator=accelerator,
         )
-        train = attach_reference_log_probs(train, "train", **kw)
-        if eval_set is not None:
-            eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
+        # ZeRO-3: before `prepare` no DeepSpeed hooks gather the partitioned weights; these do.
+        with sharded_load.forward_gathers(model):
+            train = attach_reference_log_probs(train, "train", **kw)
+            if eval_set is not None:
+                eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
         reference = None
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
+    n_all = sharded_load.parameter_count(model.parameters())
     accelerator.print(
         f"dpo: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train pairs, "
         f"{len(eval_set) if eval_set is not None else 0} eval pairs; reference: "

@@ -1,7 +1,15 @@
 """Evaluation: held-out loss per source, passkey retrieval and the Mixtral paper's routing analysis.
 
     python -m pipeline.eval recipes/tiny/eval.yaml [key=value ...]                  # make eval (CPU)
-    python -m pipeline.eval recipes/mixtral-8x7b/eval.yaml models.sft=/runs/sft models.dpo=/runs/dpo
+    accelerate launch --config_file recipes/accelerate/ddp.yaml \
+        -m pipeline.eval recipes/mixtral-8x7b/eval.yaml models.sft=/runs/sft models.dpo=/runs/dpo
+
+Launched on several processes with ``parallel.expert_parallel_size`` = P, each process holds only
+its 1/P of every layer's experts (Mixtral-8x7B on 8 GPUs: ~14.5 GB of bf16 weights each) and every
+forward is a collective (pipeline/expert_parallel.py's dispatch): the held-out batches are dealt
+out over the processes, every process runs the same number of forwards, and the sums come back to
+the main process; routing text and passkey prompts run on every process alike, each generated
+token the main process's choice. The results are the one-process results; the main process writes.
 
 Each entry of ``models`` (name -> directory) is evaluated in order: an SFT/DPO output directory
 (manifest.json: a full model, or a LoRA adapter over the base it names, merged here) or a plain HF
@@ -24,12 +32,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import KVCache
+from pipeline import parallel, report
 from pipeline import passkey as pk
-from pipeline import report
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
+from pipeline.expert_parallel import install_dispatch, shard_experts
 from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
 from pipeline.routing import (
     RoutingStats,
@@ -38,8 +48,9 @@ from pipeline.routing import (
     top_k_experts,
     total_variation,
 )
-from pipeline.rundir import owned_output, record
+from pipeline.rundir import on_main_for_all, owned_output, record
 from pipeline.sft import collate_rows as collate
+from pipeline.sharded_load import merge_adapter_fp32
 
 IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
@@ -107,6 +118,26 @@ class RoutingSection:
 
 
 @dataclass
+class EvalParallelSection:
+    """How a launched eval shares the model (`accelerate launch --config_file recipes/accelerate/ddp.yaml`)."""
+
+    # Process-group backend: "auto" is nccl with CUDA, gloo without.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Experts of each layer split over groups of this many processes (1 = every process holds all).
+    expert_parallel_size: int = 1
+
+    # Eval runs no DeepSpeed: what the startup checks and the plan ask of a training `parallel:`.
+    zero_stage = None
+    offload_optimizer = False
+    offload_params = False
+    deepspeed = False
+
+    def __post_init__(self):
+        if self.expert_parallel_size < 1:
+            raise ValueError(f"parallel.expert_parallel_size must be >= 1, got {self.expert_parallel_size}")
+
+
+@dataclass
 class EvalTracking:
     report_to: Literal["wandb", "none"] = "wandb"
     project: str = "mixtral-tune"
@@ -129,6 +160,7 @@ class EvalRecipe:
     passkey: PasskeySection = field(default_factory=PasskeySection)
     routing: RoutingSection = field(default_factory=RoutingSection)
     tracking: EvalTracking = field(default_factory=EvalTracking)
+    parallel: EvalParallelSection = field(default_factory=EvalParallelSection)
 
     def __post_init__(self):
         if not self.models and self.fallback_preset is None:
@@ -140,12 +172,15 @@ class EvalRecipe:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   expert_ids: list[int] | None = None, device: str | torch.device = "cpu"):
     """A plain ``Mixtral`` from a stage output dir (full, or LoRA merged into its base) or an HF dir.
 
     A LoRA run's manifest names its base (``base.checkpoint``), which may itself be a run dir: a DPO
-    run over an SFT run over a base checkpoint merges both adapters, in order. (``pipeline.dpo``'s
-    ``load_sft_model`` reads one level only, which is all DPO needs.)
+    run over an SFT run over a base checkpoint merges both adapters, in order, each in fp32 (as
+    export merges). ``expert_ids``: hold only these experts (expert parallelism), read from the
+    checkpoint and the adapters alone; ``device``: where the weights are read to.
+    (``pipeline.dpo``'s ``load_sft_model`` reads one level only, which is all DPO needs.)
     """
     from model import Mixtral
 
@@ -155,23 +190,18 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         manifest = json.loads(manifest_path.read_text())
         kind = manifest.get("kind")
         if kind == "lora":
-            import peft
-
-            import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
-
             base_dir = (manifest.get("base") or {}).get("checkpoint")
             if not base_dir:
                 raise ValueError(f"{manifest_path}: a LoRA run must name its base in base.checkpoint")
-            base = load_model_dir(base_dir, dtype)
-            adapter_dir = manifest.get("adapter_dir") or str(path)
-            return peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            base = load_model_dir(base_dir, dtype, expert_ids, device)
+            return merge_adapter_fp32(base, manifest.get("adapter_dir") or str(path))
         if kind != "full":
             raise ValueError(f"{manifest_path}: kind must be 'lora' or 'full', got {kind!r}")
         path = Path(manifest.get("model_dir") or path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: neither a stage output (manifest.json) nor an HF checkpoint (config.json)")
-    return Mixtral.from_pretrained(path, dtype=dtype)
+    return Mixtral.from_pretrained(path, dtype=dtype, device=device, expert_ids=expert_ids)
 
 
 def resolve_models(recipe: EvalRecipe, log=print) -> list[tuple[str, str | None]]:
@@ -196,16 +226,87 @@ def resolve_models(recipe: EvalRecipe, log=print) -> list[tuple[str, str | None]
     return found
 
 
-def build_model(directory: str | None, recipe: EvalRecipe, device: torch.device):
+def build_model(directory: str | None, recipe: EvalRecipe, device: torch.device, procs: Processes | None = None):
+    """The model to evaluate on ``device``; launched with expert parallelism, this process's experts
+    only, their forwards dispatched over its EP group (every forward is then a collective)."""
     from model import Mixtral, MixtralConfig
 
     dtype = getattr(torch, recipe.dtype)
+    place = procs.placement(_num_experts(directory, recipe)) if procs is not None else None
+    expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
     if directory is None:
         torch.manual_seed(recipe.seed)
         model = Mixtral(MixtralConfig.preset(recipe.fallback_preset)).to(dtype)
+        if expert_ids is not None:
+            shard_experts(model, place)  # the same draws on every process, each keeps its experts
     else:
-        model = load_model_dir(directory, dtype)
-    return model.to(device).eval()
+        model = load_model_dir(directory, dtype, expert_ids, device)
+    model = model.to(device).eval()
+    if expert_ids is not None:
+        install_dispatch(model, place, parallel.expert_groups(place.ep_size)[0])
+    return model
+
+
+def _num_experts(directory: str | None, recipe: EvalRecipe) -> int:
+    """Experts per layer of the model in ``directory`` (its config, before any weight is read)."""
+    from model import MixtralConfig
+
+    if directory is None:
+        return MixtralConfig.preset(recipe.fallback_preset).num_local_experts
+    path = Path(directory)
+    while (path / "manifest.json").is_file():
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("kind") == "full":
+            path = Path(manifest.get("model_dir") or path)
+            break
+        path = Path((manifest.get("base") or {}).get("checkpoint") or path / "missing-base")
+    return MixtralConfig.from_hf(path / "config.json").num_local_experts
+
+
+class Processes:
+    """This eval's processes: one, or an `accelerate launch` (rank, world, device, EP placement).
+
+    Every collective of the eval loop goes through here, on the device the process group
+    communicates on (the process's GPU under NCCL, the CPU under gloo).
+    """
+
+    def __init__(self, section: EvalParallelSection, device_name: str):
+        parallel.init_process_state(section.backend, deepspeed=False)
+        self.section = section
+        self.launched = dist.is_initialized()
+        self.rank = dist.get_rank() if self.launched else 0
+        self.world = dist.get_world_size() if self.launched else 1
+        if self.launched:
+            from accelerate import PartialState
+
+            self.device = PartialState().device
+        else:
+            self.device = pick_device(device_name)
+        self.is_main = self.rank == 0
+
+    def placement(self, num_experts: int):
+        return parallel.placement(self.section, num_experts)  # validates against the launch
+
+    def barrier(self) -> None:
+        if self.launched:
+            dist.barrier()
+
+    def gather(self, value) -> list:
+        """Every process's ``value`` (any picklable object), in rank order, on every process."""
+        if not self.launched:
+            return [value]
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+
+def check_eval_launch(launch) -> None:
+    """Startup check of a launched eval (`preflight.LaunchSpec`): plain processes, no DeepSpeed. The
+    expert-parallel size is checked against the launch and the model's experts by the preflight and
+    again, per model, in `parallel.placement`."""
+    if launch.deepspeed:
+        raise RecipeError("eval runs no DeepSpeed: launch it with recipes/accelerate/ddp.yaml "
+                          "(cpu_ddp.yaml on a CPU host), not a zero*.yaml config")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,23 +440,34 @@ def nll_per_document(nll: torch.Tensor, scored: torch.Tensor, document_ids: torc
 
 
 @torch.no_grad()
-def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.device) -> tuple[dict, RoutingStats]:
+def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.device,
+                     procs: Processes | None = None) -> tuple[dict, RoutingStats]:
     """Held-out loss/perplexity per source and the routing statistics (all rows), in one pass.
 
     Both go by document, not by row: a packed row's tokens count for their own document's source
-    (:func:`document_sources`), and "all" is the sum over the sources.
+    (:func:`document_sources`), and "all" is the sum over the sources. Launched (``procs``), batch b
+    goes to process b mod W, every process runs the same number of forwards (a process short of
+    batches repeats its first one and drops the result: under EP each forward is a collective),
+    and the sums are added up over the processes: the batches, and so the numbers, of one process.
     """
     cfg = model.config
     stats = RoutingStats(cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     nll_sum: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for start in range(0, len(rows), batch_size):
+    rank, world = (procs.rank, procs.world) if procs is not None else (0, 1)
+    starts = list(range(0, len(rows), batch_size))
+    mine = starts[rank::world]
+    rounds = -(-len(starts) // world)
+    for step in range(rounds):
+        start = mine[step] if step < len(mine) else starts[0]
         chunk = rows[start:start + batch_size]
         chunk_sources = [document_sources(row, f"row {start + i}") for i, row in enumerate(chunk)]
         batch = collate(chunk)
         out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                     document_ids=batch["document_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
+        if step >= len(mine):
+            continue  # a repeat for the collectives' sake
         nll, scored = position_nll(out.logits, batch["labels"].to(device))  # [B, S-1] each
         nll, scored = nll.cpu(), scored.cpu()
         target_docs = batch["document_ids"][:, 1:]  # [B, S-1]: the document of each scored label
@@ -368,12 +480,38 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
                 counts[source] = counts.get(source, 0) + count
         keys = document_keys(batch["document_ids"], batch["attention_mask"], batch["input_ids"].shape)
         stats.add([r.cpu() for r in out.router_logits], keys, chunk_sources, batch["document_ids"])
+    if procs is not None and procs.launched:
+        nll_sum, counts, stats = _summed_over_processes(procs, nll_sum, counts, stats)
     nll_sum["all"], counts["all"] = sum(nll_sum.values()), sum(counts.values())
     losses = {}
     for source in sorted(nll_sum):
         mean = nll_sum[source] / counts[source] if counts[source] else float("nan")
         losses[source] = {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": counts[source]}
     return losses, stats
+
+
+def _summed_over_processes(procs: Processes, nll_sum: dict, counts: dict,
+                           stats: RoutingStats) -> tuple[dict, dict, RoutingStats]:
+    """Per-source sums and routing tables of every process, added up (in rank order)."""
+    total_nll: dict[str, float] = {}
+    total_counts: dict[str, int] = {}
+    total_stats = RoutingStats(stats.num_layers, stats.num_experts, stats.k)
+    for part_nll, part_counts, part_stats in procs.gather((nll_sum, counts, stats)):
+        for source, value in part_nll.items():
+            total_nll[source] = total_nll.get(source, 0.0) + value
+            total_counts[source] = total_counts.get(source, 0) + part_counts[source]
+        total_stats.merge(part_stats)
+    return dict(sorted(total_nll.items())), dict(sorted(total_counts.items())), total_stats
+
+
+def main_process_token(token: int, device: torch.device) -> int:
+    """Launched: the main process's choice on every process, so that all decode the same tokens and
+    run the same forwards (collectives under EP) even if a near-tie broke differently somewhere."""
+    if not dist.is_initialized():
+        return token
+    choice = torch.tensor([token], dtype=torch.long, device=device)
+    dist.broadcast(choice, src=0)
+    return int(choice)
 
 
 @torch.no_grad()
@@ -384,6 +522,7 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: in
     new: list[int] = []
     for _ in range(max_new_tokens):
         token = int(model(ids, kv_cache=cache).logits[0, -1].argmax())
+        token = main_process_token(token, device)
         if token == eos_id:
             break
         new.append(token)
@@ -584,34 +723,50 @@ def pick_device(name: str) -> torch.device:
 
 def run(recipe: EvalRecipe, log=print) -> dict:
     """The whole stage; returns what eval.json holds. output_dir: new, empty or an earlier eval's
-    (pipeline/rundir.py), locked while this runs."""
-    with owned_output(recipe.output_dir, "eval"):
-        return _evaluate(recipe, log)
+    (pipeline/rundir.py), locked by the main process while this runs."""
+    import contextlib
+
+    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
+    preflight(recipe, LaunchSpec.from_env())
+    procs = Processes(recipe.parallel, recipe.device)
+    with contextlib.ExitStack() as stack:
+        # The main process claims and locks the output dir; a refusal stops every process.
+        on_main_for_all(procs.is_main,
+                        lambda: stack.enter_context(owned_output(recipe.output_dir, "eval")) and None)
+        return _evaluate(recipe, log, procs)
 
 
-def _evaluate(recipe: EvalRecipe, log) -> dict:
+def _evaluate(recipe: EvalRecipe, log, procs: Processes) -> dict:
     from data_prep import load_tokenizer
 
     started = time.perf_counter()
-    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
-    preflight(recipe, LaunchSpec.from_env())
-    # 1. Output dir, device, models to compare, tokenizer, held-out rows.
+    # 1. Device, models to compare, tokenizer, held-out rows (run() checked the recipe and owns the
+    #    output dir on the main process).
+    device = procs.device
+    if not procs.is_main:
+        def log(*args, **kwargs):
+            return None
     out_dir = Path(recipe.output_dir)
-    save_recipe(recipe, out_dir / "recipe.yaml")
-    device = pick_device(recipe.device)
+    if procs.is_main:
+        save_recipe(recipe, out_dir / "recipe.yaml")
     models = resolve_models(recipe, log)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
+    if not procs.is_main:
+        procs.barrier()  # the main process prepares data.dir first when it is missing
     rows = load_eval_rows(recipe.data, log)
+    if procs.is_main:
+        procs.barrier()
     sources = sorted({source for r in rows for source in r["document_sources"]})
     described = ", ".join(f"{n} ({d or 'random init'})" for n, d in models)
-    log(f"eval: {len(rows)} held-out rows ({', '.join(sources)}); models: {described}; device {device}")
+    where = f" ({procs.world} processes, expert parallel {recipe.parallel.expert_parallel_size})" if procs.launched else ""
+    log(f"eval: {len(rows)} held-out rows ({', '.join(sources)}); models: {described}; device {device}{where}")
 
     # 2. Each model: loss per source + routing statistics, routing text, passkey grid.
     results: dict[str, dict] = {}
     texts: dict[str, list[dict]] = {}
     layers: list[int] = []
     for name, directory in models:
-        model = build_model(directory, recipe, device)
+        model = build_model(directory, recipe, device, procs)
         num_layers = model.config.num_hidden_layers
         layers = recipe.routing.layers if recipe.routing.layers is not None else default_layers(num_layers)
         check_routing_layers(layers, num_layers)
@@ -619,7 +774,7 @@ def _evaluate(recipe: EvalRecipe, log) -> dict:
             log(f"eval: {name}: passkey.lengths go beyond the model's max_position_embeddings "
                 f"({model.config.max_position_embeddings}); expect those cells to fail")
         t0 = time.perf_counter()
-        losses, stats = loss_and_routing(model, rows, recipe.data.batch_size, device)
+        losses, stats = loss_and_routing(model, rows, recipe.data.batch_size, device, procs)
         results[name] = {"directory": directory, "loss": losses, "routing": stats.summary()}
         texts[name] = routing_text(model, rows, layers, recipe.routing.text_samples, recipe.routing.text_tokens, device)
         log(f"eval: {name}: loss {losses['all']['loss']:.4f} (perplexity {losses['all']['perplexity']:.2f}) "
@@ -631,19 +786,23 @@ def _evaluate(recipe: EvalRecipe, log) -> dict:
                 f"in {time.perf_counter() - t0:.1f} s")
         del model
 
-    # 3. Routing shift between models, plots, HTML, eval.json.
+    # 3. Routing shift between models, plots, HTML, eval.json (the main process writes).
     shift = routing_shift(results)
     random_note = any(d is None for _, d in models)
     note = ("Evaluated a RANDOM-INIT model: no trained run directory was found." if random_note else
             "Evaluated: " + ", ".join(f"{n} = {d}" for n, d in models) + ".")
-    pngs = make_report(out_dir, results, shift, texts, PieceNames(tokenizer), layers, note)
-    record(out_dir, [p.name for p in pngs])
     summary = {
         "models": results, "routing_shift": shift, "layers": layers, "sources": sources,
         "random_init": random_note, "note": note, "routing_text": texts,
-        "plots": [p.name for p in pngs], "report": "report.html",
-        "seconds": round(time.perf_counter() - started, 2),
+        "processes": procs.world, "expert_parallel_size": recipe.parallel.expert_parallel_size,
     }
+    if not procs.is_main:
+        procs.barrier()  # returns once the main process has written everything
+        return summary
+    pngs = make_report(out_dir, results, shift, texts, PieceNames(tokenizer), layers, note)
+    record(out_dir, [p.name for p in pngs])
+    summary |= {"plots": [p.name for p in pngs], "report": "report.html",
+                "seconds": round(time.perf_counter() - started, 2)}
     tmp = out_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, out_dir / "eval.json")
@@ -652,6 +811,7 @@ def _evaluate(recipe: EvalRecipe, log) -> dict:
     if recipe.tracking.report_to == "wandb":
         log_wandb(recipe, out_dir, summary, pngs, log)
     log(f"eval: done in {summary['seconds']} s; {out_dir / 'report.html'}")
+    procs.barrier()
     return summary
 
 

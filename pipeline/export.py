@@ -52,6 +52,13 @@ from model.checkpoint import NAME_TABLE, hf_tensors, hf_to_native, parse_size, p
 from model.config import MixtralConfig
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe, to_dict
 from pipeline.rundir import acquire_lock, check_ownable, remove_stale_siblings, sibling_lock_path
+from pipeline.safetensors_io import (
+    READ_CHUNK_BYTES,
+    ST_DTYPES,
+    StoredTensor,
+    read_into,
+    read_safetensors_header,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Recipe
@@ -221,87 +228,6 @@ def source_from_recipe(section: SourceSection) -> Source:
 # ----------------------------------------------------------------------------------------------
 
 
-# safetensors dtype names; the base checkpoint may hold any of these, the export writes the first three.
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_ST_READ_DTYPES = {**{v: k for k, v in _ST_DTYPES.items()}, "F64": torch.float64}
-# Conversion chunk when a stored dtype differs from fp32: small enough to stay cheap, large enough that
-# each chunk is one read syscall of many MB.
-_READ_CHUNK_BYTES = 16 << 20
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor's bytes lie in a safetensors file (absolute offsets)."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
-    """The tensors of a safetensors file and their byte ranges, from its JSON header.
-
-    The export reads tensor bytes itself (``read_into``) instead of copying out of safe_open's mmap
-    views: every 4 KiB page of a fresh mapping faults on first touch, and so does every freshly
-    allocated destination. Measured (2-core dev VM): 29 MB of bf16 pieces copied out of a fresh
-    mapping 189 ms, preadv into a reused buffer 7 ms; a 58 MB bf16 -> fp32 copy into a new tensor
-    71 ms, into a reused one 8 ms.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: safetensors header is not valid JSON ({err})") from None
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_READ_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(
-                f"{path}: {name} has dtype {info['dtype']}; export reads {sorted(_ST_READ_DTYPES)}"
-            )
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size or begin > end:
-            raise ValueError(f"{path}: {name} byte range {[begin, end]} does not fit its shape or the file")
-        tensors[name] = StoredTensor(dtype, shape, 8 + n + begin, 8 + n + end)
-    return tensors
-
-
-def _pread_exact(fd: int, offset: int, dest: torch.Tensor, where: str) -> None:
-    """Fill the uint8 tensor ``dest`` with the file's bytes from ``offset``."""
-    view = memoryview(dest.numpy())
-    while len(view):
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise ValueError(f"{where}: file ends early (truncated safetensors file?)")
-        view, offset = view[n:], offset + n
-
-
-def read_into(fd: int, stored: StoredTensor, dest: torch.Tensor, staging: torch.Tensor, where: str) -> None:
-    """dest (contiguous) <- the stored tensor, converted to dest's dtype chunk by chunk through ``staging``
-    (uint8): no allocation, no mmap, and only a chunk of the stored dtype in memory at a time."""
-    if not dest.is_contiguous():
-        raise RuntimeError(f"read_into: {where} destination is not contiguous")
-    flat = dest.view(-1)  # [N]
-    if stored.dtype == dest.dtype:
-        _pread_exact(fd, stored.begin, flat.view(torch.uint8), where)
-        return
-    itemsize = stored.dtype.itemsize
-    per_chunk = staging.numel() // itemsize
-    for start in range(0, flat.numel(), per_chunk):
-        count = min(per_chunk, flat.numel() - start)
-        chunk = staging[: count * itemsize]
-        _pread_exact(fd, stored.begin + start * itemsize, chunk, where)
-        flat[start : start + count].copy_(chunk.view(stored.dtype))
-
-
 class BaseReader:
     """Native parameters of an HF checkpoint (per-expert or fused names), read one at a time in fp32.
 
@@ -355,7 +281,7 @@ class BaseReader:
             self._buffer = torch.empty(0)  # free the old buffer before allocating the new one
             self._buffer = torch.empty(numel, dtype=torch.float32)
         if not self._staging.numel():
-            self._staging = torch.empty(_READ_CHUNK_BYTES, dtype=torch.uint8)
+            self._staging = torch.empty(READ_CHUNK_BYTES, dtype=torch.uint8)
         out = self._buffer[:numel].view(shape)
         ffn = self.config.intermediate_size
         filled = set()
@@ -645,7 +571,7 @@ class ShardWriter:
         offset = 0
         for entry in shard:
             header[entry.name] = {
-                "dtype": _ST_DTYPES[self.dtype],
+                "dtype": ST_DTYPES[self.dtype],
                 "shape": list(entry.shape),
                 "data_offsets": [offset, offset + entry.nbytes],
             }
@@ -1337,11 +1263,11 @@ def check_shards(out: Path, plan: list[TensorPlan], dtype: torch.dtype) -> str:
                 sliced = f.get_slice(name)
                 if (
                     tuple(sliced.get_shape()) != expected[name].shape
-                    or sliced.get_dtype() != _ST_DTYPES[dtype]
+                    or sliced.get_dtype() != ST_DTYPES[dtype]
                 ):
                     raise RuntimeError(
                         f"verify: {file}:{name} is {sliced.get_dtype()} {sliced.get_shape()}, expected "
-                        f"{_ST_DTYPES[dtype]} {list(expected[name].shape)}"
+                        f"{ST_DTYPES[dtype]} {list(expected[name].shape)}"
                     )
     return f"verify: index and {len(by_file)} shard(s) agree: {len(plan)} names, shapes, dtype {dtype}, total_size {total}"
 
@@ -1454,7 +1380,7 @@ def verify_consolidated(
         names = set(f.keys())
         for entry in plan:
             sliced = f.get_slice(entry.name)
-            if tuple(sliced.get_shape()) != entry.shape or sliced.get_dtype() != _ST_DTYPES[dtype]:
+            if tuple(sliced.get_shape()) != entry.shape or sliced.get_dtype() != ST_DTYPES[dtype]:
                 raise RuntimeError(f"verify: {entry.name} is {sliced.get_dtype()} {sliced.get_shape()}")
     if names != {p.name for p in plan}:
         raise RuntimeError(

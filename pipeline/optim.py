@@ -34,7 +34,9 @@ def is_expert_param(name: str) -> bool:
 
 def is_no_decay_param(name: str, param: torch.Tensor) -> bool:
     leaf = name.rsplit(".", 1)[-1]
-    return param.ndim < 2 or leaf == "bias" or "norm" in name or "embed_tokens" in name
+    # A ZeRO-3 partitioned parameter's own shape is [0]: its real one is ds_shape.
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim < 2 or leaf == "bias" or "norm" in name or "embed_tokens" in name
 
 
 def param_group_name(name: str, param: torch.Tensor) -> str:

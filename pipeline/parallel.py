@@ -359,12 +359,17 @@ def apply(model: nn.Module, section: ParallelSection, place: ExpertPlacement) ->
         if section.zero_stage in (1, 2):
             model.add_module("deepspeed_expert_marker", _marker_class()(place.num_experts, place.ep_size))
     if section.zero_stage == 3:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
         from deepspeed.utils import set_z3_leaf_modules
 
         from model.moe import MoEBlock
 
         # Experts run in a data-dependent order; ZeRO-3 must gather a block's params all at once.
         set_z3_leaf_modules(model, [MoEBlock])
+        # The chunked LM loss (DPO always) multiplies by lm_head.weight in the model's own forward,
+        # outside lm_head's: gathered for the model's forward and backward, not lm_head's alone.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        register_external_parameter(base, base.lm_head.weight)
     return stats
 
 
@@ -587,12 +592,17 @@ def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSect
                             dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """The whole (unwrapped) model's tensors on rank 0, {} elsewhere; every rank must call.
 
-    EP: expert tensors gathered from the EP group. ZeRO-3: DeepSpeed's 16-bit gather, module by
-    module onto rank 0 (`stage3_gather_16bit_weights_on_model_save`). Otherwise every rank already
-    holds everything. Trained tensors DeepSpeed cast for mixed precision come from the fp32 master
-    copy, in the dtype the stage built them with (`dtypes`, name -> dtype; `master_or_module_copy`).
+    EP: expert tensors gathered from the EP group. ZeRO-3: the trainable params only, one at a time
+    (`sharded_load.trainable_state_dict`), or for full fine-tuning DeepSpeed's 16-bit gather, module
+    by module onto rank 0 (`stage3_gather_16bit_weights_on_model_save`). Otherwise every rank
+    already holds everything. Trained tensors DeepSpeed cast for mixed precision come from the fp32
+    master copy, in the dtype the stage built them with (`dtypes`, name -> dtype; `master_or_module_copy`).
     """
     inner = accelerator.unwrap_model(model)
+    if section.zero_stage == 3 and trainable_only:
+        from pipeline.sharded_load import trainable_state_dict
+
+        return trainable_state_dict(inner, dtypes)
     if section.zero_stage == 3:
         state = accelerator.get_state_dict(model)
         masters = {n: master_or_module_copy(n, p, dtypes) for n, p in inner.named_parameters()

@@ -152,6 +152,13 @@ def setup_of(p: Pairing, device: str) -> Setup:
 
         ds = deepspeed_config(section, micro_batch_size=train.micro_batch_size,
                               grad_accum_steps=train.grad_accum_steps, bf16=bf16)
+        if zero == 3:
+            # The stages size ZeRO-3's buffers and gathers to the model (sharded_load.build_partitioned).
+            from model import Mixtral
+            from pipeline.preflight import model_config
+            from pipeline.sharded_load import size_zero3_buffers
+
+            size_zero3_buffers(ds, Mixtral(model_config(p), device="meta"))
         zero_config = DeepSpeedZeroConfig(**ds["zero_optimization"])
     rows = train.micro_batch_size * (2 if p.stage == "dpo" else 1)
     return Setup(
@@ -695,7 +702,9 @@ def load_and_final_moments(p: Pairing, setup: Setup, counts: Counts, persistent:
                           f"every parameter, {counts.total:,} x {setup.param_bytes} B "
                           "(DeepSpeed's 16-bit gather; the adapter is picked from it)",
                           kind="weights", host=not on_cpu, main_only=True))
-    elif setup.ep > 1:
+    elif setup.zero in (1, 2):
+        # Every DeepSpeed run consolidates (parallel.consolidated_state_dict): the experts gathered
+        # under EP, trained tensors from the fp32 master copy in the dtype they were built with.
         n = trainable_total if setup.lora else counts.total
         b = train_bytes if setup.lora else setup.param_bytes
         final.append(Line("state dict with every expert on the main process", n * b,

@@ -189,7 +189,7 @@ class Pairing:
 
     @property
     def section(self):
-        """The recipe's `parallel:` section (eval has none: one process, no DeepSpeed)."""
+        """The recipe's `parallel:` section (eval's has no DeepSpeed: `eval.EvalParallelSection`)."""
         from pipeline.parallel import ParallelSection
 
         return getattr(self.recipe, "parallel", None) or ParallelSection()
@@ -227,7 +227,12 @@ def check_launch_config(p: Pairing) -> None:
 
 
 def check_parallel_launch(p: Pairing) -> None:
-    """The recipe's `parallel:` section and the launch describe the same DeepSpeed setup."""
+    """The recipe's `parallel:` section and the launch describe the same DeepSpeed setup (eval: none)."""
+    if p.stage == "eval":
+        from pipeline.eval import check_eval_launch
+
+        check_eval_launch(p.launch)
+        return
     from pipeline.parallel import check_launch
 
     check_launch(p.section, p.launch)
@@ -435,17 +440,14 @@ def _eval_model_config(path: Path) -> Path | None:
 
 
 def build_meta_model(p: Pairing):
-    """`pipeline.sft.build_model` with the base on the meta device: the order, LoRA, router freezing
-    and rank 0's experts of the real launch, without any weight."""
+    """The training model as rank 0 of the launch sets it up (`pipeline.sft.configure_for_training`:
+    its experts, LoRA, router freezing) on a base on the meta device: no weight anywhere."""
     import torch
 
     from model import Mixtral
-    from pipeline.sft import build_model
-
-    config = model_config(p)
-
-    def meta_base(dtype: torch.dtype, expert_ids: list[int] | None):
-        return Mixtral(config, expert_ids=expert_ids, device="meta", dtype=dtype)
+    from pipeline.sft import configure_for_training
 
     place = p.placement(0)
-    return build_model(p.recipe, Path(p.recipe.output_dir), False, place, load_base=meta_base)
+    expert_ids = place.expert_ids if place.ep_size > 1 else None
+    base = Mixtral(model_config(p), expert_ids=expert_ids, device="meta", dtype=getattr(torch, p.recipe.model.dtype))
+    return configure_for_training(base, p.recipe, place)

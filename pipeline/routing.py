@@ -199,6 +199,14 @@ class RoutingStats:
                 source_keys = torch.where(mask, keys, torch.full_like(keys, -1))
                 self.pairs[name][layer] += torch.tensor(repetition_counts(experts, source_keys))
 
+    def merge(self, other: RoutingStats) -> None:
+        """Add another's tables: the same model's routing over other rows (another process's)."""
+        for source in other.counts:
+            self._slot(source)
+            self.counts[source] += other.counts[source]
+            self.first_counts[source] += other.first_counts[source]
+            self.pairs[source] += other.pairs[source]
+
     def total(self, table: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of a per-source table over all sources."""
         if not table:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from data_prep.dataset import load_prepared, no_eval_note
-from pipeline import parallel
+from pipeline import parallel, sharded_load
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
 from pipeline.expert_parallel import ExpertPlacement, shard_experts
@@ -132,29 +132,43 @@ def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
 
 def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
                 place: ExpertPlacement | None = None,
-                load_base: Callable[[torch.dtype, list[int] | None], nn.Module] | None = None) -> nn.Module:
-    """Base weights (this rank's experts only, under EP) -> activation checkpointing -> router
-    freezing -> LoRA: the one place a model is set up. `parallel.apply` comes after (run()).
+                load_base: Callable[[Callable[[str], nn.Module]], nn.Module] | None = None) -> nn.Module:
+    """Base weights (this rank's experts only under EP, this rank's partitions only under ZeRO-3)
+    -> `configure_for_training`: the one place a model is set up.
+    `parallel.apply` comes after (run()).
 
-    ``load_base(dtype, expert_ids)`` replaces ``model.checkpoint``/``model.preset`` as the source of
-    the base weights (the DPO stage loads the SFT model with it); the rest of the order is shared.
+    ``load_base(load)`` replaces ``model.checkpoint``/``model.preset`` as the source of the base
+    weights (the DPO stage loads the SFT model with it); ``load(path)`` reads a checkpoint the way
+    this run holds it (pipeline/sharded_load.py). The rest of the order is shared.
     """
-    from model import Mixtral, MixtralConfig
+    from model import MixtralConfig
 
     m = recipe.model
     dtype = getattr(torch, m.dtype)
     expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
+    zero3 = sharded_load.zero3_config() if recipe.parallel.zero_stage == 3 else None
+    load = sharded_load.checkpoint_loader(dtype, expert_ids, zero3)
     if load_base is not None:
-        model = load_base(dtype, expert_ids)
+        model = load_base(load)
     elif m.checkpoint is not None:
-        model = Mixtral.from_pretrained(m.checkpoint, dtype=dtype, expert_ids=expert_ids)
+        model = load(m.checkpoint)
     else:
-        # Every rank draws the same full init (same seed), saves it as the base, then keeps its experts.
-        model = Mixtral(MixtralConfig.preset(m.preset)).to(dtype)
-        if is_main:
-            save_base(model, output_dir / "base")
+        # Every rank draws the same full init (same seed), the main process saves it as the base,
+        # then each rank keeps its experts (EP) or its partitions (ZeRO-3).
+        model = sharded_load.random_init(MixtralConfig.preset(m.preset), dtype, zero3,
+                                         save_to=output_dir / "base" if is_main else None)
         if expert_ids is not None:
             shard_experts(model, place)
+    model = configure_for_training(model, recipe, place)
+    if zero3 is not None:
+        sharded_load.match_engine_dtype(model, zero3)
+    return model
+
+
+def configure_for_training(model: nn.Module, recipe: SFTRecipe, place: ExpertPlacement | None) -> nn.Module:
+    """A loaded base -> activation checkpointing -> router freezing or LoRA (fp32 adapters whose A
+    do not depend on the expert placement). The preflight runs it on a meta-device base."""
+    m = recipe.model
     model.gradient_checkpointing = m.gradient_checkpointing
     if recipe.lora.enabled:
         from model.lora import apply_lora
@@ -174,17 +188,6 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
     elif m.freeze_router:
         freeze_router(model)
     return model
-
-
-def save_base(model: nn.Module, path: Path) -> None:
-    """The random-init base, so the next stage loads the same weights the adapter was trained on."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def save_final(model: nn.Module, output_dir: Path, lora: bool,
@@ -280,8 +283,8 @@ def run(recipe: SFTRecipe) -> Path:
     model = build_model(recipe, out, accelerator.is_main_process, place)
     ep_stats = parallel.apply(model, recipe.parallel, place)
     model_config = (model.get_base_model() if recipe.lora.enabled else model).config.to_hf()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
+    n_all = sharded_load.parameter_count(model.parameters())
     accelerator.print(f"sft: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train rows, "
                       f"{len(eval_set) if eval_set is not None else 0} eval rows; "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")

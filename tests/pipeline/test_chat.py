@@ -77,3 +77,27 @@ def test_chat_loads_an_adapter_export_onto_its_base(tmp_path):
             if ids[-1] == 2:
                 break
     assert generated == ids[len(prompt) :]
+
+
+def test_chat_over_a_model_split_across_devices_gives_the_same_answer(tmp_path):
+    # 8 x 80 GB: `--device-map auto` splits the layers over the GPUs and accelerate's hooks move the
+    # hidden states between them. A CPU host has one device, so the same hooks are exercised by a
+    # map over the CPU and the disk (weights of layer 1 and lm_head loaded for each forward).
+    torch.manual_seed(0)
+    Mixtral(MixtralConfig.preset("tiny")).save_pretrained(tmp_path / "base")
+    raw = {
+        "source": {"checkpoint": str(tmp_path / "base")},
+        "output_dir": str(tmp_path / "export"),
+        "export": {"dtype": "float32", "progress_bar": False},
+        "verify": {"enabled": False},
+    }
+    out = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    messages = [{"role": "user", "content": "Name a prime."}]
+    tokenizer, whole = load(out)
+    _, want, _ = answer(tokenizer, whole, messages, max_new_tokens=8)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    tokenizer, split = load(out, device_map=device_map, offload_folder=tmp_path / "offload")
+    assert set(split.hf_device_map.values()) == {"cpu", "disk"}
+    _, got, _ = answer(tokenizer, split, messages, max_new_tokens=8)
+    assert got == want and len(want) > 0

@@ -4,9 +4,9 @@ The starting point is a real SFT run kept as short as it can be (2 LoRA steps), 
 parallel path includes merging an SFT adapter that is not zero and, under ep=2, cutting its expert
 tensors to each rank's experts. DPO then trains a fresh LoRA adapter for 4 steps, in three ways that
 see the same pairs: one process (micro-batch 1 x 2 accumulation steps), plain DDP on 2 processes,
-ZeRO-2 + expert parallel 2 and ZeRO-3 (micro-batch 1 each). Prep, SFT and the one-process DPO run in
-this process (as their command lines would, on one thread), the three launches as subprocesses,
-with W&B on (offline), the recipes' default.
+ZeRO-2 + expert parallel 2 and ZeRO-3 with precomputed reference log-probs (micro-batch 1 each).
+Prep, SFT and the one-process DPO run in this process (as their command lines would, on one thread),
+the three launches as subprocesses, with W&B on (offline), the recipes' default.
 The reference is the policy with its adapter disabled, so under EP its forwards are collectives too.
 Launches are shared between the assertions through one module-scoped fixture.
 """
@@ -54,9 +54,10 @@ TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "
               "logps/chosen", "logps/rejected", "aux_loss", "nll", "grad_norm")
 EVAL_KEYS = tuple(f"eval_{k}" for k in TRAIN_KEYS if k != "grad_norm")
 EP2 = ["parallel.zero_stage=2", "parallel.expert_parallel_size=2"]
-# ZeRO-3 runs without the chunked LM head (its checkpointed chunks read a weight ZeRO-3 has released).
-LAUNCHED = {"ddp": ("cpu_ddp.yaml", []), "z2ep2": ("cpu_zero2_ep2.yaml", EP2),
-            "z3": ("cpu_zero3.yaml", ["parallel.zero_stage=3", "model.logits_chunk_size=null"])}
+# ZeRO-3: the SFT model built partitioned (adapter merged under gathered weights), the reference
+# log-probs precomputed before DeepSpeed's engine exists (pipeline/sharded_load.py forward_gathers).
+Z3 = ["parallel.zero_stage=3", "model.logits_chunk_size=null", "dpo.precompute_ref_log_probs=true"]
+LAUNCHED = {"ddp": ("cpu_ddp.yaml", []), "z2ep2": ("cpu_zero2_ep2.yaml", EP2), "z3": ("cpu_zero3.yaml", Z3)}
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
