@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 
-from model.moe import MoEBlock, cpu_has_native_mm, cpuinfo  # noqa: E402
+from model.cpu_kernels import cpu_has_native_mm, cpuinfo  # noqa: E402
+from model.moe import MoEBlock  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
