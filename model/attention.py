@@ -177,6 +177,12 @@ class BucketLayout(DocumentLayout):
         outs.append(q.new_zeros(1, nh, D))  # what padding tokens get
         return torch.cat(outs).index_select(0, self.inverse).view(B, S, nh, D)
 
+    def outside_compiled_graphs(self) -> BucketLayout:
+        """Keep `attend` out of compiled layers (`Mixtral.compile_blocks`): the number and sizes of
+        the buckets change with every batch, and each new set would compile the layer again."""
+        self.attend = torch.compiler.disable(self.attend)
+        return self
+
 
 @dataclass
 class BatchLayout:

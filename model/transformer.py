@@ -16,6 +16,7 @@ from model.attention import (
     ATTENTION_BACKENDS,
     Attention,
     BatchLayout,
+    BucketLayout,
     KVCache,
     RMSNorm,
     batch_layout,
@@ -90,6 +91,8 @@ class Mixtral(nn.Module):
         # Attention kernel for packed / padded rows (model.attention): "auto" = "varlen" on CUDA in
         # bf16/fp16 where torch has it, else "sdpa"; "flex", "sdpa" or "mask" to choose one.
         self.attention_backend = "auto"
+        # Set by `compile_blocks`: every decoder layer runs as a compiled region.
+        self.blocks_compiled = False
         H, V = config.hidden_size, config.vocab_size
         # On the meta device (shapes only: checkpoint loading, export planning) nothing is initialised:
         # meta tensors hold no values, and nn.Embedding's own normal_ on meta imports torch._dynamo
@@ -118,8 +121,19 @@ class Mixtral(nn.Module):
             else:
                 param.normal_(0.0, std)
 
+    def compile_blocks(self, **options) -> None:
+        """Compile each decoder layer as a region of its own (`torch.compile` per layer, as torchtitan
+        does; the layers share one compiled graph). The per-batch work that needs host values
+        (`batch_layout`) and the loss stay outside, in eager; inside a layer the accelerator path has
+        no graph break. `options` go to torch.compile (e.g. backend="aot_eager")."""
+        for layer in self.layers:
+            layer.compile(**options)
+        self.blocks_compiled = True
+
     def attention_kernel(self, device: torch.device) -> str:
-        """The backend `attention_backend` resolves to for a batch on `device`."""
+        """The backend `attention_backend` resolves to for a batch on `device`: "auto" is "varlen" on
+        CUDA in half precision, "flex" on CUDA otherwise when the layers are compiled (FlexAttention
+        is fused only there), else "sdpa"."""
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"Mixtral.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.attention_backend != "auto":
@@ -127,8 +141,11 @@ class Mixtral(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
-        half = dtype in (torch.bfloat16, torch.float16)
-        return "varlen" if device.type == "cuda" and half and varlen_available() else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        if dtype in (torch.bfloat16, torch.float16) and varlen_available():
+            return "varlen"
+        return "flex" if self.blocks_compiled else "sdpa"
 
     def batch_layout(
         self,
@@ -140,8 +157,11 @@ class Mixtral(nn.Module):
         calls it, or takes one made beforehand (`layout=`). One host sync where there are
         document_ids or an attention_mask, none otherwise."""
         B, S = input_ids.shape
-        return batch_layout(B, S, input_ids.device, document_ids, attention_mask, self.config.sliding_window,
-                            self.attention_kernel(input_ids.device))
+        layout = batch_layout(B, S, input_ids.device, document_ids, attention_mask, self.config.sliding_window,
+                              self.attention_kernel(input_ids.device))
+        if self.blocks_compiled and isinstance(layout.attention, BucketLayout):
+            layout.attention.outside_compiled_graphs()
+        return layout
 
     def forward(
         self,

@@ -74,6 +74,8 @@ class DPOModelSection:
     # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
+    # Each decoder layer compiled as a region of its own (as in SFT).
+    compile: bool = False
     # Completion tokens per LM-head chunk: only labelled positions go through lm_head and no
     # [2B, S, V] logits are held; null = one LM-head call on the completion tokens of the batch.
     logits_chunk_size: int | None = 4096

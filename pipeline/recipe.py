@@ -26,6 +26,8 @@ class ModelSection:
     # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
+    # Each decoder layer compiled as a region of its own (torch.compile; Mixtral.compile_blocks).
+    compile: bool = False
     # Loss in chunks of this many tokens so [T, V] logits never exist at once (None: plain logits).
     logits_chunk_size: int | None = None
     router_aux_loss_coef: float = 0.02

@@ -162,6 +162,10 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
     from model import Mixtral, MixtralConfig
 
     m = recipe.model
+    if m.compile and recipe.parallel.zero_stage == 3:
+        # ZeRO-3 gathers and releases each module's weights in hooks that would run inside the
+        # compiled layers; untested there.
+        raise RecipeError("model.compile=true does not work with parallel.zero_stage=3; use zero_stage 2 or compile: false")
     dtype = getattr(torch, m.dtype)
     expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
     if load_base is not None:
@@ -193,6 +197,10 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
                 param.data = param.data.float()
     elif m.freeze_router:
         freeze_router(model)
+    if m.compile:
+        # After LoRA, whose layers are then compiled with the rest; a deepcopy (DPO's frozen
+        # reference) drops the compiled call and runs eager.
+        (model.get_base_model() if recipe.lora.enabled else model).compile_blocks()
     return model
 
 

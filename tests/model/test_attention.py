@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model import Mixtral, MixtralConfig
 from model.attention import (
@@ -59,25 +58,8 @@ def outputs_and_grads(attn, x, cos, sin, how, real):
     return out[real], xi.grad, [p.grad.clone() for p in attn.parameters()]
 
 
-def varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
-    """torch.nn.attention.varlen.varlen_attn as documented (it has no CPU kernel): each segment of
-    the packed [T, heads, D] tokens attends within itself; window (left, right) keys around the
-    query, (-1, 0) causal."""
-    assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
-    assert max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
-    out = torch.empty_like(query)
-    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
-        n = torch.arange(end - start)
-        allowed = n[None, :] <= n[:, None] + (window_size[1] if window_size[1] >= 0 else end)
-        if window_size[0] >= 0:
-            allowed = allowed & (n[:, None] - n[None, :] <= window_size[0])
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [heads, n, D]
-        out[start:end] = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=enable_gqa).transpose(0, 1)
-    return out
-
-
 @pytest.mark.parametrize("backend", ["sdpa", "varlen", "flex"])
-def test_each_kernel_equals_the_mask_path(attention, backend, monkeypatch):
+def test_each_kernel_equals_the_mask_path(attention, backend, request):
     cfg, attn = attention
     docs, positions = packed_batch(ROWS, 120)
     layout = layout_for(docs, backend).attention
@@ -85,9 +67,7 @@ def test_each_kernel_equals_the_mask_path(attention, backend, monkeypatch):
     if backend == "sdpa":
         assert len(layout.buckets) >= 4
     if backend == "varlen":  # no CPU kernel in torch: its documented semantics stand in for it here
-        import torch.nn.attention.varlen as varlen
-
-        monkeypatch.setattr(varlen, "varlen_attn", varlen_reference)
+        request.getfixturevalue("varlen_on_cpu")
     mask = build_attention_mask(*docs.shape, CPU, docs)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32)
     x = torch.randn(*docs.shape, cfg.hidden_size)
@@ -165,10 +145,7 @@ def test_layout_falls_back_to_the_mask_where_only_the_mask_is_exact():
     assert not is_mask(docs, sliding_window=2, backend="varlen")
 
 
-def test_sliding_window_kernels_equal_the_mask(attention, monkeypatch):
-    import torch.nn.attention.varlen as varlen
-
-    monkeypatch.setattr(varlen, "varlen_attn", varlen_reference)
+def test_sliding_window_kernels_equal_the_mask(attention, varlen_on_cpu):
     cfg, attn = attention
     docs, positions = packed_batch([[20, 9], [29]], 29)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32)
