@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from model import KVCache
 from pipeline import passkey as pk
 from pipeline import report
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
+from pipeline.passkey import greedy_generate
 from pipeline.routing import (
     RoutingStats,
     default_layers,
@@ -356,21 +356,6 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
         mean = nll_sum[source] / counts[source] if counts[source] else float("nan")
         losses[source] = {"loss": mean, "perplexity": float(torch.tensor(mean).exp()), "tokens": counts[source]}
     return losses, stats
-
-
-@torch.no_grad()
-def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: int, device: torch.device) -> list[int]:
-    """Greedy continuation with a KV cache: one forward over the prompt, then one token per step."""
-    cache = KVCache(model.config.num_hidden_layers)
-    ids = torch.tensor([input_ids], device=device)  # [1, S]
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(model(ids, kv_cache=cache).logits[0, -1].argmax())
-        if token == eos_id:
-            break
-        new.append(token)
-        ids = torch.tensor([[token]], device=device)  # [1, 1]
-    return new
 
 
 @torch.no_grad()
