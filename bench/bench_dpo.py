@@ -12,6 +12,9 @@ beta 0.1, sigmoid loss, router aux loss 0.02, AdamW, clipping at 1.0.
 - ours: `pipeline.dpo.DPOTask` in the shared `Trainer.train_step`: [chosen; rejected] in one
   forward, grouped expert LoRA, reference = the same model with the adapter disabled (one no-grad
   forward per step) or precomputed.
+- ours, dense mask: the same with `attention_backend = "mask"`: every row attends through a
+  [2B, 1, S, S] boolean mask, as the DPO collation did before document ids (issue 17); the row
+  "ours" attends per sequence (`batch_layout`; on the CPU the bucketed SDPA, on CUDA varlen).
 - peer: `trl.DPOTrainer` with `peft_config` (`target_modules` q/k/v/o, `target_parameters` on
   `mlp.experts.gate_up_proj` / `down_proj`), transformers' grouped_mm experts, TRL's reference
   (adapter disabled, or `precompute_ref_log_probs`), gradient checkpointing off and bf16 off (TRL
@@ -41,6 +44,8 @@ EOS = 2
 BETA = 0.1
 AUX = 0.02
 LR = 5e-6
+SIDES = ("peer", "ours-mask", "ours")
+NAMES = {"peer": "TRL + transformers + PEFT", "ours-mask": "ours, dense mask (before)", "ours": "ours (pipeline)"}
 
 
 def make_pairs(args) -> list[dict]:
@@ -94,6 +99,8 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
         )
     torch.manual_seed(0)
     model = Mixtral.from_pretrained(weights, dtype=torch.float32)
+    if args.side == "ours-mask":
+        model.attention_backend = "mask"
     model.requires_grad_(False)
     model = apply_lora(model, 16, 32.0, 0.0, TARGETS + ["experts"])
     reference = Reference(None)
@@ -145,7 +152,8 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
         "times": times,
         "logps_chosen": first["logps/chosen"],
         "loss": first["loss"],
-        "impl": "native grouped expert LoRA, one [chosen; rejected] forward",
+        "impl": "native grouped expert LoRA, one [chosen; rejected] forward, "
+        + ("dense [2B, 1, S, S] mask" if args.side == "ours-mask" else "attention per sequence"),
     }
 
 
@@ -247,7 +255,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     pairs = make_pairs(args)
-    run = run_ours if args.side == "ours" else run_peer
+    run = run_peer if args.side == "peer" else run_ours
     result = run(args, pairs, args.weights)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
@@ -263,7 +271,9 @@ def main() -> None:
     parser.add_argument(
         "--precompute", action="store_true", help="precomputed reference log-probs on both sides"
     )
-    parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="which to run (default: all; the ratios need peer and ours)")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -298,7 +308,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(f"{tmp}/weights")
-        for side in ("peer", "ours"):
+        for side in args.sides:
             cmd = [sys.executable, __file__, "--side", side, "--weights", f"{tmp}/weights", *shared]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -316,17 +326,17 @@ def main() -> None:
     )
     print("| side | implementation | pairs/s | s/step | peak RSS (MB) | logps/chosen, step 1 |")
     print("|---|---|---:|---:|---:|---:|")
-    for name, key in (("TRL + transformers + PEFT", "peer"), ("ours (pipeline)", "ours")):
-        r = results[key]
+    for key, r in results.items():
         print(
-            f"| {name} | {r['impl']} | {pps[key]:.3f} | {sum(r['times']) / len(r['times']):.2f} | "
+            f"| {NAMES[key]} | {r['impl']} | {pps[key]:.3f} | {sum(r['times']) / len(r['times']):.2f} | "
             f"{r['peak_rss_mb']:.0f} | {r['logps_chosen']:.2f} |"
         )
-    ours, peer = results["ours"], results["peer"]
-    print(
-        f"| **ours / TRL** | | **{pps['ours'] / pps['peer']:.2f}x** | | "
-        f"**{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x** | |"
-    )
+    for key, peer in (("peer", "TRL"), ("ours-mask", "dense mask")):
+        if "ours" in results and key in results:
+            print(
+                f"| **ours / {peer}** | | **{pps['ours'] / pps[key]:.2f}x** | | "
+                f"**{results['ours']['peak_rss_mb'] / results[key]['peak_rss_mb']:.2f}x** | |"
+            )
     print("\ntarget: pairs/s >= 2x")
 
 
