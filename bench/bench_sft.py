@@ -3,9 +3,10 @@
     python bench/bench_sft.py [--steps 3] [--threads 2] [--seq 1024] [--batch 4]
     python bench/bench_sft.py --device cuda --dtype bf16        # make bench-gpu
 
-Same model shape on both sides (hidden 512, 4 layers, 8 experts top-2, ffn 1792, 8 heads, 2 kv
-heads, vocab 32000 = MixtralConfig.preset("bench-small")), LoRA r=16 / alpha 32 on q/k/v/o and on
-the experts, the same packed SFT rows (the bundled chats prepared at --seq tokens, answer-only
+Same model shape on both sides (--preset; on the CPU "bench-small": hidden 512, 4 layers, 8
+experts top-2, ffn 1792, 8 heads, 2 kv heads, vocab 32000; on CUDA "bench-8x7b-2layers":
+Mixtral-8x7B's layers, hidden 4096, ffn 14336, 32 heads, 8 kv heads, 2 of them), LoRA r=16 /
+alpha 32 on q/k/v/o and on the experts, the same packed SFT rows (the bundled chats prepared at --seq tokens, answer-only
 labels), AdamW, router aux loss 0.02.
 
 - ours: the real pipeline step: `pipeline.sft.build_model` from the tiny recipe with the bench
@@ -42,9 +43,8 @@ stays on the CPU; each side checks the device it ended up on. The peer is cast t
 torch.cuda.max_memory_allocated (the process's tensors on the GPU) instead of RSS; MFU =
 lora_step_flops / seconds / the device's peak dense bf16 FLOP/s (see lora_step_flops and
 PEAK_BF16_TFLOPS; --peak-tflops overrides). GPU defaults: rows of 4096 tokens (the 8x7B recipe's
-max_seq_len) x batch 8 = 32k tokens a step, because the shared bench-small model does too little
-work per token to fill an H100 at the CPU bench's 4k tokens a step (launch overhead would be what
-is measured); 20 timed steps after 3 warm-ups (the first steps pay cuBLAS set-up and allocator
+max_seq_len) x batch 8 = 32k tokens a step (with 2 layers of 8x7B shape the step is short enough
+that fewer tokens would measure launch overhead); 20 timed steps after 3 warm-ups (the first steps pay cuBLAS set-up and allocator
 growth). The bundled chats give only 21 full rows of 4096 tokens, so rows are reused in turn; a
 repeated row costs the same on a GPU.
 """
@@ -72,9 +72,9 @@ RANK = 16
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100 NVL", None), ("H200 NVL", None), ("H100", 989.0), ("H200", 989.0),
 )
-DEVICE_DEFAULTS = {  # seq, batch, steps, warmup (why: module docstring)
-    "cpu": {"seq": 1024, "batch": 4, "steps": 3, "warmup": 1},
-    "cuda": {"seq": 4096, "batch": 8, "steps": 20, "warmup": 3},
+DEVICE_DEFAULTS = {  # model, seq, batch, steps, warmup (why: module docstring)
+    "cpu": {"preset": "bench-small", "seq": 1024, "batch": 4, "steps": 3, "warmup": 1},
+    "cuda": {"preset": "bench-8x7b-2layers", "seq": 4096, "batch": 8, "steps": 20, "warmup": 3},
 }
 
 
@@ -247,7 +247,7 @@ def run_ours(args, rows: list[dict]) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(str(RECIPE), [
-            "model.preset=bench-small", "lora.enabled=true", f"lora.r={RANK}", f"lora.alpha={2 * RANK}",
+            f"model.preset={args.preset}", "lora.enabled=true", f"lora.r={RANK}", f"lora.alpha={2 * RANK}",
             "lora.dropout=0.0", f"model.logits_chunk_size={args.chunk}",
             f"train.micro_batch_size={args.batch}", "train.grad_accum_steps=1",
             f"train.max_steps={args.steps + args.warmup}",
@@ -304,7 +304,7 @@ def run_peer(args, rows: list[dict]) -> dict:
     from model import MixtralConfig
     from pipeline.sft import SFTTask
 
-    cfg = HFConfig(**MixtralConfig.preset("bench-small").to_hf())
+    cfg = HFConfig(**MixtralConfig.preset(args.preset).to_hf())
     cfg.output_router_logits = True  # the aux loss is part of the objective, as on our side
     cfg.router_aux_loss_coef = 0.02
     torch.manual_seed(0)
@@ -379,6 +379,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="both sides run here")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: bf16 base weights, fp32 adapters, bf16 autocast (both sides)")
+    parser.add_argument("--preset", choices=["bench-small", "bench-8x7b-2layers"],
+                        help="model shape (default: bench-small on cpu, bench-8x7b-2layers on cuda)")
     parser.add_argument("--steps", type=int, help="timed steps per side (default: 3 cpu, 20 cuda)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 1 cpu, 3 cuda)")
     parser.add_argument("--threads", type=int, default=2)
@@ -433,7 +435,7 @@ def print_cuda_table(args, results: dict) -> None:
     from model import MixtralConfig
 
     peer, ours = results["peer"], results["ours"]
-    cfg = MixtralConfig.preset("bench-small")
+    cfg = MixtralConfig.preset(args.preset)
     name = ours["device_name"]
     peak = peak_tflops(name, args.peak_tflops)
     tps = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
@@ -480,7 +482,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--side", side, "--data", str(Path(data).resolve()),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--seq", str(args.seq),
                    "--batch", str(args.batch), "--chunk", str(args.chunk), "--device", args.device,
-                   "--dtype", args.dtype]
+                   "--dtype", args.dtype, "--preset", args.preset]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -491,7 +493,7 @@ def main() -> None:
     peer, ours = results["peer"], results["ours"]
     reused = (f"; {ours['distinct_rows']} distinct rows reused in turn"
               if ours["distinct_rows"] < (args.steps + args.warmup) * args.batch else "")
-    print(f"\nLoRA SFT step, {args.device.upper()} {args.dtype}, {args.threads} threads, batch {args.batch} x seq "
+    print(f"\nLoRA SFT step, model {args.preset}, {args.device.upper()} {args.dtype}, {args.threads} threads, batch {args.batch} x seq "
           f"{args.seq}, r={RANK} on attention + experts, {args.steps} timed steps (+{args.warmup} warm-up); "
           f"attention within packed documents on both sides{reused}; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}\n")
     if args.device == "cuda":

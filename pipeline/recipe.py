@@ -15,7 +15,7 @@ from typing import Literal
 from data_prep.config import DataConfig
 from pipeline.parallel import ParallelSection
 
-MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "mixtral-8x7b")
+MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "bench-8x7b-2layers", "mixtral-8x7b")
 
 
 @dataclass
