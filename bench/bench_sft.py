@@ -230,6 +230,16 @@ def saved_batches(task, rows: list[dict], batch: int, device) -> list[dict]:
     return [{k: v.to(device) for k, v in task.collate(rows[:n]).items()} for n in (1, max(2, batch))]
 
 
+def peaks(device: str) -> dict:
+    """Peak memory so far, MB: the process's resident memory, and on CUDA its GPU tensors."""
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def device_sync(device: str):
     """What to call before reading the clock: CUDA kernels run asynchronously."""
     import torch
@@ -286,12 +296,13 @@ def run_ours(args, rows: list[dict]) -> dict:
                 labelled += trainer.trained_tokens - labelled_before  # label tokens (count_units)
             losses.append(metrics["loss"])
         params = next(p for p in trainer.model.parameters() if not p.requires_grad)
+        peak = peaks(args.device)  # before the measuring forwards below
         with accelerator.autocast():
             saved = saved_activations(trainer.model, model.get_base_model().layers,
                                       lambda batch: task.forward(trainer.model, batch).loss_sum,
                                       saved_batches(task, rows, args.batch, params.device))
     return {"seconds": sum(times), "tokens": tokens, "labelled": labelled, "losses": losses, **saved,
-            "cpu_seconds": sum(cpu_times), "where": f"{params.device.type} {params.dtype}",
+            **peak, "cpu_seconds": sum(cpu_times), "where": f"{params.device.type} {params.dtype}",
             "impl": f"native fused expert LoRA, frozen-head CE in chunks of {args.chunk}, attention per document"}
 
 
@@ -342,6 +353,7 @@ def run_peer(args, rows: list[dict]) -> dict:
         losses.append(float(out.loss))
     impl = getattr(model.get_base_model().config, "_experts_implementation", None) or "default"
     params = next(p for p in model.parameters() if not p.requires_grad)
+    peak = peaks(args.device)  # before the measuring forwards below
     with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=bf16):
         saved = saved_activations(
             model, model.get_base_model().model.layers,
@@ -349,7 +361,7 @@ def run_peer(args, rows: list[dict]) -> dict:
                                 position_ids=batch["position_ids"], labels=batch["labels"]).loss,
             saved_batches(task, rows, args.batch, args.device))
     return {"seconds": sum(times), "tokens": tokens, "labelled": labelled, "losses": losses, **saved,
-            "where": f"{params.device.type} {params.dtype}", "cpu_seconds": sum(cpu_times),
+            **peak, "where": f"{params.device.type} {params.dtype}", "cpu_seconds": sum(cpu_times),
             "impl": f"transformers {impl} experts + PEFT target_parameters, packed causal mask (from position_ids)"}
 
 
@@ -367,9 +379,7 @@ def child(args) -> None:
     if result["where"] != expected:  # the frozen base weights must be where the bench says
         raise SystemExit(f"{args.side}: base weights are {result['where']}, the bench asked for {expected}")
     result["distinct_rows"] = distinct
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device == "cuda":
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["device_name"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(result))
 
