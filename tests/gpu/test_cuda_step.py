@@ -7,8 +7,9 @@ nowhere else (CPU tests count the same syncs with the accelerator path forced, t
   inside a layer; a whole step (layout and loss included) syncs a fixed number of times;
 - the real varlen and FlexAttention kernels, forward and backward, equal the mask path;
 - an expert that gets no rows never reaches torch._grouped_mm as an empty group, forward and backward;
-- compiled layers (inductor) train like eager, with 0 graph breaks inside a layer;
-- expert parallelism through NCCL (a group of one GPU): one sync per MoE layer, none in backward.
+- compiled layers (inductor) train like eager, with 0 graph breaks inside a layer.
+The expert-parallel dispatch over NCCL (one sync per layer) has its own test (issue 14's
+tests/gpu/test_nccl_expert_parallel.py).
 """
 
 import contextlib
@@ -16,7 +17,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from model import Mixtral, MixtralConfig
 from model.attention import build_attention_mask, rope_cos_sin, varlen_available
@@ -233,32 +233,3 @@ def test_compiled_layers_on_cuda_train_like_eager_without_graph_breaks():
     with sync_debug("error"), torch.autocast("cuda", dtype=BF16):  # compiled, still no sync in a layer
         out = model(input_ids=ids, position_ids=positions, layout=layout)
         out.logits.float().sum().backward()
-
-
-@pytest.mark.xfail(strict=True, reason="pipeline/expert_parallel.py reads the counts on the host several times "
-                   "per layer; issue 14's change makes it one sync per layer in forward, none in backward")
-def test_expert_parallel_through_nccl_syncs_once_per_layer():
-    from pipeline.expert_parallel import ExpertPlacement, install_dispatch
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=CUDA)
-    try:
-        rows = packed_rows()
-        per_layer = {}
-        for layers in (2, 4):
-            model = lora_model(layers)
-            base = base_of(model)
-            install_dispatch(model, ExpertPlacement(base.config.num_local_experts, 1, 0), dist.group.WORLD)
-            sft_step(model, rows)
-            ids, docs, positions, labels = rows
-            with counted_syncs() as forward, torch.autocast("cuda", dtype=BF16):
-                out = model(input_ids=ids, position_ids=positions, document_ids=docs, labels=labels,
-                            loss_reduction="sum", logits_chunk_size=16)
-            with counted_syncs() as backward:
-                (out.loss + 0.02 * out.aux_loss).backward()
-            assert not backward, backward
-            per_layer[layers] = len(forward) - 2  # the step's layout and loss
-        assert per_layer == {2: 2, 4: 4}, per_layer
-    finally:
-        dist.destroy_process_group()
