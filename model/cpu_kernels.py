@@ -128,7 +128,10 @@ class _ExpertMM(torch.autograd.Function):
             if n:
                 _mm_into(y[start : start + n], x_run[start : start + n], w[e].t())
             start += n
-        ctx.save_for_backward(x_run, w)
+        # x only where dW needs it (a trained w), and as given: the padded copy is made again in
+        # backward, so it is not kept alive between the passes (LoRA's A and the frozen base
+        # product read the same x and would each keep their own).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)
         ctx.counts, ctx.layout = run_counts, layout
         return y if layout is None else layout.gather(y)
 
@@ -137,8 +140,10 @@ class _ExpertMM(torch.autograd.Function):
         x, w = ctx.saved_tensors
         layout = ctx.layout
         grad = grad.contiguous() if layout is None else layout.spread(grad)  # an expanded grad is legal
+        if x is not None and layout is not None:
+            x = layout.spread(x)  # [padded N, in]
         # empty, not zeros: a zero fill of dW is a full extra pass over the expert weights' size.
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # [N, in]
+        dx = grad.new_empty(grad.shape[0], w.shape[2]) if ctx.needs_input_grad[0] else None  # [N, in]
         dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None  # [E, out, in]
         # oneDNN's native half-precision dW runs faster from a row-major g.T of weight size; for
         # rank-sized inputs (LoRA's B) the copy costs more than the product.
