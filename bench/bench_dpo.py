@@ -2,11 +2,13 @@
 
     python bench/bench_dpo.py [--steps 2] [--threads 2] [--prompt 256] [--completion 256] [--pairs 4]
     python bench/bench_dpo.py --precompute     # both sides with precomputed reference log-probs
+    python bench/bench_dpo.py --ragged         # completions of 1/4 to all of --completion tokens
 
 Same model shape on both sides (hidden 512, 4 layers, 8 experts top-2, ffn 1792, 8 heads, 2 kv
 heads, vocab 32000 = MixtralConfig.preset("bench-small")) and the same weights (ours saved with
 save_pretrained, loaded by transformers), LoRA r=16 / alpha 32 on q/k/v/o and on the experts, the
-same pairs (random token ids; prompt 256 + completion 256 tokens, the completion ending in EOS),
+same pairs (random token ids; prompt 256 + completion 256 tokens, the completion ending in EOS;
+--ragged: each completion 64-256 tokens, so most rows of a batch end in padding),
 beta 0.1, sigmoid loss, router aux loss 0.02, AdamW, clipping at 1.0.
 
 - ours: `pipeline.dpo.DPOTask` in the shared `Trainer.train_step`: [chosen; rejected] in one
@@ -58,9 +60,12 @@ def make_pairs(args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(args.pairs):
+        lengths = [args.completion] * 2
+        if args.ragged:  # from a quarter of --completion to all of it
+            lengths = torch.randint(args.completion // 4, args.completion + 1, (2,), generator=g).tolist()
         prompt, chosen, rejected = (
             torch.randint(3, 32000, (k,), generator=g).tolist()
-            for k in (args.prompt, args.completion - 1, args.completion - 1)
+            for k in (args.prompt, lengths[0] - 1, lengths[1] - 1)
         )
         rows.append({"prompt": prompt, "chosen": chosen + [EOS], "rejected": rejected + [EOS]})
     return rows
@@ -271,6 +276,7 @@ def main() -> None:
     parser.add_argument(
         "--precompute", action="store_true", help="precomputed reference log-probs on both sides"
     )
+    parser.add_argument("--ragged", action="store_true", help="completions of 1/4 to all of --completion tokens")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
                         help="which to run (default: all; the ratios need peer and ours)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -304,6 +310,7 @@ def main() -> None:
         str(args.pairs),
     ]
     shared += ["--precompute"] if args.precompute else []
+    shared += ["--ragged"] if args.ragged else []
     results = {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -320,7 +327,7 @@ def main() -> None:
     ref = "precomputed" if args.precompute else "adapter disabled, on the fly"
     print(
         f"\nLoRA DPO step, CPU fp32, {args.threads} threads, {args.pairs} pairs x (prompt {args.prompt} + "
-        f"completion {args.completion}), r=16 on attention + experts, reference {ref}, "
+        f"completion {f'{args.completion // 4}-' if args.ragged else ''}{args.completion}), r=16 on attention + experts, reference {ref}, "
         f"{args.steps} timed steps (+1 warm-up); 1-min load average {load_before:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after (the machine is shared: compare runs at similar load)\n"
     )
