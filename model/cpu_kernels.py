@@ -292,10 +292,21 @@ def expert_lora_mm(
     w: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    counts: list[int],
+    tokens_per_expert: torch.Tensor,
     scaling: float,
     blocks: int,
 ) -> torch.Tensor:
     """x @ w[e].T + scaling * x_lora @ A[e].T @ B[e].T per expert's rows (B block-diagonal when
     blocks = 2): [N, in] -> [N, out]."""
-    return _ExpertLoraMM.apply(x, x_lora, w, lora_a, lora_b, counts, scaling, blocks)
+    return _ExpertLoraMM.apply(x, x_lora, w, lora_a, lora_b, tokens_per_expert.tolist(), scaling, blocks)
+
+
+def keep_out_of_compiled_graphs() -> None:
+    """Make torch.compile run this module's kernels as they are, between graphs
+    (`Mixtral.compile_blocks` calls it): they loop over the experts in Python on counts read from
+    the tensors, so traced they would split into many graphs and compile again for every routing.
+    Done on request, not at import: `torch.compiler.disable` imports torch._dynamo (~1 s)."""
+    module = globals()
+    for name in ("expert_mm", "swiglu", "expert_lora_mm"):
+        if not hasattr(module[name], "__wrapped__"):
+            module[name] = torch.compiler.disable(module[name])

@@ -246,11 +246,10 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         """`_products` for one adapter through the CPU's one-pass kernel (same math: tests compare
         both with a dense reference)."""
         gate_up_w, down_w, gate_up_a, gate_up_b, down_a, down_b = self._weights(adapter)
-        counts = tokens_per_expert.tolist()
         scaling, dropout = self.scaling[adapter], self.lora_dropout[adapter]
-        gate_up = cpu_kernels.expert_lora_mm(x, dropout(x), gate_up_w, gate_up_a, gate_up_b, counts, scaling, 2)
+        gate_up = cpu_kernels.expert_lora_mm(x, dropout(x), gate_up_w, gate_up_a, gate_up_b, tokens_per_expert, scaling, 2)
         h = swiglu(gate_up)  # [N, F]
-        return cpu_kernels.expert_lora_mm(h, dropout(h), down_w, down_a, down_b, counts, scaling, 1)  # [N, H]
+        return cpu_kernels.expert_lora_mm(h, dropout(h), down_w, down_a, down_b, tokens_per_expert, scaling, 1)  # [N, H]
 
     def get_delta_weight(self, adapter: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (delta gate_up_proj[expert] [2F, H], delta down_proj[expert] [H, F]) of one adapter."""

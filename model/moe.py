@@ -39,6 +39,8 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if x.device.type not in ("cpu", "cuda"):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch.compile traces it with a meta kernel that takes bf16 only (torch 2.13)
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     itemsize = x.element_size()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model import cpu_kernels
 from model.attention import (
     ATTENTION_BACKENDS,
     Attention,
@@ -126,6 +127,7 @@ class Mixtral(nn.Module):
         does; the layers share one compiled graph). The per-batch work that needs host values
         (`batch_layout`) and the loss stay outside, in eager; inside a layer the accelerator path has
         no graph break. `options` go to torch.compile (e.g. backend="aot_eager")."""
+        cpu_kernels.keep_out_of_compiled_graphs()
         for layer in self.layers:
             layer.compile(**options)
         self.blocks_compiled = True
