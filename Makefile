@@ -30,7 +30,7 @@ help:
 	@echo "make bench-moe | bench-data | bench-sft | bench-dpo   benchmarks against the reference libraries"
 	@echo "make bench-plan   the plan's predicted peak memory vs the measured one (CPU runs)"
 	@echo "make bench-zero3  host memory per process of a launched ZeRO-3 SFT run vs the checkpoint's size"
-	@echo "make bench-gpu  MoE block (bf16, fp32) and LoRA SFT step (bf16) on CUDA; exits 2 without a GPU"
+	@echo "make bench-gpu  CUDA tests, then MoE block, LoRA SFT step and whole-8x7B step at 8x7B shapes; exits 2 without a GPU"
 	@echo "Options: RECIPE=path.yaml CONFIG=accelerate.yaml ARGS='key=value ...' TORCH_SPEC='torch==X'"
 
 install: $(INSTALL_STAMP)
@@ -105,15 +105,21 @@ bench-plan: install
 bench-zero3: install
 	$(PY) bench/bench_zero3_memory.py $(ARGS)
 
-# On a GPU machine: both scripts check for CUDA first (exit 2, "no CUDA device: ..."), so the first
-# one stops make at once on a CPU host. Other options: the scripts' --help. A host whose python3
+# On a GPU machine, one command (~6 min on an H200): the CUDA tests (tests/gpu: a training step
+# under torch.cuda.set_sync_debug_mode, the varlen / Flex kernels, empty expert groups, compiled
+# layers), then the benchmarks at Mixtral-8x7B's shapes: the MoE block (bf16, vs transformers and
+# dense), the LoRA SFT step with 2 layers of 8x7B shape (tokens/s, MFU, memory, saved activations),
+# and one LoRA step of the whole Mixtral-8x7B with random weights at 4096 tokens (GPUs of >= 120 GB).
+# A failing test does not stop the benchmarks; the scripts exit 2 without CUDA. A host whose python3
 # already holds CUDA torch, transformers, peft and accelerate but not mistral-common (the lent GPU
 # machines): prepare the rows elsewhere with `python -m pipeline.prep recipes/tiny/sft.yaml
 # data.output_dir=DIR data.max_seq_len=4096`, bring DIR, then
 #   make bench-gpu PY=python3 INSTALL_STAMP= SFT_DATA=DIR
 bench-gpu: install
+	-timeout 300 $(PY) -m pytest -m cuda tests/gpu -q -p no:cacheprovider
 	$(PY) bench/bench_moe.py --device cuda
 	$(PY) bench/bench_sft.py --device cuda --dtype bf16 $(if $(SFT_DATA),--data $(SFT_DATA))
+	$(PY) bench/bench_8x7b.py $(if $(SFT_DATA),--data $(SFT_DATA))
 
 clean:
 	rm -rf outputs wandb .pytest_cache

@@ -2,16 +2,21 @@
 
     python bench/bench_dpo.py [--steps 2] [--threads 2] [--prompt 256] [--completion 256] [--pairs 4]
     python bench/bench_dpo.py --precompute     # both sides with precomputed reference log-probs
+    python bench/bench_dpo.py --ragged         # completions of 1/4 to all of --completion tokens
 
 Same model shape on both sides (hidden 512, 4 layers, 8 experts top-2, ffn 1792, 8 heads, 2 kv
 heads, vocab 32000 = MixtralConfig.preset("bench-small")) and the same weights (ours saved with
 save_pretrained, loaded by transformers), LoRA r=16 / alpha 32 on q/k/v/o and on the experts, the
-same pairs (random token ids; prompt 256 + completion 256 tokens, the completion ending in EOS),
+same pairs (random token ids; prompt 256 + completion 256 tokens, the completion ending in EOS;
+--ragged: each completion 64-256 tokens, so most rows of a batch end in padding),
 beta 0.1, sigmoid loss, router aux loss 0.02, AdamW, clipping at 1.0.
 
 - ours: `pipeline.dpo.DPOTask` in the shared `Trainer.train_step`: [chosen; rejected] in one
   forward, grouped expert LoRA, reference = the same model with the adapter disabled (one no-grad
   forward per step) or precomputed.
+- ours, dense mask: the same with `attention_backend = "mask"`: every row attends through a
+  [2B, 1, S, S] boolean mask, as the DPO collation did before document ids (issue 17); the row
+  "ours" attends per sequence (`batch_layout`; on the CPU the bucketed SDPA, on CUDA varlen).
 - peer: `trl.DPOTrainer` with `peft_config` (`target_modules` q/k/v/o, `target_parameters` on
   `mlp.experts.gate_up_proj` / `down_proj`), transformers' grouped_mm experts, TRL's reference
   (adapter disabled, or `precompute_ref_log_probs`), gradient checkpointing off and bf16 off (TRL
@@ -41,6 +46,8 @@ EOS = 2
 BETA = 0.1
 AUX = 0.02
 LR = 5e-6
+SIDES = ("peer", "ours-mask", "ours")
+NAMES = {"peer": "TRL + transformers + PEFT", "ours-mask": "ours, dense mask (before)", "ours": "ours (pipeline)"}
 
 
 def make_pairs(args) -> list[dict]:
@@ -53,9 +60,12 @@ def make_pairs(args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(args.pairs):
+        lengths = [args.completion] * 2
+        if args.ragged:  # from a quarter of --completion to all of it
+            lengths = torch.randint(args.completion // 4, args.completion + 1, (2,), generator=g).tolist()
         prompt, chosen, rejected = (
             torch.randint(3, 32000, (k,), generator=g).tolist()
-            for k in (args.prompt, args.completion - 1, args.completion - 1)
+            for k in (args.prompt, lengths[0] - 1, lengths[1] - 1)
         )
         rows.append({"prompt": prompt, "chosen": chosen + [EOS], "rejected": rejected + [EOS]})
     return rows
@@ -94,6 +104,8 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
         )
     torch.manual_seed(0)
     model = Mixtral.from_pretrained(weights, dtype=torch.float32)
+    if args.side == "ours-mask":
+        model.attention_backend = "mask"
     model.requires_grad_(False)
     model = apply_lora(model, 16, 32.0, 0.0, TARGETS + ["experts"])
     reference = Reference(None)
@@ -145,7 +157,8 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
         "times": times,
         "logps_chosen": first["logps/chosen"],
         "loss": first["loss"],
-        "impl": "native grouped expert LoRA, one [chosen; rejected] forward",
+        "impl": "native grouped expert LoRA, one [chosen; rejected] forward, "
+        + ("dense [2B, 1, S, S] mask" if args.side == "ours-mask" else "attention per sequence"),
     }
 
 
@@ -247,7 +260,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     pairs = make_pairs(args)
-    run = run_ours if args.side == "ours" else run_peer
+    run = run_peer if args.side == "peer" else run_ours
     result = run(args, pairs, args.weights)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
@@ -263,7 +276,10 @@ def main() -> None:
     parser.add_argument(
         "--precompute", action="store_true", help="precomputed reference log-probs on both sides"
     )
-    parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--ragged", action="store_true", help="completions of 1/4 to all of --completion tokens")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="which to run (default: all; the ratios need peer and ours)")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -294,11 +310,12 @@ def main() -> None:
         str(args.pairs),
     ]
     shared += ["--precompute"] if args.precompute else []
+    shared += ["--ragged"] if args.ragged else []
     results = {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(f"{tmp}/weights")
-        for side in ("peer", "ours"):
+        for side in args.sides:
             cmd = [sys.executable, __file__, "--side", side, "--weights", f"{tmp}/weights", *shared]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -310,23 +327,23 @@ def main() -> None:
     ref = "precomputed" if args.precompute else "adapter disabled, on the fly"
     print(
         f"\nLoRA DPO step, CPU fp32, {args.threads} threads, {args.pairs} pairs x (prompt {args.prompt} + "
-        f"completion {args.completion}), r=16 on attention + experts, reference {ref}, "
+        f"completion {f'{args.completion // 4}-' if args.ragged else ''}{args.completion}), r=16 on attention + experts, reference {ref}, "
         f"{args.steps} timed steps (+1 warm-up); 1-min load average {load_before:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after (the machine is shared: compare runs at similar load)\n"
     )
     print("| side | implementation | pairs/s | s/step | peak RSS (MB) | logps/chosen, step 1 |")
     print("|---|---|---:|---:|---:|---:|")
-    for name, key in (("TRL + transformers + PEFT", "peer"), ("ours (pipeline)", "ours")):
-        r = results[key]
+    for key, r in results.items():
         print(
-            f"| {name} | {r['impl']} | {pps[key]:.3f} | {sum(r['times']) / len(r['times']):.2f} | "
+            f"| {NAMES[key]} | {r['impl']} | {pps[key]:.3f} | {sum(r['times']) / len(r['times']):.2f} | "
             f"{r['peak_rss_mb']:.0f} | {r['logps_chosen']:.2f} |"
         )
-    ours, peer = results["ours"], results["peer"]
-    print(
-        f"| **ours / TRL** | | **{pps['ours'] / pps['peer']:.2f}x** | | "
-        f"**{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x** | |"
-    )
+    for key, peer in (("peer", "TRL"), ("ours-mask", "dense mask")):
+        if "ours" in results and key in results:
+            print(
+                f"| **ours / {peer}** | | **{pps['ours'] / pps[key]:.2f}x** | | "
+                f"**{results['ours']['peak_rss_mb'] / results[key]['peak_rss_mb']:.2f}x** | |"
+            )
     print("\ntarget: pairs/s >= 2x")
 
 

@@ -4,7 +4,7 @@
                                                      # only, on CPUs without native bf16 instructions)
     .venv/bin/python bench/bench_moe.py --dtypes fp32 bf16 --tokens 2048 128 --repeats 5
     .venv/bin/python bench/bench_moe.py --threads 1 --tokens 128 --dtypes fp32   # quick comparison
-    .venv/bin/python bench/bench_moe.py --device cuda     # make bench-gpu: bf16 and fp32 at 16384/2048/128
+    .venv/bin/python bench/bench_moe.py --device cuda     # make bench-gpu: 8x7B shapes, bf16, 16384/4096 tokens
 
 Same weights and inputs for every implementation. GFLOP/s counts the expert GEMMs only:
 6*H*F flops per routed row forward, x3 for forward+backward. The dense ceiling is one
@@ -13,8 +13,8 @@ than the best transformers implementation and >= 90% of the dense rate; at 128 t
 transformers' grouped_mm.
 
 --device cuda: modules and tensors on the GPU, torch.cuda.synchronize() before and after each timed
-call (kernels run asynchronously), 20 repeats after 3 warm-ups by default, bf16 at every token
-count, and a column with each implementation's peak memory over one call above what was already
+call (kernels run asynchronously), 20 repeats after 3 warm-ups by default, Mixtral-8x7B's shapes
+(H 4096, F 14336) in bf16 at 16384 and 4096 tokens by default, and a column with each implementation's peak memory over one call above what was already
 allocated (torch.cuda.max_memory_allocated after reset_peak_memory_stats): activations, saved
 tensors and gradients, not the resident weights and inputs every implementation shares.
 An implementation that raises on the device (e.g. a grouped kernel without fp32 support) gets a
@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 
-from model.moe import MoEBlock, cpu_has_native_mm, cpuinfo  # noqa: E402
+from model.cpu_kernels import cpu_has_native_mm, cpuinfo  # noqa: E402
+from model.moe import MoEBlock  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -189,14 +190,14 @@ def main() -> None:
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--tokens", type=int, nargs="+", default=None,
-                        help="default: 2048 128 on cpu, 16384 2048 128 on cuda")
+                        help="default: 2048 128 on cpu, 16384 4096 on cuda")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
-                        help="default: fp32 bf16 on cpu, bf16 fp32 on cuda (the GPU's main case first)")
+                        help="default: fp32 bf16 on cpu, bf16 on cuda")
     parser.add_argument("--repeats", type=int, default=None, help="default: 5 on cpu, 20 on cuda")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation "
                         "(default: 1 on cpu, 3 on cuda)")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ffn", type=int, default=3584)
+    parser.add_argument("--hidden", type=int, default=None, help="default: 1024 on cpu, 4096 (8x7B) on cuda")
+    parser.add_argument("--ffn", type=int, default=None, help="default: 3584 on cpu, 14336 (8x7B) on cuda")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument(
@@ -212,8 +213,10 @@ def main() -> None:
     cuda = args.device == "cuda"
     if cuda:
         require_cuda()
-    tokens_list = args.tokens or ([16384, 2048, 128] if cuda else [2048, 128])
-    dtype_names = args.dtypes or (["bf16", "fp32"] if cuda else ["fp32", "bf16"])
+    tokens_list = args.tokens or ([16384, 4096] if cuda else [2048, 128])
+    dtype_names = args.dtypes or (["bf16"] if cuda else ["fp32", "bf16"])
+    args.hidden = args.hidden or (4096 if cuda else 1024)
+    args.ffn = args.ffn or (14336 if cuda else 3584)
     repeats = args.repeats or (20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if args.threads:

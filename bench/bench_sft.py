@@ -3,9 +3,10 @@
     python bench/bench_sft.py [--steps 3] [--threads 2] [--seq 1024] [--batch 4]
     python bench/bench_sft.py --device cuda --dtype bf16        # make bench-gpu
 
-Same model shape on both sides (hidden 512, 4 layers, 8 experts top-2, ffn 1792, 8 heads, 2 kv
-heads, vocab 32000 = MixtralConfig.preset("bench-small")), LoRA r=16 / alpha 32 on q/k/v/o and on
-the experts, the same packed SFT rows (the bundled chats prepared at --seq tokens, answer-only
+Same model shape on both sides (--preset; on the CPU "bench-small": hidden 512, 4 layers, 8
+experts top-2, ffn 1792, 8 heads, 2 kv heads, vocab 32000; on CUDA "bench-8x7b-2layers":
+Mixtral-8x7B's layers, hidden 4096, ffn 14336, 32 heads, 8 kv heads, 2 of them), LoRA r=16 /
+alpha 32 on q/k/v/o and on the experts, the same packed SFT rows (the bundled chats prepared at --seq tokens, answer-only
 labels), AdamW, router aux loss 0.02.
 
 - ours: the real pipeline step: `pipeline.sft.build_model` from the tiny recipe with the bench
@@ -20,6 +21,15 @@ Each side runs in its own subprocess (so neither pollutes the other's peak memor
 is the process's ru_maxrss (weights, activations, optimizer and the Python/torch runtime alike).
 The first --warmup steps (1 on CPU) are not timed.
 
+Saved for backward: after the timed steps each side runs two more forwards with labels (one row,
+then the step's rows) under `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor
+autograd keeps for backward (ops and custom Functions' save_for_backward alike), and counts the
+distinct storages that are not parameters, in bytes. Inside the decoder layers: "KB per token per
+layer" is the growth from the one row to the batch per token (the activations), "MB per layer" the
+part that does not grow with tokens (PEFT's `target_parameters` builds W + delta-W for every
+expert in each forward and keeps it for backward). "Whole forward" adds embedding, final norm, LM
+head and loss, per token of the larger batch.
+
 Device and dtype (`--device`, `--dtype`) are the same for both sides. Ours gets them the way a real
 run does: the recipe (`model.dtype` = bfloat16 and `train.mixed_precision` = bf16 for `--dtype
 bf16`: bf16 base, fp32 adapters, bf16 autocast, as recipes/mixtral-8x7b/sft_lora.yaml) and
@@ -33,9 +43,8 @@ stays on the CPU; each side checks the device it ended up on. The peer is cast t
 torch.cuda.max_memory_allocated (the process's tensors on the GPU) instead of RSS; MFU =
 lora_step_flops / seconds / the device's peak dense bf16 FLOP/s (see lora_step_flops and
 PEAK_BF16_TFLOPS; --peak-tflops overrides). GPU defaults: rows of 4096 tokens (the 8x7B recipe's
-max_seq_len) x batch 8 = 32k tokens a step, because the shared bench-small model does too little
-work per token to fill an H100 at the CPU bench's 4k tokens a step (launch overhead would be what
-is measured); 20 timed steps after 3 warm-ups (the first steps pay cuBLAS set-up and allocator
+max_seq_len) x batch 8 = 32k tokens a step (with 2 layers of 8x7B shape the step is short enough
+that fewer tokens would measure launch overhead); 20 timed steps after 3 warm-ups (the first steps pay cuBLAS set-up and allocator
 growth). The bundled chats give only 21 full rows of 4096 tokens, so rows are reused in turn; a
 repeated row costs the same on a GPU.
 """
@@ -63,9 +72,9 @@ RANK = 16
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100 NVL", None), ("H200 NVL", None), ("H100", 989.0), ("H200", 989.0),
 )
-DEVICE_DEFAULTS = {  # seq, batch, steps, warmup (why: module docstring)
-    "cpu": {"seq": 1024, "batch": 4, "steps": 3, "warmup": 1},
-    "cuda": {"seq": 4096, "batch": 8, "steps": 20, "warmup": 3},
+DEVICE_DEFAULTS = {  # model, seq, batch, steps, warmup (why: module docstring)
+    "cpu": {"preset": "bench-small", "seq": 1024, "batch": 4, "steps": 3, "warmup": 1},
+    "cuda": {"preset": "bench-8x7b-2layers", "seq": 4096, "batch": 8, "steps": 20, "warmup": 3},
 }
 
 
@@ -157,6 +166,80 @@ def peak_tflops(device_name: str, override: float | None) -> float | None:
     return next((tf for key, tf in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
+class SavedForBackward:
+    """Bytes of the tensor storages autograd keeps for backward during `with` (parameters left
+    out), all of them and those saved inside the given layers' forwards."""
+
+    def __init__(self, model, layers):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.layers, self.inside = list(layers), 0
+        self.all: dict[int, int] = {}  # storage address -> bytes
+        self.in_layers: dict[int, int] = {}
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        address = storage.data_ptr()
+        if address and address not in self.params:
+            self.all[address] = storage.nbytes()
+            if self.inside:
+                self.in_layers[address] = storage.nbytes()
+        return tensor
+
+    def _enter(self, *args):
+        self.inside += 1
+
+    def _leave(self, *args):
+        self.inside -= 1
+
+    def __enter__(self):
+        import torch
+
+        self._handles = [h for layer in self.layers for h in (layer.register_forward_pre_hook(self._enter),
+                                                             layer.register_forward_hook(self._leave))]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+
+
+def saved_activations(model, layers, forward, batches: list[dict]) -> dict:
+    """What one forward with labels (`forward(batch)`, grad on) saves for backward, measured on two
+    batches of different token counts: per token per layer the slope between them (activations
+    grow with tokens), per layer the rest (tensors of fixed size, such as PEFT's W + delta-W), and
+    the whole forward's bytes per token on the larger batch."""
+    layer_bytes, all_bytes, tokens = [], [], []
+    for batch in batches:
+        with SavedForBackward(model, layers) as saved:
+            loss = forward(batch)
+        del loss  # frees the graph and what it saved
+        layer_bytes.append(sum(saved.in_layers.values()))
+        all_bytes.append(sum(saved.all.values()))
+        tokens.append(int(batch["attention_mask"].sum()))
+    per_token = (layer_bytes[1] - layer_bytes[0]) / (tokens[1] - tokens[0])
+    return {"saved_layer_bytes_per_token_layer": per_token / len(layers),
+            "saved_fixed_bytes_per_layer": (layer_bytes[0] - per_token * tokens[0]) / len(layers),
+            "saved_bytes_per_token": all_bytes[1] / tokens[1]}
+
+
+def saved_batches(task, rows: list[dict], batch: int, device) -> list[dict]:
+    """One row, then `batch` rows (at least 2): the two token counts of `saved_activations`."""
+    return [{k: v.to(device) for k, v in task.collate(rows[:n]).items()} for n in (1, max(2, batch))]
+
+
+def peaks(device: str) -> dict:
+    """Peak memory so far, MB: the process's resident memory, and on CUDA its GPU tensors."""
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def device_sync(device: str):
     """What to call before reading the clock: CUDA kernels run asynchronously."""
     import torch
@@ -174,7 +257,7 @@ def run_ours(args, rows: list[dict]) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(str(RECIPE), [
-            "model.preset=bench-small", "lora.enabled=true", f"lora.r={RANK}", f"lora.alpha={2 * RANK}",
+            f"model.preset={args.preset}", "lora.enabled=true", f"lora.r={RANK}", f"lora.alpha={2 * RANK}",
             "lora.dropout=0.0", f"model.logits_chunk_size={args.chunk}",
             f"train.micro_batch_size={args.batch}", "train.grad_accum_steps=1",
             f"train.max_steps={args.steps + args.warmup}",
@@ -213,8 +296,13 @@ def run_ours(args, rows: list[dict]) -> dict:
                 labelled += trainer.trained_tokens - labelled_before  # label tokens (count_units)
             losses.append(metrics["loss"])
         params = next(p for p in trainer.model.parameters() if not p.requires_grad)
-    return {"seconds": sum(times), "tokens": tokens, "labelled": labelled, "losses": losses,
-            "cpu_seconds": sum(cpu_times), "where": f"{params.device.type} {params.dtype}",
+        peak = peaks(args.device)  # before the measuring forwards below
+        with accelerator.autocast():
+            saved = saved_activations(trainer.model, model.get_base_model().layers,
+                                      lambda batch: task.forward(trainer.model, batch).loss_sum,
+                                      saved_batches(task, rows, args.batch, params.device))
+    return {"seconds": sum(times), "tokens": tokens, "labelled": labelled, "losses": losses, **saved,
+            **peak, "cpu_seconds": sum(cpu_times), "where": f"{params.device.type} {params.dtype}",
             "impl": f"native fused expert LoRA, frozen-head CE in chunks of {args.chunk}, attention per document"}
 
 
@@ -227,7 +315,7 @@ def run_peer(args, rows: list[dict]) -> dict:
     from model import MixtralConfig
     from pipeline.sft import SFTTask
 
-    cfg = HFConfig(**MixtralConfig.preset("bench-small").to_hf())
+    cfg = HFConfig(**MixtralConfig.preset(args.preset).to_hf())
     cfg.output_router_logits = True  # the aux loss is part of the objective, as on our side
     cfg.router_aux_loss_coef = 0.02
     torch.manual_seed(0)
@@ -265,8 +353,15 @@ def run_peer(args, rows: list[dict]) -> dict:
         losses.append(float(out.loss))
     impl = getattr(model.get_base_model().config, "_experts_implementation", None) or "default"
     params = next(p for p in model.parameters() if not p.requires_grad)
-    return {"seconds": sum(times), "tokens": tokens, "labelled": labelled, "losses": losses,
-            "where": f"{params.device.type} {params.dtype}", "cpu_seconds": sum(cpu_times),
+    peak = peaks(args.device)  # before the measuring forwards below
+    with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=bf16):
+        saved = saved_activations(
+            model, model.get_base_model().model.layers,
+            lambda batch: model(input_ids=batch["input_ids"], attention_mask=None,
+                                position_ids=batch["position_ids"], labels=batch["labels"]).loss,
+            saved_batches(task, rows, args.batch, args.device))
+    return {"seconds": sum(times), "tokens": tokens, "labelled": labelled, "losses": losses, **saved,
+            **peak, "where": f"{params.device.type} {params.dtype}", "cpu_seconds": sum(cpu_times),
             "impl": f"transformers {impl} experts + PEFT target_parameters, packed causal mask (from position_ids)"}
 
 
@@ -284,9 +379,7 @@ def child(args) -> None:
     if result["where"] != expected:  # the frozen base weights must be where the bench says
         raise SystemExit(f"{args.side}: base weights are {result['where']}, the bench asked for {expected}")
     result["distinct_rows"] = distinct
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.device == "cuda":
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["device_name"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(result))
 
@@ -296,6 +389,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="both sides run here")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: bf16 base weights, fp32 adapters, bf16 autocast (both sides)")
+    parser.add_argument("--preset", choices=["bench-small", "bench-8x7b-2layers"],
+                        help="model shape (default: bench-small on cpu, bench-8x7b-2layers on cuda)")
     parser.add_argument("--steps", type=int, help="timed steps per side (default: 3 cpu, 20 cuda)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 1 cpu, 3 cuda)")
     parser.add_argument("--threads", type=int, default=2)
@@ -320,21 +415,37 @@ def print_cpu_table(args, results: dict) -> None:
     # CPU seconds of the process: less sensitive than wall time to other jobs on a shared machine
     # (a busy machine stretches wall time, not the work done), reported beside it.
     cpu_tps = {k: r["tokens"] / r["cpu_seconds"] for k, r in results.items()}
-    print("| side | implementation | tokens/s (wall) | s/step | tokens/CPU-s | peak RSS (MB) | load avg (1 min, after) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| side | implementation | tokens/s (wall) | s/step | tokens/CPU-s | peak RSS (MB) | "
+          "saved for backward: KB per token per layer | + MB per layer | whole forward, KB per token | "
+          "load avg (1 min, after) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, key in (("transformers + PEFT", "peer"), ("ours (pipeline)", "ours")):
         r = results[key]
         print(f"| {name} | {r['impl']} | {tps[key]:.0f} | {r['seconds'] / args.steps:.2f} | {cpu_tps[key]:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['load']:.2f} |")
+              f"{r['peak_rss_mb']:.0f} | {kb(r, 'saved_layer_bytes_per_token_layer')} | {mb(r)} | "
+              f"{kb(r, 'saved_bytes_per_token')} | {r['load']:.2f} |")
     print(f"| **ours / peer** | | **{tps['ours'] / tps['peer']:.2f}x** | | **{cpu_tps['ours'] / cpu_tps['peer']:.2f}x** | "
-          f"**{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x** | |")
+          f"**{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x** | {saved_ratio(results, 'saved_layer_bytes_per_token_layer')} | "
+          f"| {saved_ratio(results, 'saved_bytes_per_token')} | |")
+
+
+def kb(result: dict, key: str) -> str:
+    return f"{result[key] / 1024:.1f}"
+
+
+def mb(result: dict) -> str:
+    return f"{result['saved_fixed_bytes_per_layer'] / 2**20:.1f}"
+
+
+def saved_ratio(results: dict, key: str) -> str:
+    return f"**{results['ours'][key] / results['peer'][key]:.2f}x**"
 
 
 def print_cuda_table(args, results: dict) -> None:
     from model import MixtralConfig
 
     peer, ours = results["peer"], results["ours"]
-    cfg = MixtralConfig.preset("bench-small")
+    cfg = MixtralConfig.preset(args.preset)
     name = ours["device_name"]
     peak = peak_tflops(name, args.peak_tflops)
     tps = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
@@ -343,14 +454,17 @@ def print_cuda_table(args, results: dict) -> None:
     mfu = {k: f"{100 * f / (peak * 1e12):.1f}%" if peak else "n/a" for k, f in flops.items()}
     print(f"device: {name}; MFU = lora_step_flops / s / "
           + (f"{peak:.0f} TFLOP/s (peak dense bf16)" if peak else "? (unknown device: pass --peak-tflops)"))
-    print("| side | implementation | tokens/s | s/step | TFLOP/s (needed) | MFU | peak GPU memory (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| side | implementation | tokens/s | s/step | TFLOP/s (needed) | MFU | peak GPU memory (MB) | "
+          "saved for backward: KB per token per layer | + MB per layer | whole forward, KB per token |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, key in (("transformers + PEFT", "peer"), ("ours (pipeline)", "ours")):
         r = results[key]
         print(f"| {label} | {r['impl']} | {tps[key]:.0f} | {r['seconds'] / args.steps:.4f} | "
-              f"{flops[key] / 1e12:.1f} | {mfu[key]} | {r['peak_gpu_mb']:.0f} |")
+              f"{flops[key] / 1e12:.1f} | {mfu[key]} | {r['peak_gpu_mb']:.0f} | "
+              f"{kb(r, 'saved_layer_bytes_per_token_layer')} | {mb(r)} | {kb(r, 'saved_bytes_per_token')} |")
     print(f"| **ours / peer** | | **{tps['ours'] / tps['peer']:.2f}x** | | | | "
-          f"**{ours['peak_gpu_mb'] / peer['peak_gpu_mb']:.2f}x** |")
+          f"**{ours['peak_gpu_mb'] / peer['peak_gpu_mb']:.2f}x** | "
+          f"{saved_ratio(results, 'saved_layer_bytes_per_token_layer')} | | {saved_ratio(results, 'saved_bytes_per_token')} |")
 
 
 def main() -> None:
@@ -378,7 +492,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--side", side, "--data", str(Path(data).resolve()),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--seq", str(args.seq),
                    "--batch", str(args.batch), "--chunk", str(args.chunk), "--device", args.device,
-                   "--dtype", args.dtype]
+                   "--dtype", args.dtype, "--preset", args.preset]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -389,7 +503,7 @@ def main() -> None:
     peer, ours = results["peer"], results["ours"]
     reused = (f"; {ours['distinct_rows']} distinct rows reused in turn"
               if ours["distinct_rows"] < (args.steps + args.warmup) * args.batch else "")
-    print(f"\nLoRA SFT step, {args.device.upper()} {args.dtype}, {args.threads} threads, batch {args.batch} x seq "
+    print(f"\nLoRA SFT step, model {args.preset}, {args.device.upper()} {args.dtype}, {args.threads} threads, batch {args.batch} x seq "
           f"{args.seq}, r={RANK} on attention + experts, {args.steps} timed steps (+{args.warmup} warm-up); "
           f"attention within packed documents on both sides{reused}; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}\n")
     if args.device == "cuda":

@@ -138,6 +138,8 @@ class MixtralConfig:
                 rope_theta=10000.0,
                 torch_dtype="float32",
             ),
+            # Mixtral-8x7B's layer shapes with 2 layers (3.2B parameters): make bench-gpu.
+            "bench-8x7b-2layers": dict(num_hidden_layers=2),
             "bench-small": dict(
                 hidden_size=512,
                 intermediate_size=1792,

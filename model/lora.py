@@ -6,9 +6,9 @@ cannot target; `ExpertLoraLayer` is the custom LoRA layer PEFT swaps in for `Mix
 keeps per-expert A/B as stacked tensors and applies them with `grouped_mm` to the routed rows only,
 so no full-size delta weight is ever built in the forward pass. The adapter weights stay fp32 over
 a bf16 base (PEFT's autocast_adapter_dtype); under autocast the LoRA products run in autocast's
-dtype (the small adapter weights are cast, not the [N, 2F] activations: on a bf16 base with AMX
-the expert layer's fwd+bwd at 8192 rows, H 512, F 1792, r 16 took 319 vs 431 ms, a whole bf16
-model step 2.60 vs 3.12 s), outside it in fp32.
+dtype (the small adapter weights are cast, not the [N, 2F] activations, as PEFT's LoRA layers on
+the attention do), outside it in fp32. On the CPU's default path the base and LoRA products of an
+expert run in one pass (model/cpu_kernels.py `expert_lora_mm`).
 
 Registration: importing this module makes every `LoraConfig` (also the ones PEFT builds itself
 from an adapter_config.json) map `MixtralExperts` to `ExpertLoraLayer`. So
@@ -46,7 +46,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from model.moe import MixtralExperts, grouped_mm, swiglu
+from model import cpu_kernels
+from model.moe import MixtralExperts, grouped_mm, pad_expert_groups, swiglu, uses_grouped_kernel
 
 EXPERTS_TARGET = "experts"
 ROUTER_NAME = "gate"
@@ -210,64 +211,45 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         active = [a for a in self.active_adapters if a in self.lora_gate_up_A]
         if self.merged or not active:
             return self.base_layer(x, tokens_per_expert)
-        if len(active) == 1 and self._fused_path_applies(active[0], x):
-            return self._fused_forward(active[0], x, tokens_per_expert)
+        base = self.get_base_layer()
+        if len(active) == 1 and cpu_kernels.expert_lora_applies(x, self._weights(active[0]), self.use_grouped_mm):
+            return self._cpu_forward(active[0], x, tokens_per_expert)
+        if uses_grouped_kernel(x, base.gate_up_proj, self.use_grouped_mm):
+            x_padded, padded_counts, rows = pad_expert_groups(x, tokens_per_expert)
+            return self._products(active, x_padded, padded_counts).index_select(0, rows)
+        return self._products(active, x, tokens_per_expert)
 
+    def _products(self, active: list[str], x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Base SwiGLU experts plus every active adapter's deltas on expert-sorted rows: [N, H] -> [N, H]."""
         base = self.get_base_layer()
         gate_up = self._grouped_mm(x, base.gate_up_proj, tokens_per_expert)  # [N, 2F]
         for adapter in active:
             gate_up = gate_up + self._lora_gate_up(adapter, x, tokens_per_expert).to(gate_up.dtype)
-        h = swiglu(gate_up)  # [N, F]
+        h = swiglu(gate_up, use_grouped_mm=self.use_grouped_mm)  # [N, F]
         out = self._grouped_mm(h, base.down_proj, tokens_per_expert)  # [N, H]
         for adapter in active:
             out = out + self._lora_down(adapter, h, tokens_per_expert).to(out.dtype)
         return out
 
-    def _fused_path_applies(self, adapter: str, x: torch.Tensor) -> bool:
-        """The CPU default (one BLAS mm per expert) in fp32: base and LoRA products share one pass."""
+    def _weights(self, adapter: str) -> tuple[torch.Tensor, ...]:
         base = self.get_base_layer()
-        tensors = (
-            x,
+        return (
             base.gate_up_proj,
             base.down_proj,
             self.lora_gate_up_A[adapter],
             self.lora_gate_up_B[adapter],
             self.lora_down_A[adapter],
             self.lora_down_B[adapter],
-        )
-        return (
-            self.use_grouped_mm is None
-            and x.device.type == "cpu"
-            and all(t.dtype == torch.float32 for t in tensors)
         )
 
-    def _fused_forward(self, adapter: str, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Same math as the unfused path (tests compare both with a dense reference), without the
-        [N, 2F] LoRA temporaries: the low-rank products are added into the base GEMM's output."""
-        base = self.get_base_layer()
-        counts = tokens_per_expert.tolist()
+    def _cpu_forward(self, adapter: str, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """`_products` for one adapter through the CPU's one-pass kernel (same math: tests compare
+        both with a dense reference)."""
+        gate_up_w, down_w, gate_up_a, gate_up_b, down_a, down_b = self._weights(adapter)
         scaling, dropout = self.scaling[adapter], self.lora_dropout[adapter]
-        gate_up = _ExpertLoraMM.apply(
-            x,
-            dropout(x),
-            base.gate_up_proj,
-            self.lora_gate_up_A[adapter],
-            self.lora_gate_up_B[adapter],
-            counts,
-            scaling,
-            2,
-        )  # [N, 2F]
+        gate_up = cpu_kernels.expert_lora_mm(x, dropout(x), gate_up_w, gate_up_a, gate_up_b, tokens_per_expert, scaling, 2)
         h = swiglu(gate_up)  # [N, F]
-        return _ExpertLoraMM.apply(
-            h,
-            dropout(h),
-            base.down_proj,
-            self.lora_down_A[adapter],
-            self.lora_down_B[adapter],
-            counts,
-            scaling,
-            1,
-        )  # [N, H]
+        return cpu_kernels.expert_lora_mm(h, dropout(h), down_w, down_a, down_b, tokens_per_expert, scaling, 1)  # [N, H]
 
     def get_delta_weight(self, adapter: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (delta gate_up_proj[expert] [2F, H], delta down_proj[expert] [H, F]) of one adapter."""
@@ -325,82 +307,6 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
-
-
-class _ExpertLoraMM(torch.autograd.Function):
-    """y[rows of e] = x_e @ w[e].T + scaling * (xl_e @ a[e].T) @ b[e].T, one BLAS call per product.
-
-    x [N, in] are the expert-sorted rows, xl [N, in] the LoRA input (x after dropout, often x
-    itself), w [E, out, in], a [E, blocks*R, in], b [E, out, R]. With blocks = 2 (gate_up), b is
-    block-diagonal: rows [:out/2] of b[e] read low-rank columns [:R], rows [out/2:] columns [R:].
-    Profiled at N = 8192 rows, H = 512, F = 1792 (bench/bench_sft.py): building the LoRA term as its
-    own [N, 2F] tensor, then cat, scale and add cost about as much time as the LoRA GEMMs; here
-    the low-rank products accumulate (addmm_) into the base product's output rows in place and only
-    the [N, blocks*R] low-rank activations are scaled and saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x, xl, w, a, b, counts: list[int], scaling: float, blocks: int):
-        rank = a.shape[1] // blocks
-        out_block = w.shape[1] // blocks
-        y = x.new_empty(x.shape[0], w.shape[1])  # [N, out]
-        low = x.new_empty(x.shape[0], a.shape[1])  # [N, blocks*R], already scaled
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(x[rows], w[e].t(), out=y[rows])
-                torch.mm(xl[rows], a[e].t(), out=low[rows])
-                low[rows].mul_(scaling)
-                for j in range(blocks):
-                    cols, ranks = slice(j * out_block, (j + 1) * out_block), slice(j * rank, (j + 1) * rank)
-                    y[rows, cols].addmm_(low[rows, ranks], b[e, cols].t())
-            start += n
-        ctx.lora_reads_x = xl is x  # no dropout: one input gradient, accumulated in place
-        ctx.save_for_backward(x, None if ctx.lora_reads_x else xl, w, a, b, low)
-        ctx.counts, ctx.scaling, ctx.blocks = counts, scaling, blocks
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, xl, w, a, b, low = ctx.saved_tensors
-        if ctx.lora_reads_x:
-            xl = x
-        scaling, blocks = ctx.scaling, ctx.blocks
-        rank, out_block = a.shape[1] // blocks, w.shape[1] // blocks
-        grad = grad.contiguous()  # an expanded (zero-stride) grad, e.g. from y.sum(), is legal here
-        need_x, need_xl, need_w, need_a, need_b = ctx.needs_input_grad[:5]
-        dx = torch.empty_like(x) if need_x else None  # [N, in]
-        dxl = torch.empty_like(xl) if need_xl and not ctx.lora_reads_x else None  # [N, in]
-        # zeros: an expert without rows gets no gradient, and only those stay untouched below.
-        dw = torch.zeros_like(w) if need_w else None  # [E, out, in]
-        da = torch.zeros_like(a)  # [E, blocks*R, in]
-        db = torch.zeros_like(b) if need_b else None  # [E, out, R]
-        dlow = low.new_empty(low.shape)  # [N, blocks*R], gradient w.r.t. the unscaled x A^T
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if not n:
-                continue
-            rows = slice(start, start + n)
-            g_e = grad[rows]  # [n, out]
-            for j in range(blocks):
-                cols, ranks = slice(j * out_block, (j + 1) * out_block), slice(j * rank, (j + 1) * rank)
-                torch.mm(g_e[:, cols], b[e, cols], out=dlow[rows, ranks])
-                if db is not None:
-                    torch.mm(g_e[:, cols].t(), low[rows, ranks], out=db[e, cols])
-            dlow[rows].mul_(scaling)
-            if need_a:
-                torch.mm(dlow[rows].t(), xl[rows], out=da[e])
-            if dx is not None:
-                torch.mm(g_e, w[e], out=dx[rows])
-                if ctx.lora_reads_x:
-                    dx[rows].addmm_(dlow[rows], a[e])
-            if dxl is not None:
-                torch.mm(dlow[rows], a[e], out=dxl[rows])
-            if dw is not None:
-                torch.mm(g_e.t(), x[rows], out=dw[e])
-            start += n
-        return dx, dxl, dw, da if need_a else None, db, None, None, None
 
 
 def _kaiming_uniform_per_expert(weight: torch.Tensor) -> None:

@@ -96,9 +96,11 @@ def chunked_lm_loss(
     _check_reduction("chunked_lm_loss", reduction)
     if chunk_size <= 0:
         raise ValueError(f"chunked_lm_loss: logits_chunk_size must be > 0, got {chunk_size}")
-    labelled = targets != IGNORE_INDEX  # [T]
-    # Dropping unlabelled tokens first makes prompt-heavy SFT and DPO batches cheaper.
-    kept_hidden, kept_targets = hidden[labelled], targets[labelled]  # [T_lab, H], [T_lab]
+    # Dropping unlabelled tokens first makes prompt-heavy SFT and DPO batches cheaper. Their count
+    # sets the chunks: the loss's one host sync per step (index_select, unlike a boolean mask, has
+    # none in backward).
+    labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [T_lab]
+    kept_hidden, kept_targets = hidden.index_select(0, labelled), targets.index_select(0, labelled)
     # Equal chunks (1196 tokens at chunk_size 1024: 2 x 598, not 1024 + 172; small GEMMs run slower).
     n_chunks = -(-kept_targets.shape[0] // chunk_size)
     chunk_size = -(-kept_targets.shape[0] // max(n_chunks, 1))
@@ -116,7 +118,7 @@ def chunked_lm_loss(
         ])  # [T_lab]
     if reduction == "none":
         per_token = hidden.new_zeros(targets.shape, dtype=torch.float32)  # [T]
-        return per_token.masked_scatter(labelled, per_label)
+        return per_token.index_copy(0, labelled, per_label)
     total = per_label.sum()
     if reduction == "sum":
         return total
@@ -140,7 +142,7 @@ def load_balancing_loss(
     num_experts = router_logits[0].shape[-1]
     device = router_logits[0].device
     weight = (
-        None if token_mask is None else token_mask.reshape(-1).to(device=device, dtype=torch.float32)
+        None if token_mask is None else token_mask.reshape(-1).float()
     )  # [T]
     slot_fraction = torch.zeros(num_experts, device=device)  # [E]
     prob_sum = torch.zeros(num_experts, device=device)  # [E]

@@ -12,7 +12,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention, KVCache, RMSNorm, build_attention_mask, document_layout, rope_cos_sin
+from model import cpu_kernels
+from model.attention import (
+    ATTENTION_BACKENDS,
+    Attention,
+    BatchLayout,
+    BucketLayout,
+    KVCache,
+    RMSNorm,
+    batch_layout,
+    rope_cos_sin,
+    varlen_available,
+)
 from model.config import MixtralConfig
 from model.losses import (
     IGNORE_INDEX,
@@ -22,7 +33,7 @@ from model.losses import (
     router_z_loss,
     shift_labels,
 )
-from model.moe import MoEBlock, route_tokens
+from model.moe import MoEBlock, count_per_expert, route_tokens
 
 
 @dataclass
@@ -56,10 +67,10 @@ class DecoderLayer(nn.Module):
             dtype=dtype,
         )
 
-    def forward(self, h, cos, sin, mask, token_mask, cache=None):
-        """h [B, S, H] -> (h [B, S, H], router_logits [T, E])."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
-        moe_out, router_logits = self.moe(self.post_attention_layernorm(h), token_mask)
+    def forward(self, h, cos, sin, layout: BatchLayout, cache=None):
+        """h [B, S, H] -> (h [B, S, H], router_logits [T, E]); `layout` is the batch's, computed once."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, layout.attention, cache)
+        moe_out, router_logits = self.moe(self.post_attention_layernorm(h), layout.real_tokens)
         return h + moe_out, router_logits
 
 
@@ -78,6 +89,11 @@ class Mixtral(nn.Module):
                 )
         self.expert_ids = list(range(config.num_local_experts)) if expert_ids is None else list(expert_ids)
         self.gradient_checkpointing = False
+        # Attention kernel for packed / padded rows (model.attention): "auto" = "varlen" on CUDA in
+        # bf16/fp16 where torch has it, else "sdpa"; "flex", "sdpa" or "mask" to choose one.
+        self.attention_backend = "auto"
+        # Set by `compile_blocks`: every decoder layer runs as a compiled region.
+        self.blocks_compiled = False
         H, V = config.hidden_size, config.vocab_size
         # On the meta device (shapes only: checkpoint loading, export planning) nothing is initialised:
         # meta tensors hold no values, and nn.Embedding's own normal_ on meta imports torch._dynamo
@@ -103,6 +119,49 @@ class Mixtral(nn.Module):
         for name, param in self.named_parameters():
             init_parameter(name, param, self.config.initializer_range)
 
+    def compile_blocks(self, **options) -> None:
+        """Compile each decoder layer as a region of its own (`torch.compile` per layer, as torchtitan
+        does; the layers share one compiled graph). The per-batch work that needs host values
+        (`batch_layout`) and the loss stay outside, in eager; inside a layer the accelerator path has
+        no graph break. `options` go to torch.compile (e.g. backend="aot_eager")."""
+        cpu_kernels.keep_out_of_compiled_graphs()
+        for layer in self.layers:
+            layer.compile(**options)
+        self.blocks_compiled = True
+
+    def attention_kernel(self, device: torch.device) -> str:
+        """The backend `attention_backend` resolves to for a batch on `device`: "auto" is "varlen" on
+        CUDA in half precision, "flex" on CUDA otherwise when the layers are compiled (FlexAttention
+        is fused only there), else "sdpa"."""
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"Mixtral.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        dtype = self.embed_tokens.weight.dtype
+        if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        if device.type != "cuda":
+            return "sdpa"
+        if dtype in (torch.bfloat16, torch.float16) and varlen_available():
+            return "varlen"
+        return "flex" if self.blocks_compiled else "sdpa"
+
+    def batch_layout(
+        self,
+        input_ids: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> BatchLayout:
+        """Where the batch's documents and padding lie, for every layer of one forward; `forward`
+        calls it, or takes one made beforehand (`layout=`). One host sync where there are
+        document_ids or an attention_mask, none otherwise."""
+        B, S = input_ids.shape
+        layout = batch_layout(B, S, input_ids.device, document_ids, attention_mask, self.config.sliding_window,
+                              self.attention_kernel(input_ids.device))
+        if self.blocks_compiled and isinstance(layout.attention, BucketLayout):
+            layout.attention.outside_compiled_graphs()
+        return layout
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -114,29 +173,26 @@ class Mixtral(nn.Module):
         logits_chunk_size: int | None = None,
         output_router_logits: bool = False,
         kv_cache: KVCache | None = None,
+        layout: BatchLayout | None = None,
+        logits_to_keep: int | None = None,
     ) -> MixtralOutput:
         """`kv_cache` (a `KVCache(num_hidden_layers)`): incremental decoding of rows without padding
-        or packing; input_ids are the tokens after the cached ones, and the cache is extended."""
+        or packing; input_ids are the tokens after the cached ones, and the cache is extended.
+        `layout`: `self.batch_layout(...)` of this batch, instead of document_ids / attention_mask.
+        `logits_to_keep`: logits of the last n positions only (generation), no labels."""
         B, S = input_ids.shape
         device = input_ids.device
         past = 0
         if kv_cache is not None:
-            if document_ids is not None or attention_mask is not None:
+            if document_ids is not None or attention_mask is not None or layout is not None:
                 raise ValueError("Mixtral: kv_cache decodes unpadded, unpacked rows: pass no document_ids / attention_mask")
             past = kv_cache.length
+        if logits_to_keep is not None and (labels is not None or logits_to_keep < 1):
+            raise ValueError("Mixtral: logits_to_keep is a positive number of last positions, for calls without labels")
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=device).expand(B, S)
-        token_mask = None  # [T] bool: real tokens (routed, counted in the router losses)
-        if attention_mask is not None:
-            token_mask = attention_mask.reshape(-1).bool()
-        if document_ids is not None and (token_mask is not None or (document_ids < 0).any()):
-            real_doc = document_ids.reshape(-1) >= 0
-            token_mask = real_doc if token_mask is None else token_mask & real_doc
-        mask = None  # packed rows: attention per document (DocumentLayout), else a [B, 1, S, S] mask
-        if document_ids is not None:
-            mask = document_layout(document_ids, attention_mask, self.config.sliding_window)
-        if mask is None:
-            mask = build_attention_mask(B, S, device, document_ids, attention_mask, self.config.sliding_window)
+        if layout is None:
+            layout = BatchLayout(None) if kv_cache is not None else self.batch_layout(input_ids, document_ids, attention_mask)
 
         h = self.embed_tokens(input_ids)  # [B, S, H]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -144,10 +200,12 @@ class Mixtral(nn.Module):
         for i, layer in enumerate(self.layers):
             cache = None if kv_cache is None else kv_cache.layers[i]
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                h, router_logits = checkpoint(layer, h, cos, sin, mask, token_mask, use_reentrant=False)
+                h, router_logits = checkpoint(layer, h, cos, sin, layout, use_reentrant=False)
             else:
-                h, router_logits = layer(h, cos, sin, mask, token_mask, cache)
+                h, router_logits = layer(h, cos, sin, layout, cache)
             all_router_logits.append(router_logits)
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]  # [B, n, H]: only these positions are read
         h = self.norm(h)
 
         logits = loss = num_label_tokens = None
@@ -166,6 +224,7 @@ class Mixtral(nn.Module):
                 loss = loss.view(B, S)  # position s holds the CE of predicting labels[s + 1]
 
         top_k = self.config.num_experts_per_tok
+        token_mask = layout.token_mask
         return MixtralOutput(
             logits=logits,
             loss=loss,
@@ -221,7 +280,6 @@ def _expert_counts(
     counts = []
     for logits in router_logits:
         _, expert_ids = route_tokens(logits, top_k)  # [T, K]
-        if token_mask is not None:
-            expert_ids = expert_ids[token_mask]
-        counts.append(torch.bincount(expert_ids.reshape(-1), minlength=num_experts))
+        weight = None if token_mask is None else token_mask[:, None].expand(expert_ids.shape)
+        counts.append(count_per_expert(expert_ids, num_experts, weight))
     return torch.stack(counts)

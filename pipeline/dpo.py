@@ -77,6 +77,8 @@ class DPOModelSection:
     # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
+    # Each decoder layer compiled as a region of its own (as in SFT).
+    compile: bool = False
     # Completion tokens per LM-head chunk: only labelled positions go through lm_head and no
     # [2B, S, V] logits are held; null = one LM-head call on the completion tokens of the batch.
     logits_chunk_size: int | None = 4096
@@ -154,8 +156,10 @@ def load_recipe(path: str, overrides: list[str]) -> DPORecipe:
 def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
     """B preference rows -> one right-padded batch of 2B rows, ``[chosen; rejected]``.
 
-    input_ids/labels/attention_mask [2B, S]; with precomputed reference log-probs in the rows
-    also ref_chosen_logps/ref_rejected_logps [B].
+    input_ids/labels/attention_mask [2B, S]; document_ids [2B, S] (0 on each sequence, -1 on its
+    padding), which the model attends through per sequence (variable-length kernels, no
+    [2B, 1, S, S] mask); with precomputed reference log-probs in the rows also
+    ref_chosen_logps/ref_rejected_logps [B].
     """
     seqs = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
     seqs += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
@@ -164,11 +168,13 @@ def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
         "input_ids": torch.full((len(seqs), width), PAD_ID, dtype=torch.long),
         "labels": torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros((len(seqs), width), dtype=torch.long),
+        "document_ids": torch.full((len(seqs), width), -1, dtype=torch.long),
     }
     for i, (ids, labels) in enumerate(seqs):
         batch["input_ids"][i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         batch["labels"][i, : len(labels)] = torch.as_tensor(labels, dtype=torch.long)
         batch["attention_mask"][i, : len(ids)] = 1
+        batch["document_ids"][i, : len(ids)] = 0
     if all(name in rows[0] for name in REF_COLUMNS):
         for name in REF_COLUMNS:
             batch[name] = torch.tensor([r[name] for r in rows], dtype=torch.float32)
@@ -184,7 +190,7 @@ def policy_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], logits_ch
     labels = batch["labels"]
     out = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        document_ids=batch["document_ids"],
         labels=labels,
         loss_reduction="none",
         logits_chunk_size=logits_chunk_size if logits_chunk_size is not None else labels.numel(),

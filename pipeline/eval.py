@@ -35,11 +35,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import KVCache
 from pipeline import parallel, report
 from pipeline import passkey as pk
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
 from pipeline.expert_parallel import install_dispatch, shard_experts
+from pipeline.passkey import greedy_generate
 from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
 from pipeline.routing import (
     RoutingStats,
@@ -502,32 +502,6 @@ def _summed_over_processes(procs: Processes, nll_sum: dict, counts: dict,
             total_counts[source] = total_counts.get(source, 0) + part_counts[source]
         total_stats.merge(part_stats)
     return dict(sorted(total_nll.items())), dict(sorted(total_counts.items())), total_stats
-
-
-def main_process_token(token: int, device: torch.device) -> int:
-    """Launched: the main process's choice on every process, so that all decode the same tokens and
-    run the same forwards (collectives under EP) even if a near-tie broke differently somewhere."""
-    if not dist.is_initialized():
-        return token
-    choice = torch.tensor([token], dtype=torch.long, device=device)
-    dist.broadcast(choice, src=0)
-    return int(choice)
-
-
-@torch.no_grad()
-def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: int, device: torch.device) -> list[int]:
-    """Greedy continuation with a KV cache: one forward over the prompt, then one token per step."""
-    cache = KVCache(model.config.num_hidden_layers)
-    ids = torch.tensor([input_ids], device=device)  # [1, S]
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(model(ids, kv_cache=cache).logits[0, -1].argmax())
-        token = main_process_token(token, device)
-        if token == eos_id:
-            break
-        new.append(token)
-        ids = torch.tensor([[token]], device=device)  # [1, 1]
-    return new
 
 
 @torch.no_grad()

@@ -6,7 +6,11 @@ pieces (each sentence encoded once, then repeated), so lengths and depths are ex
 the key never straddles a filler sentence.
 
     sample = build_prompt(encode, length=1024, depth=0.25, key="52718", bos_id=1)
-    correct = is_correct(generated_text, sample.key)
+    correct = is_correct(tokenizer.decode(greedy_generate(model, sample.input_ids, 16, eos_id, device)), sample.key)
+
+`greedy_generate` answers with a KV cache sized once for prompt + answer: the prompt (up to 32k
+tokens) is one forward that runs the LM head on its last position only, then each new token is
+one forward over that token alone, with no attention mask.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model import KVCache
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -111,3 +120,30 @@ def run_grid(encode: Callable[[str], list[int]], generate: Callable[[list[int]],
         accuracy.append(row)
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "template": template,
             "accuracy": accuracy, "samples": samples}
+
+
+def main_process_token(token: int, device: torch.device) -> int:
+    """Launched: the main process's choice on every process, so that all decode the same tokens and
+    run the same forwards (collectives under EP) even if a near-tie broke differently somewhere."""
+    if not dist.is_initialized():
+        return token
+    choice = torch.tensor([token], dtype=torch.long, device=device)
+    dist.broadcast(choice, src=0)
+    return int(choice)
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: int, device: torch.device) -> list[int]:
+    """Greedy continuation of one prompt (a Mixtral): the new token ids, without the eos."""
+    cache = KVCache(model.config.num_hidden_layers, max_length=len(input_ids) + max_new_tokens)
+    ids = torch.tensor([input_ids], device=device)  # [1, S]
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        # logits_to_keep=1: the prompt's [S, V] logits (2.1 GB at 32k tokens) would be read once, at the end.
+        token = int(model(ids, kv_cache=cache, logits_to_keep=1).logits[0, -1].argmax())  # the step's one host read
+        token = main_process_token(token, device)
+        if token == eos_id:
+            break
+        new.append(token)
+        ids = torch.tensor([[token]], device=device)  # [1, 1]
+    return new

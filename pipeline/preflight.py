@@ -245,18 +245,23 @@ def check_expert_parallel(p: Pairing) -> None:
     validate(p.section, num_experts=model_config(p).num_local_experts, world_size=p.launch.num_processes)
 
 
-def check_zero3_logits_chunk(p: Pairing) -> None:
-    """ZeRO-3 and the chunked LM loss do not work together."""
-    if p.stage not in ("sft", "dpo"):
+def check_zero3_model(p: Pairing) -> None:
+    """ZeRO-3 works with neither the chunked LM loss nor compiled layers."""
+    if p.stage not in ("sft", "dpo") or p.section.zero_stage != 3:
         return
     chunk = p.recipe.model.logits_chunk_size
-    if p.section.zero_stage == 3 and chunk is not None:
+    if chunk is not None:
         # Its checkpointed chunks read lm_head.weight outside lm_head's forward; ZeRO-3 has
         # released that partitioned weight by the time backward recomputes them.
         raise PreflightError(
             f"model.logits_chunk_size={chunk} does not work with parallel.zero_stage=3; "
             "set model.logits_chunk_size=null (or use zero_stage 2)"
         )
+    if p.recipe.model.compile:
+        # ZeRO-3 gathers and releases each module's weights in hooks that would run inside the
+        # compiled layers; not supported there.
+        raise PreflightError("model.compile=true does not work with parallel.zero_stage=3; "
+                             "set model.compile=false (or use zero_stage 2)")
 
 
 def check_dpo_reference(p: Pairing) -> None:
@@ -328,7 +333,7 @@ CHECKS: tuple[Check, ...] = (
     check_launch_config,
     check_expert_parallel,
     check_parallel_launch,
-    check_zero3_logits_chunk,
+    check_zero3_model,
     check_dpo_reference,
     check_model_build,
     check_data_fits_global_batch,

@@ -16,7 +16,7 @@ from typing import Literal
 from data_prep.config import DataConfig
 from pipeline.parallel import ParallelSection
 
-MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "mixtral-8x7b")
+MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "bench-8x7b-2layers", "mixtral-8x7b")
 # Keys that change speed or memory, not what is trained: a resumed run may change them.
 SPEED_ONLY_KEYS = ("data.num_proc", "data.batch_size", "model.gradient_checkpointing",
                    "model.logits_chunk_size", "dpo.ref_batch_size")
@@ -30,6 +30,8 @@ class ModelSection:
     # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
+    # Each decoder layer compiled as a region of its own (torch.compile; Mixtral.compile_blocks).
+    compile: bool = False
     # Loss in chunks of this many tokens so [T, V] logits never exist at once (None: plain logits).
     logits_chunk_size: int | None = None
     router_aux_loss_coef: float = 0.02

@@ -187,6 +187,10 @@ def configure_for_training(model: nn.Module, recipe: SFTRecipe, place: ExpertPla
                 param.data = param.data.float()
     elif m.freeze_router:
         freeze_router(model)
+    if m.compile:
+        # After LoRA, whose layers are then compiled with the rest; a deepcopy (DPO's frozen
+        # reference) drops the compiled call and runs eager.
+        (model.get_base_model() if recipe.lora.enabled else model).compile_blocks()
     return model
 
 

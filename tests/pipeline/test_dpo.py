@@ -110,6 +110,7 @@ def test_collate_puts_chosen_then_rejected_right_padded():
         [1, 1, 1, 1, 1],
         [1, 1, 1, 1, 1],
     ]
+    assert b["document_ids"].tolist() == [[0, 0, 0, 0, -1], [0] * 5, [0] * 5, [0] * 5]  # attention per sequence
     assert b["ref_chosen_logps"].tolist() == [-1.5, -3.0]
     assert b["ref_rejected_logps"].tolist() == [-2.5, -4.0]
     assert DPOTask(DPOSection(), aux_coef=0.0, z_coef=0.0, reference=None).count_units(b) == 2

@@ -127,3 +127,38 @@ def test_inst_template_is_the_mixtral_v1_encoding_of_the_same_chat(depth):
 def test_unknown_template_is_refused():
     with pytest.raises(ValueError, match="template"):
         build_prompt(encode, 500, 0.5, "12345", template="chatml")
+
+
+def test_greedy_generate_prefills_the_last_logits_only_and_decodes_without_a_mask():
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    from model import Mixtral, MixtralConfig
+    from pipeline.passkey import greedy_generate
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig.preset("tiny")
+    cfg.vocab_size = 300
+    model = Mixtral(cfg).eval()
+    prompt = torch.randint(3, 300, (40,)).tolist()
+    head_positions = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_positions.append(args[0].shape[1]))
+
+    class AttentionCalls(TorchFunctionMode):
+        masks = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                self.masks.append(kwargs.get("attn_mask"))
+            return func(*args, **kwargs)
+
+    with AttentionCalls() as calls:
+        new = greedy_generate(model, prompt, 5, eos_id=-1, device=torch.device("cpu"))
+    # The continuation a full forward over prompt + answer gives, token by token.
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + new])).logits[0]
+    assert new == [int(logits[len(prompt) - 1 + i].argmax()) for i in range(5)]
+    assert head_positions[:5] == [1] * 5  # the prompt's forward too: one position through the LM head
+    assert len(calls.masks) == 5 * cfg.num_hidden_layers and all(mask is None for mask in calls.masks)

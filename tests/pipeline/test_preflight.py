@@ -90,6 +90,9 @@ TINY = MixtralConfig.preset("tiny")
     [
         ("sft", "tiny/sft.yaml", "zero3.yaml", ["parallel.zero_stage=3"], PreflightError,
          "logits_chunk_size=1024 does not work with parallel.zero_stage=3"),
+        ("dpo", "tiny/dpo.yaml", "zero3.yaml", ["parallel.zero_stage=3", "model.logits_chunk_size=null",
+                                                "model.compile=true"], PreflightError,
+         "model.compile=true does not work with parallel.zero_stage=3"),
         ("sft", "tiny/sft.yaml", "zero2.yaml", [], ParallelError,
          r"launches DeepSpeed with parallel.zero_stage=2 but the recipe says otherwise"),
         ("sft", "tiny/sft.yaml", "zero3_offload.yaml", ["parallel.zero_stage=3", "model.logits_chunk_size=null"],
