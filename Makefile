@@ -7,6 +7,8 @@ PY            := $(VENV)/bin/python
 # The pinned torch is installed before anything else; override e.g. TORCH_SPEC="torch==2.7.1".
 TORCH_SPEC    ?= torch==2.13.0
 INSTALL_STAMP := $(VENV)/.installed
+# transformers 4.x beside the venv (never on its path): the test that the export loads in 4.x too.
+TRANSFORMERS4 := $(VENV)/transformers4
 RECIPE        ?=
 CONFIG        ?=
 ARGS          ?=
@@ -42,8 +44,15 @@ $(INSTALL_STAMP): pyproject.toml requirements/lock.txt
 	$(PY) -m pip install -q -c requirements/lock.txt -e ".[dev]"
 	touch $(INSTALL_STAMP)
 
-test: install
-	$(PY) -m pytest -q
+$(TRANSFORMERS4)/.installed: $(INSTALL_STAMP)
+	rm -rf $(TRANSFORMERS4)
+	$(PY) -m pip install -q --disable-pip-version-check --target $(TRANSFORMERS4) "transformers==4.57.6" \
+		> $(VENV)/transformers4.log 2>&1 || (cat $(VENV)/transformers4.log; exit 1)
+	test -d $(TRANSFORMERS4)/transformers
+	touch $@
+
+test: install $(TRANSFORMERS4)/.installed
+	MIXTRAL_TUNE_TRANSFORMERS4=$(abspath $(TRANSFORMERS4)) $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check model data_prep pipeline tests bench

@@ -536,7 +536,7 @@ print(json.dumps({"version": transformers.__version__, "class": type(tok).__name
 """
 
 
-@pytest.mark.skipif(not TRANSFORMERS4, reason="set MIXTRAL_TUNE_TRANSFORMERS4 to a dir with transformers<5 "
+@pytest.mark.skipif(not TRANSFORMERS4, reason="set MIXTRAL_TUNE_TRANSFORMERS4 to a dir with transformers<5 (make test does) "
                     "(pip install --target DIR 'transformers<5')")
 def test_transformers_4_loads_the_export_with_the_same_template_ids_and_logits(fp32_export):
     from transformers import AutoTokenizer
