@@ -1,19 +1,28 @@
 """Host memory of a launched ZeRO-3 SFT run per process, against the checkpoint's size (make bench-zero3).
 
-    python bench/bench_zero3_memory.py [--mode lora full] [--steps 2] [--layers 4 --ffn 3584] [--keep DIR]
+    python bench/bench_zero3_memory.py [--mode lora full] [--malloc pinned default] [--steps 2]
+                                       [--layers 16 --ffn 896] [--keep DIR]
 
-Writes a random-init HF checkpoint of ~1.7 GB in fp32 (hidden 1024, 4 layers, 8 experts top-2, ffn
-3584, vocab 32000: 428M parameters; `--layers 8 --ffn 1792` is as large, in twice the layers),
-prepares the tiny recipe's data, and launches
-`python -m pipeline.sft` under `accelerate launch --config_file recipes/accelerate/cpu_zero3.yaml`
-(2 CPU processes, gloo, ZeRO-3, fp32) from that checkpoint, for `--steps` optimizer steps, LoRA r=16
-and/or full fine-tuning, activation checkpointing on (as every Mixtral-8x7B recipe). Each process is this file in `--child` mode: it imports everything the
-stage imports, records its resident memory (VmRSS, /proc/self/status) as the baseline, runs the
-stage, and records its peak resident memory (VmHWM) at the end. Reported: peak - baseline per
-process, and that over the checkpoint's bytes. A ZeRO-3 process holds its half of the weights
-(0.5x) plus, for full fine-tuning, its half of the fp32 master copy, gradients and Adam state.
+Writes a random-init HF checkpoint of ~1.8 GB in fp32 (hidden 1024, 16 layers, 8 experts top-2, ffn
+896, vocab 32000: 460M parameters; a decoder layer is 1/16 of the weights, as 1/32 is in
+Mixtral-8x7B; `--layers 4 --ffn 3584` is as large in 4 layers), prepares the tiny recipe's data,
+and launches `python -m pipeline.sft` under `accelerate launch --config_file
+recipes/accelerate/cpu_zero3.yaml` (2 CPU processes, gloo, ZeRO-3, fp32) from that checkpoint, for
+`--steps` optimizer steps, LoRA r=16 and/or full fine-tuning, activation checkpointing on (as every
+Mixtral-8x7B recipe). Each process is this file in `--child` mode: it imports everything the stage
+imports, records its resident memory (VmRSS) as the baseline, runs the stage, and records its peak
+resident memory (VmHWM) per phase (the peak is reset between phases through /proc/self/clear_refs):
+building + loading the model, preparing the engine, training, saving. Reported: peak - baseline per
+process and phase, and that over the checkpoint's bytes. A ZeRO-3 process holds its half of the
+weights (0.5x) plus, for full fine-tuning, its half of the fp32 master copy, gradients and Adam state.
 
-Takes ~3-6 min on 2 cores; RAM at the peak: ~2 x 2.3 GB (LoRA), ~8 + 7 GB (full fine-tuning).
+`--malloc pinned` runs the processes with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every
+freed block over 64 KiB to the system, so resident memory is what is alive. By default glibc raises
+that threshold up to 32 MiB as large blocks are freed and keeps freed blocks below it in its heap:
+ZeRO-3 gathers and frees each layer's weights every step, and the resident memory then counts
+several layers' worth of freed memory (`--malloc default`).
+
+Takes ~3-5 min per run on 2 cores; RAM at the peak: ~2 x 2.5 GB (LoRA), ~8 + 7 GB (full fine-tuning).
 """
 
 from __future__ import annotations
@@ -46,13 +55,36 @@ def child(out: Path, sft_args: list[str]) -> None:
     import peft  # noqa: F401
 
     import model.lora  # noqa: F401
-    from pipeline import sft
+    from pipeline import sft, trainer
 
+    phases: dict[str, int] = {}
+
+    def end_phase(name: str) -> None:
+        phases[name] = status_kb("VmHWM")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    # The phase boundaries: the stage's own functions, wrapped (this process only).
+    build_model, train = sft.build_model, trainer.Trainer.train
+
+    def timed_build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        end_phase("build + load")
+        return model
+
+    def timed_train(self, *args, **kwargs):
+        end_phase("prepare")
+        result = train(self, *args, **kwargs)
+        end_phase("train")
+        return result
+
+    sft.build_model, trainer.Trainer.train = timed_build, timed_train
     baseline = status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
     started = time.perf_counter()
     sft.main(sft_args)
+    end_phase("save")
     rank = int(os.environ.get("RANK", "0"))
-    record = {"rank": rank, "baseline_kb": baseline, "peak_kb": status_kb("VmHWM"),
+    record = {"rank": rank, "baseline_kb": baseline, "peak_kb": max(phases.values()), "phases_kb": phases,
               "seconds": time.perf_counter() - started}
     (out / f"rss-rank{rank}.json").write_text(json.dumps(record))
 
@@ -79,11 +111,14 @@ def write_checkpoint(path: Path, layers: int, ffn: int) -> int:
     return sum(p.numel() for p in meta.parameters()) * 4
 
 
-def launch(work: Path, checkpoint: Path, mode: str, steps: int) -> list[dict]:
-    out = work / f"run-{mode}"
+def launch(work: Path, checkpoint: Path, mode: str, steps: int, malloc: str) -> list[dict]:
+    out = work / f"run-{mode}-{malloc}"
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", ACCELERATE_DISABLE_RICH="1")
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if malloc == "pinned":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     sft_args = [
         str(ROOT / "recipes/tiny/sft.yaml"), f"data.output_dir={work / 'data'}", f"output_dir={out / 'sft'}",
         "model.preset=null", f"model.checkpoint={checkpoint}", "model.logits_chunk_size=null", "model.gradient_checkpointing=true",
@@ -105,8 +140,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", nargs="+", choices=["lora", "full"], default=["lora", "full"])
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--ffn", type=int, default=3584)
+    parser.add_argument("--malloc", nargs="+", choices=["pinned", "default"], default=["pinned", "default"],
+                        help="glibc's mmap threshold: pinned at 64 KiB, or glibc's default (see the docstring)")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--ffn", type=int, default=896)
     parser.add_argument("--keep", type=Path, default=None, help="work dir to keep (checkpoint reused if there)")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -125,14 +162,17 @@ def main() -> None:
                             f"data.output_dir={work / 'data'}"], cwd=ROOT, check=True, capture_output=True)
         print(f"checkpoint: {model_bytes / 1e9:.2f} GB of fp32 weights, {args.layers} layers, ffn {args.ffn}; "
               f"2 processes, ZeRO-3, {args.steps} steps")
-        print("| mode | rank | import baseline | peak | peak - baseline | / checkpoint | run |")
-        print("|---|---|---|---|---|---|---|")
+        print("| mode | malloc | rank | build + load | prepare | train | save | peak / checkpoint | run |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
         for mode in args.mode:
-            for r in launch(work, checkpoint, mode, args.steps):
-                grown = (r["peak_kb"] - r["baseline_kb"]) * 1024
-                print(f"| {mode} | {r['rank']} | {r['baseline_kb'] / 2**20:.2f} GiB | {r['peak_kb'] / 2**20:.2f} GiB "
-                      f"| {grown / 1e9:.2f} GB | {grown / model_bytes:.2f}x | {r['seconds']:.0f} s |")
-
+            for malloc in args.malloc:
+                for r in launch(work, checkpoint, mode, args.steps, malloc):
+                    grown = {k: (v - r["baseline_kb"]) * 1024 for k, v in r["phases_kb"].items()}
+                    cells = " | ".join(f"{g / 1e9:.2f} GB" for g in grown.values())
+                    print(f"| {mode} | {malloc} | {r['rank']} | {cells} | **{max(grown.values()) / model_bytes:.2f}x** "
+                          f"| {r['seconds']:.0f} s |")
+        print(f"(peak resident memory of each phase above the process's import baseline; checkpoint "
+              f"{model_bytes / 1e9:.2f} GB)")
 
 if __name__ == "__main__":
     main()
