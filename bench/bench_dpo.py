@@ -86,9 +86,10 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
     from model import Mixtral
     from model.lora import apply_lora
     from pipeline.dpo import DPOSection, DPOTask, Reference, compute_reference_log_probs
+    from pipeline.parallel import ParallelSection, make_accelerator
     from pipeline.recipe import TrainSection
     from pipeline.tracking import Tracker
-    from pipeline.trainer import Trainer, make_accelerator
+    from pipeline.trainer import Trainer
 
     rows = []
     for p in pairs:
@@ -129,7 +130,8 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
         schedule="constant",
     )
     with tempfile.TemporaryDirectory() as tmp:
-        accelerator = make_accelerator(mixed_precision="no", backend="auto", log_with=None, project_dir=tmp)
+        accelerator = make_accelerator(ParallelSection(), micro_batch_size=args.pairs, grad_accum_steps=1,
+                                       project_dir=tmp)
         tracker = Tracker(
             accelerator, tmp, report_to="none", project="bench", run_name=None, tags=[], config={}
         )

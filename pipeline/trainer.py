@@ -37,7 +37,6 @@ from pipeline.comm import group_device
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.parallel import (
     ParallelError,
-    init_process_state,
     load_rank_shard,
     moe_param_groups,
     save_rank_shard,
@@ -68,17 +67,6 @@ class Task(Protocol):
     def count_units(self, batch: dict[str, torch.Tensor]) -> int: ...
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput: ...
-
-
-def make_accelerator(*, mixed_precision: str, backend: str, log_with: str | None, project_dir: str):
-    """The one Accelerator of a run; on hosts without CUDA a multi-process launch uses gloo."""
-    from accelerate import Accelerator
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    cpu = init_process_state(backend, deepspeed=deepspeed)
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu)
 
 
 def steps_per_epoch(num_rows: int, micro_batch_size: int, grad_accum_steps: int, world_size: int) -> int:
