@@ -337,8 +337,7 @@ def save_pretrained(
         shard_bytes += size
     total_size = sum(shape.numel() for _, shape in entries) * itemsize
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = new_temp_dir(path)
     try:
         config = model.config.to_hf()
         config["torch_dtype"] = _DTYPE_NAMES[dtype]
@@ -379,10 +378,36 @@ def save_pretrained(
                 "weight_map": {name: file_names[k] for name, k in names.items()},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        make_readable(tmp)  # safetensors writes 0600
         publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def new_temp_dir(out: Path) -> Path:
+    """An empty sibling of ``out`` to write into, then `publish_dir`, with the modes a plain mkdir
+    gives under the umask (mkdtemp makes it 0700; checkpoints and exports are for others to read)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(tree: Path) -> None:
+    """Modes a plain ``mkdir``/``open`` would give under the umask (0755 / 0644 with the usual 022):
+    temp dirs and some writers (safetensors) create 0700 / 0600."""
+    mask = current_umask()
+    tree.chmod(0o777 & ~mask)
+    for path in tree.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -48,7 +47,15 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from model.checkpoint import NAME_TABLE, hf_tensors, hf_to_native, parse_size, publish_dir
+from model.checkpoint import (
+    NAME_TABLE,
+    hf_tensors,
+    hf_to_native,
+    make_readable,
+    new_temp_dir,
+    parse_size,
+    publish_dir,
+)
 from model.config import MixtralConfig
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe, to_dict
 from pipeline.rundir import acquire_lock, check_ownable, remove_stale_siblings, sibling_lock_path
@@ -978,29 +985,6 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
             f"output_dir {out} holds an earlier export; pass export.overwrite=true to replace it (or choose "
             "another output_dir)"
         )
-
-
-def new_temp_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700, the export is for others to read
-    return tmp
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(tree: Path) -> None:
-    """Modes a plain ``mkdir``/``open`` would give under the umask (0755 / 0644 with the usual 022):
-    temp dirs and some writers (safetensors) create 0700 / 0600."""
-    mask = current_umask()
-    tree.chmod(0o777 & ~mask)
-    for path in tree.rglob("*"):
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def portable(value):

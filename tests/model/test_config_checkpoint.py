@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -123,6 +124,15 @@ def test_save_layout_and_dtype(saved, tmp_path):
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.to(torch.bfloat16).float())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_saved_checkpoint_has_the_umasks_modes(saved):
+    _, path = saved  # written by a process with the usual umask 022 (mkdtemp: 0700, safetensors: 0600)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == dict.fromkeys(
+        ["config.json", "generation_config.json", "model.safetensors"], 0o666 & ~mask)
 
 
 def test_expert_ids_loads_only_those_experts(saved):
