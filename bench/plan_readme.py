@@ -19,20 +19,17 @@ ZERO3 = ["parallel.zero_stage=3", "parallel.expert_parallel_size=1", "model.logi
 FULL_EP8 = [*EP8, "parallel.offload_params=false", "model.logits_chunk_size=2048"]
 ONE_GPU = ["parallel.zero_stage=null", "parallel.expert_parallel_size=1"]
 
-# (what, recipe, accelerate config or None, overrides, ZeRO-3 loader: None = this code's)
+# (what, recipe, accelerate config or None, overrides)
 ROWS = [
-    ("LoRA SFT, ZeRO-2 + EP 8", "sft_lora", "zero2_ep8", [], None),
-    ("LoRA SFT, ZeRO-3, whole model loaded per process (today)", "sft_lora", "zero3", ZERO3, False),
-    ("LoRA SFT, ZeRO-3, partitioned loading (issue 14)", "sft_lora", "zero3", ZERO3, True),
-    ("LoRA SFT, 1 GPU", "sft_lora", "single", ONE_GPU, None),
-    ("full SFT, ZeRO-2 + EP 8 + optimizer offload, 1 node", "sft_full", "zero2_ep8_offload", FULL_EP8, None),
-    ("full SFT, ZeRO-2 + EP 8 + optimizer offload, 2 nodes", "sft_full", "multinode_zero2_ep8_offload",
-     FULL_EP8, None),
-    ("full SFT, ZeRO-3 + offload (params, optimizer), partitioned loading", "sft_full", "zero3_offload", [], True),
-    ("full SFT, ZeRO-2 + EP 8, no offload", "sft_full", "zero2_ep8",
-     [*FULL_EP8, "parallel.offload_optimizer=false"], None),
-    ("LoRA DPO (policy; reference = adapters off, precomputed), ZeRO-2 + EP 8", "dpo_lora", "zero2_ep8", [], None),
-    ("eval, passkey at 32k, 1 process", "eval", None, [], None),
+    ("LoRA SFT, ZeRO-2 + EP 8", "sft_lora", "zero2_ep8", []),
+    ("LoRA SFT, ZeRO-3", "sft_lora", "zero3", ZERO3),
+    ("LoRA SFT, 1 GPU", "sft_lora", "single", ONE_GPU),
+    ("full SFT, ZeRO-2 + EP 8 + optimizer offload, 1 node", "sft_full", "zero2_ep8_offload", FULL_EP8),
+    ("full SFT, ZeRO-2 + EP 8 + optimizer offload, 2 nodes", "sft_full", "multinode_zero2_ep8_offload", FULL_EP8),
+    ("full SFT, ZeRO-3 + offload (params, optimizer)", "sft_full", "zero3_offload", []),
+    ("full SFT, ZeRO-2 + EP 8, no offload", "sft_full", "zero2_ep8", [*FULL_EP8, "parallel.offload_optimizer=false"]),
+    ("LoRA DPO (policy; reference = adapters off, precomputed), ZeRO-2 + EP 8", "dpo_lora", "zero2_ep8", []),
+    ("eval, passkey at 32k, EP 8", "eval", "ddp", []),
 ]
 
 
@@ -44,12 +41,11 @@ def main() -> int:
     config = MixtralConfig.preset("mixtral-8x7b")
     print("| configuration | launch | peak per GPU | 8 x 80 GB | 8 x 141 GB | 1 x 80 GB | host per node |")
     print("|---|---|---:|:-:|:-:|:-:|---:|")
-    for what, name, launch_name, overrides, partitioned in ROWS:
+    for what, name, launch_name, overrides in ROWS:
         recipe = load_stage_recipe(ROOT / f"recipes/mixtral-8x7b/{name}.yaml", overrides)
         launch = (LaunchSpec.single() if launch_name is None
                   else LaunchSpec.from_config_file(ROOT / f"recipes/accelerate/{launch_name}.yaml"))
-        result = plan(recipe, launch, model_config=config, config_source="preset mixtral-8x7b",
-                      zero3_partitioned=partitioned)
+        result = plan(recipe, launch, model_config=config, config_source="preset mixtral-8x7b")
         peak = result.peak_gpu / GB
         gpus = launch.num_processes // launch.num_machines
         verdicts = ["-" if gpus > count else "yes" if peak <= memory else "no"

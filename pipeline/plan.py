@@ -36,8 +36,6 @@ context / NCCL / cuBLAS workspace is an assumed `CUDA_RESERVE_GB`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +120,6 @@ class Setup:
     chunk: int | None  # logits_chunk_size
     grad_accum: int
     zero_config: object = None  # deepspeed's DeepSpeedZeroConfig
-    # ZeRO-3 built under deepspeed.zero.Init, each rank reading its partitions (issue 14's loader)
-    zero3_partitioned: bool = False
 
 
 def setup_of(p: Pairing, device: str) -> Setup:
@@ -132,7 +128,10 @@ def setup_of(p: Pairing, device: str) -> Setup:
     recipe, launch, section = p.recipe, p.launch, p.section
     if p.stage == "eval":
         size = BYTES[recipe.dtype]
-        return Setup(stage="eval", device=device, processes=1, per_node=1, nodes=1, zero=0, ep=1,
+        # one process, or a launch whose processes split each layer's experts (`parallel:`)
+        return Setup(stage="eval", device=device, processes=launch.num_processes,
+                     per_node=launch.processes_per_machine, nodes=launch.num_machines, zero=0,
+                     ep=section.expert_parallel_size,
                      offload_optimizer=False, offload_params=False, bf16=size == 2, param_bytes=size,
                      adapter_bytes=size, act=size, lora=False, lora_r=0, lora_dropout=0.0, lora_targets=(),
                      checkpointing=False, rows=recipe.data.batch_size, seq=eval_seq_len(recipe), chunk=None,
@@ -196,6 +195,9 @@ class Counts:
     local_expert: int = 0
     largest_trainable: int = 0  # one tensor
     largest_tensor: int = 0
+    # Two consecutive parameters of the whole model (`init_weights` order): alive together while a
+    # ZeRO-3 random init draws the second (`sharded_load._drawn_partitions`).
+    largest_pair: int = 0
     # ZeRO-3 fetches a leaf MoE block whole: its elements and its trainable ones.
     largest_unit: int = 0
     largest_unit_trainable: int = 0
@@ -215,11 +217,15 @@ def count_parameters(p: Pairing, setup: Setup) -> Counts:
     whole = Mixtral(config, device="meta")
     total = sum(t.numel() for t in whole.parameters())
     expert_total = sum(t.numel() for n, t in whole.named_parameters() if ".moe.experts." in f".{n}.")
+    sizes = [t.numel() for t in whole.parameters()]
+    largest_pair = max(a + b for a, b in zip(sizes, sizes[1:] + [0], strict=True))
     active = total - expert_total + expert_total * config.num_experts_per_tok // config.num_local_experts
     if p.stage == "eval":
         largest = max(t.numel() for t in whole.parameters())
-        return Counts(total=total, active=active, trainable=0, local=total, local_frozen=total,
-                      local_expert=expert_total, largest_tensor=largest)
+        local_expert = expert_total // setup.ep  # rank 0's experts under expert parallelism
+        local = total - expert_total + local_expert
+        return Counts(total=total, active=active, trainable=0, local=local, local_frozen=local,
+                      local_expert=local_expert, largest_tensor=largest)
     model = p.meta_model()
     named = list(model.named_parameters())
     trainable = sum(t.numel() for _, t in named if t.requires_grad)
@@ -241,6 +247,7 @@ def count_parameters(p: Pairing, setup: Setup) -> Counts:
         local_expert=sum(t.numel() for n, t in named if ".moe.experts." in f".{n}."),
         largest_trainable=max((t.numel() for _, t in named if t.requires_grad), default=0),
         largest_tensor=max(t.numel() for _, t in named),
+        largest_pair=largest_pair,
         largest_unit=max(units + [t.numel() for _, t in named]),
         largest_unit_trainable=max(unit_trainable + [t.numel() for _, t in named if t.requires_grad]),
         persistent=sum(t.numel() for _, t in named if t.numel() <= threshold),
@@ -448,26 +455,6 @@ def logits_lines(setup: Setup, config, *, trained_head: bool, tokens: int, grad:
 
 
 # ------------------------------------------------------------------------------------------------
-# What the code does today where other work changes it (said in the output)
-# ------------------------------------------------------------------------------------------------
-
-
-def zero3_builds_partitioned() -> bool:
-    """ZeRO-3 builds under deepspeed.zero.Init and each rank reads only its partitions
-    (pipeline/sharded_load.py, issue 14); before it, every process loads the whole model and
-    DeepSpeed moves it whole onto the GPU before partitioning."""
-    return importlib.util.find_spec("pipeline.sharded_load") is not None
-
-
-def offload_steps_with_cpu_adam() -> bool:
-    """Offloaded optimizer state is stepped by DeepSpeed's CPU Adam (issue 14), in place; before
-    it, torch's AdamW runs on the host tensors with its temporaries."""
-    from pipeline.optim import build_optimizer
-
-    return "cpu_adam" in inspect.signature(build_optimizer).parameters
-
-
-# ------------------------------------------------------------------------------------------------
 # Memory of one rank, by phase and moment
 # ------------------------------------------------------------------------------------------------
 
@@ -517,7 +504,9 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
     grads_end: list[Line] = []  # gradients at the end of backward
     backward_comm: list[Line] = []  # alive during backward only
     grad_transient = 0.0  # a parameter's gradient before DeepSpeed copies it into its bucket
-    adam_cpu = setup.device == "cpu" or (host_opt and not offload_steps_with_cpu_adam())
+    # torch's AdamW: its for-loop on the CPU, foreach on CUDA; offloaded state is stepped in place by
+    # DeepSpeed's CPU Adam (pipeline/optim.py, `Trainer._offloads_optimizer`).
+    adam_cpu = setup.device == "cpu"
     if setup.zero:
         master = Line("fp32 master weights (partition)", partition * 4,
                       f"{partition:,} trainable elements on this rank x 4 B", kind="optimizer", host=host_opt)
@@ -529,13 +518,11 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
         step_group = largest_group if setup.zero != 3 else min(largest_group, int(z.sub_group_size))
         step_temps.append(Line("fp32 gradient partition of a group", step_group * 4,
                                f"{step_group:,} x 4 B", kind="optimizer", host=host_opt))
-        if host_opt and offload_steps_with_cpu_adam():
-            pass  # DeepSpeed's CPU Adam updates in place
-        else:
+        if not host_opt:  # (DeepSpeed's CPU Adam updates in place)
             temps = 2 if adam_cpu else 1  # torch AdamW: sqrt and its quotient (CPU loop) / foreach sqrt
             step_temps.append(Line("AdamW temporaries", temps * step_group * 4,
                                    f"{temps} x {step_group:,} x 4 B ({'for-loop' if adam_cpu else 'foreach'})",
-                                   kind="optimizer", host=host_opt))
+                                   kind="optimizer"))
         if setup.zero == 3:
             persistent.append(bucket)
             persistent.append(Line("gradient partitions", partition * grad_b, f"{partition:,} x {grad_b} B",
@@ -619,61 +606,56 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
              kind="activations")]))
     moments.append(Moment("train", "eval loss (logits chunk)", persistent + gather + [
         logits_lines(setup, config, trained_head=False, tokens=tokens, grad=False)]))
-    moments += load_and_final_moments(p, setup, counts, persistent, partition)
+    moments += load_and_final_moments(p, setup, counts, persistent, partition, gather)
     return moments
 
 
 SHARD_BYTES = 5e9  # save_pretrained's max_shard_size: one shard's tensors are copied at a time
 
 
+def checkpoint_read_line(config) -> Line:
+    """The bytes of one HF tensor being read (the embedding / LM head or one expert's w1)."""
+    n = max(config.vocab_size, config.intermediate_size) * config.hidden_size
+    return Line("checkpoint read buffer (one tensor)", n * BYTES.get(config.torch_dtype, 2),
+                "the largest tensor of a shard", host=True, tensor=False)
+
+
 def load_and_final_moments(p: Pairing, setup: Setup, counts: Counts, persistent: list[Line],
-                           partition: int) -> list[Moment]:
-    """Loading and DeepSpeed's set-up (before the first step) and the end of the run, on rank 0."""
+                           partition: int, gather: list[Line]) -> list[Moment]:
+    """Loading and DeepSpeed's set-up (before the first step) and the end of the run, on rank 0.
+
+    ``gather``: ZeRO-3's gathered parameters, still whole after the last forward (the coordinator
+    keeps those its step trace reuses soon; measured on CPU: the lm_head and the last layer's
+    gate_up_proj when `Trainer.train` returns)."""
     config, recipe = p.config, p.recipe
     on_cpu = setup.device == "cpu"  # host and device are one memory: nothing is moved
     base_b = BYTES[recipe.model.dtype]
     train_bytes = setup.adapter_bytes if setup.lora else setup.param_bytes
     built = counts.local_frozen * base_b + counts.local_trainable * (4 if setup.lora else base_b)
-    ckpt_b = BYTES.get(config.torch_dtype, 2)
-    read = Line("checkpoint read buffer (one tensor)", max(config.vocab_size, config.intermediate_size)
-                * config.hidden_size * ckpt_b, "the largest tensor of a shard", host=True, tensor=False)
+    read = checkpoint_read_line(config)
     moments: list[Moment] = []
 
-    # ---- load: the model as built on the host, before anything moves to the GPU ------------------
-    partitioned_build = setup.zero == 3 and setup.zero3_partitioned
-    if partitioned_build:
-        # issue 14's loader: built under zero.Init, each rank reads only its partitions' bytes; the
-        # adapters are made whole in every process and partitioned by DeepSpeed's prepare
-        load = [Line("partitions as built under zero.Init", persistent[0].bytes, persistent[0].how,
-                     kind="weights", host=persistent[0].host),
-                Line("adapters, whole until prepare", counts.trainable * 4 if setup.lora else 0,
-                     f"{counts.trainable:,} x 4 B", kind="weights"),
-                Line("checkpoint read buffer", min(read.bytes, 64e6), "a partition's bytes of one tensor, read "
-                     "in pieces", host=True, tensor=False)]
+    # ---- load: the model as built, before anything moves to the GPU -----------------------------
+    if setup.zero == 3:
+        moments += zero3_load_moments(p, setup, counts, persistent[0])
     elif recipe.model.preset if p.stage == "sft" else False:
         # random init: every rank draws the whole fp32 model, the main process writes it as base/
         whole = Line("whole model, random init in fp32", counts.total * 4, f"{counts.total:,} x 4 B",
                      kind="weights", host=not on_cpu)
         shard = Line("base/ shard being written (main process)", min(counts.total * base_b, SHARD_BYTES),
                      "one save_pretrained shard", kind="weights", host=not on_cpu, main_only=True)
-        load = [whole, shard]
+        moments.append(Moment("load", "model loaded", [whole, shard]))
     else:
-        what = "whole model" if setup.zero == 3 else "model as built"
-        load = [Line(f"{what} on the host ({recipe.model.dtype} base, fp32 adapters)", built,
-                     f"{counts.local:,} params", kind="weights", host=not on_cpu), read]
-    moments.append(Moment("load", "model loaded", load))
+        moments.append(Moment("load", "model loaded", [
+            Line(f"model as built on the host ({recipe.model.dtype} base, fp32 adapters)", built,
+                 f"{counts.local:,} params", kind="weights", host=not on_cpu), read]))
     if p.stage == "dpo":
-        moments += dpo_load_moments(p, setup, counts, built)
+        on_device = built if setup.zero != 3 else (_partition(counts.total, setup.processes) * setup.param_bytes
+                                                   + adapters_whole(setup, counts).bytes)
+        moments += dpo_load_moments(p, setup, counts, on_device)
 
     # ---- prepare: DeepSpeed's engine and optimizer ---------------------------------------------
     weights = persistent[0]
-    if setup.zero == 3 and not partitioned_build:
-        moments.append(Moment("prepare", "whole model on the device before ZeRO-3 partitions it", [
-            Line("whole model, moved by DeepSpeed's engine", counts.local * setup.param_bytes,
-                 f"{counts.local:,} x {setup.param_bytes} B (engine `_configure_distributed_model`)",
-                 kind="weights"),
-            Line("partitions being created", partition * 4 + counts.largest_tensor * setup.param_bytes / setup.processes,
-                 "fp32 master partition + a tensor's partition", kind="optimizer")]))
     if setup.zero == 3:
         # stage3.py allocates its reduce bucket and gradient partitions with the optimizer
         moments.append(Moment("prepare", "ZeRO-3 optimizer initialised",
@@ -691,9 +673,9 @@ def load_and_final_moments(p: Pairing, setup: Setup, counts: Counts, persistent:
         moments.append(Moment("prepare", "model on the device", [ln for ln in persistent if ln.kind != "optimizer"]))
 
     # ---- final: consolidation and saving on the main process -------------------------------------
-    final = list(persistent)
+    final = [*persistent, *gather]
     trainable_total = counts.trainable
-    if setup.zero == 3 and partitioned_build and setup.lora:
+    if setup.zero == 3 and setup.lora:
         final.append(Line("adapter gathered on the main process", trainable_total * 4,
                           f"{trainable_total:,} x 4 B (the frozen base is not gathered)",
                           kind="weights", host=not on_cpu, main_only=True))
@@ -715,6 +697,63 @@ def load_and_final_moments(p: Pairing, setup: Setup, counts: Counts, persistent:
                           "one shard's tensors", kind="weights", host=not on_cpu, main_only=True))
     moments.append(Moment("final", "consolidating and saving", final))
     return moments
+
+
+def adapters_whole(setup: Setup, counts: Counts) -> Line:
+    """LoRA adapters, made whole in every process after the base is built; DeepSpeed's prepare
+    partitions them."""
+    n = counts.trainable if setup.lora else 0
+    # (on the base layer's device: the GPU under zero.Init, model/lora.py)
+    return Line("adapters, whole until prepare", n * 4, f"{n:,} x 4 B (fp32)", kind="weights")
+
+
+def zero3_load_moments(p: Pairing, setup: Setup, counts: Counts, weights: Line) -> list[Moment]:
+    """ZeRO-3 builds under deepspeed.zero.Init (pipeline/sharded_load.py): each module's parameters
+    are partitioned as the module is made, so a rank holds its partitions (where the engine will
+    keep them: the GPU, or the host with parameter offload) and, for a moment, one module whole."""
+    on_cpu = setup.device == "cpu"
+    dp = setup.processes
+    # The base only (ZeRO-3 has no expert parallelism: the whole model), every tensor partitioned;
+    # the small ones become whole again and the adapters are partitioned in prepare.
+    base = _partition(counts.total, dp) * setup.param_bytes
+    partitions = Line("partitions as built under zero.Init", base,
+                      f"{counts.total:,} / {dp} x {setup.param_bytes} B", kind="weights", host=weights.host)
+    lora = [adapters_whole(setup, counts)] if setup.lora else []
+    if p.stage == "sft" and p.recipe.model.preset:
+        # random_init: each parameter drawn whole in fp32 on the CPU, this rank's slice kept; the
+        # draw before stays referenced (by the generator's consumer) while the next is allocated.
+        # The main process also copies every draw into the base/ shard it writes (save_pretrained:
+        # one shard's tensors at a time), so at a shard's end: the shard and the last draw.
+        base_b = BYTES[p.recipe.model.dtype]
+        pair = counts.largest_pair
+        drawing = Line("two consecutive parameters drawn whole (fp32)", pair * 4,
+                       f"largest consecutive pair {pair:,} x 4 B", kind="weights", host=not on_cpu)
+        shard = Line("base/ shard being written (main process)", min(counts.total * base_b, SHARD_BYTES),
+                     f"min(model {counts.total:,} x {base_b} B, one save_pretrained shard {SHARD_BYTES / GB:.0f} GB)",
+                     kind="weights", host=not on_cpu, main_only=True)
+        last = Line("the draw being copied into the shard (fp32)", counts.largest_tensor * 4,
+                    f"largest parameter {counts.largest_tensor:,} x 4 B", kind="weights", host=not on_cpu)
+        return [Moment("load", "random init drawn (each rank)", [partitions, drawing]),
+                Moment("load", "random init written to base/ (main process)", [partitions, shard, last]),
+                Moment("load", "adapters made", [partitions, *lora])]
+    # load_partitions: every rank reads only its partitions' bytes of each tensor, through one
+    # staging buffer (a dtype conversion's chunk) and, with the partitions on a GPU, a host
+    # landing buffer of one tensor's partition.
+    from pipeline.safetensors_io import READ_CHUNK_BYTES
+
+    read = [Line("checkpoint read staging buffer", READ_CHUNK_BYTES,
+                 f"safetensors_io.READ_CHUNK_BYTES ({READ_CHUNK_BYTES:,} B)", kind="other", host=True)]
+    if weights.host is False and not on_cpu:
+        # a checkpoint tensor's overlap with this rank's partition: the embedding / LM head (one
+        # tensor each) or one expert's w1, w3 or w2 (a slice of the fused expert parameter)
+        c = p.config
+        H, V, F, E = c.hidden_size, c.vocab_size, c.intermediate_size, c.num_local_experts
+        bounce = max(_partition(V * H, dp), min(F * H, _partition(2 * E * F * H, dp)))
+        read.append(Line("host landing buffer (a tensor's part in this partition)", bounce * setup.param_bytes,
+                         f"max(V*H / {dp}, min(F*H, E*2F*H / {dp})) = {bounce:,} x {setup.param_bytes} B",
+                         kind="other", host=True))
+    return [Moment("load", "partitions read from the checkpoint", [partitions, *read]),
+            Moment("load", "adapters made", [partitions, *lora])]
 
 
 def dpo_load_moments(p: Pairing, setup: Setup, counts: Counts, built: float) -> list[Moment]:
@@ -739,14 +778,13 @@ def dpo_load_moments(p: Pairing, setup: Setup, counts: Counts, built: float) -> 
 
 
 def eval_moments(p: Pairing, setup: Setup, counts: Counts) -> list[Moment]:
-    """`pipeline.eval`: each model whole on one device (merged on the host first)."""
+    """`pipeline.eval`: each model on rank 0's device, its experts only under expert parallelism
+    (`eval.load_model_dir` reads onto the device; adapters merged there, layer by layer)."""
     config, recipe = p.config, p.recipe
-    on_cpu = setup.device == "cpu"
-    weights = Line("weights (whole model)", counts.total * setup.param_bytes,
-                   f"{counts.total:,} x {setup.param_bytes} B", kind="weights")
-    moments = [Moment("load", "model loaded and merged on the host", [
-        Line("whole model on the host", counts.total * setup.param_bytes, "before .to(device)", kind="weights",
-             host=not on_cpu)])]
+    where = "whole model" if setup.ep == 1 else f"rank 0's 1/{setup.ep} of the experts"
+    weights = Line(f"weights ({where})", counts.local * setup.param_bytes,
+                   f"{counts.local:,} x {setup.param_bytes} B", kind="weights")
+    moments = [Moment("load", "model read onto the device", [weights, checkpoint_read_line(config)])]
     tokens = setup.rows * setup.seq
     V = config.vocab_size
     moments.append(Moment("eval", f"perplexity batch ({setup.rows} x {setup.seq} tokens)", [
@@ -892,16 +930,11 @@ class Plan:
 
 
 def plan(recipe, launch: LaunchSpec, *, model_config=None, config_source: str = "", device: str | None = None,
-         gpu_memory_gb: float = 80.0, host_memory_gb: float | None = None, source: str = "",
-         zero3_partitioned: bool | None = None) -> Plan:
-    """Run every startup check (raises on an invalid pairing) and plan rank 0's memory.
-
-    ``zero3_partitioned``: plan ZeRO-3 with issue 14's partitioned loader (None: what this code has).
-    """
+         gpu_memory_gb: float = 80.0, host_memory_gb: float | None = None, source: str = "") -> Plan:
+    """Run every startup check (raises on an invalid pairing) and plan rank 0's memory."""
     pairing = preflight(recipe, launch, model_config=model_config, config_source=config_source)
     device = device or ("cpu" if launch.use_cpu else "cuda")
     setup = setup_of(pairing, device)
-    setup.zero3_partitioned = zero3_builds_partitioned() if zero3_partitioned is None else zero3_partitioned
     counts = count_parameters(pairing, setup)
     if setup.stage == "eval":
         moments = eval_moments(pairing, setup, counts)
@@ -925,16 +958,10 @@ def notes_for(result: Plan) -> list[str]:
     s = result.setup
     notes = ["worst case of the recipe: every row data.max_seq_len tokens, every token but a row's first "
              "labelled; GB = 10^9 bytes; the CUDA caching allocator's fragmentation is not modelled"]
-    if s.zero == 3 and not s.zero3_partitioned:
-        notes.append("ZeRO-3 today: every process loads the whole model and DeepSpeed moves it whole onto its GPU "
-                     "before partitioning (load and prepare lines); issue 14's loader (pipeline/sharded_load.py) "
-                     "builds under deepspeed.zero.Init and reads only each rank's partitions: then those lines "
-                     "become the partition and a read buffer")
-    if s.offload_optimizer and not offload_steps_with_cpu_adam():
-        notes.append("offloaded optimizer stepped by torch AdamW on the host today (its temporaries counted); "
-                     "issue 14 switches to DeepSpeed's CPU Adam (in place): the 'AdamW temporaries' host line goes")
     if s.stage == "eval":
-        notes.append("eval runs one process with the whole model on one device")
+        notes.append("eval: each process holds the whole model" if s.ep == 1 else
+                     f"eval: each process holds the dense weights and 1/{s.ep} of the experts; every process "
+                     "runs the passkey and routing prompts, balanced routing assumed")
     return notes
 
 
@@ -955,9 +982,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="plan with this MixtralConfig preset (a checkpoint that is not on this machine)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cpu for an accelerate config with use_cpu, else cuda")
-    parser.add_argument("--zero3-load", choices=("auto", "whole", "partitioned"), default="auto",
-                        help="ZeRO-3 loading to plan: whole model per process (before issue 14), partitioned "
-                             "under deepspeed.zero.Init (issue 14's loader); auto: what this code has")
     args = parser.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -972,8 +996,7 @@ def main(argv: list[str] | None = None) -> int:
             model_config, config_source = MixtralConfig.preset(args.model_preset), f"preset {args.model_preset}"
         result = plan(recipe, launch, model_config=model_config, config_source=config_source, device=args.device,
                       gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
-                      source=f"{args.recipe} under {args.config_file or 'python -m (one process)'}",
-                      zero3_partitioned={"auto": None, "whole": False, "partitioned": True}[args.zero3_load])
+                      source=f"{args.recipe} under {args.config_file or 'python -m (one process)'}")
     except FileNotFoundError as err:
         print(f"plan: invalid: {err} (plan for a checkpoint that is not on this machine with "
               "--model-preset NAME, e.g. mixtral-8x7b)", file=sys.stderr)
