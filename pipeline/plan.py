@@ -320,16 +320,17 @@ def layer_saved(x: LayerShape) -> list[tuple[str, float]]:
             out.append((f"{proj}_proj LoRA A output [T, r]", T * x.r * s))
             if x.dropout:
                 out.append((f"{proj}_proj LoRA dropout output and mask [T, in]", T * width_in * x.dropout_bytes))
+    # (The per-document index tensors are the batch's layout, made once per batch, not per layer.)
     out.append(("attention q, k, v per document [T, (nh+2nkv) D], output, logsumexp",
-                T * (q + 2 * kv) * s + T * q * s + T * x.nh * 4 + T * (2 * INDEX + 1)))
+                T * (q + 2 * kv) * s + T * q * s + T * x.nh * 4))
     if x.trained_base or (lora_reads_input and "o_proj" in x.lora_attention):
         out.append(("o_proj input [T, nh D]", T * q * s))
     out.append(("residual after attention [T, H]", T * H * s))
     norm("post-attention norm")
     if x.trained_base:
         out.append(("router input [T, H]", T * H * s))
-    out.append(("router: logits, softmax, top-k, weights [T, E], [T, K]",
-                T * (x.E * s + x.E * 4 + x.K * (4 + 4 + INDEX) + 4 + INDEX)))
+    out.append(("router: fp32 softmax [T, E], top-k ids, renormalised weights [T, K] and their sum",
+                T * (x.E * 4 + x.K * (INDEX + 4) + 4)))
     out.append(("dispatch indices, slot weights [T K]", N * (2 * INDEX + s)))
     # The CPU's fused expert LoRA keeps its inputs whatever is frozen; CUDA's grouped GEMMs keep
     # an input only for a trained weight or a LoRA A reading it.
@@ -345,8 +346,8 @@ def layer_saved(x: LayerShape) -> list[tuple[str, float]]:
             out.append(("expert LoRA dropout outputs and masks [M, H + F]", M * (H + x.F) * x.dropout_bytes))
     if x.ep:
         out.append(("expert outputs kept for the combine [M, H], row order", M * (H * s + INDEX)))
+    # The combine adds the weighted rows into zeros (index_add): the MoE output itself is not kept.
     out.append(("expert outputs and weighted outputs [T K, H]", 2 * N * H * s))
-    out.append(("MoE output [T, H]", T * H * s))
     return out
 
 

@@ -51,7 +51,7 @@ def _saved_by_autograd(preset: str, lora: bool, dropout: float, rows: int, seq: 
     """Bytes of the tensors one decoder layer's forward saves for backward (CPU, fp32), without the
     parameters and the tensors made before the layer ran (its input, cos/sin, the layout)."""
     from model import Mixtral
-    from model.attention import document_layout, rope_cos_sin
+    from model.attention import batch_layout, rope_cos_sin
 
     config = MixtralConfig.preset(preset)
     torch.manual_seed(0)
@@ -64,12 +64,12 @@ def _saved_by_autograd(preset: str, lora: bool, dropout: float, rows: int, seq: 
     layer = (model.get_base_model() if lora else model).layers[0]
     h = torch.randn(rows, seq, config.hidden_size, requires_grad=True)
     documents = torch.zeros(rows, seq, dtype=torch.long)
-    mask = torch.ones(rows, seq, dtype=torch.long)
     cos, sin = rope_cos_sin(torch.arange(seq).expand(rows, seq), config.head_dim, config.rope_theta, h.dtype)
-    layout = document_layout(documents, mask)
+    layout = batch_layout(rows, seq, h.device, document_ids=documents)  # the CPU's per-document SDPA
+    attention = layout.attention
     before = {t.untyped_storage().data_ptr() for t in [h, cos, sin, *layer.parameters()]}
-    before |= {t.untyped_storage().data_ptr() for bucket in layout.buckets for t in bucket}
-    before.add(layout.inverse.untyped_storage().data_ptr())
+    before |= {t.untyped_storage().data_ptr() for bucket in attention.buckets for t in bucket}
+    before.add(attention.inverse.untyped_storage().data_ptr())
     saved = {}
 
     def pack(t):
@@ -79,7 +79,7 @@ def _saved_by_autograd(preset: str, lora: bool, dropout: float, rows: int, seq: 
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(h, cos, sin, layout, mask.reshape(-1).bool())
+        layer(h, cos, sin, layout)
     return sum(saved.values())
 
 
