@@ -215,7 +215,7 @@ def check_usable_sources(per_source: list[tuple[RawSource, ChunkResult]]) -> Non
         raise PrepError(
             f"data.sources: {name}: 0 of {result.read} records usable (rejected: "
             f"{', '.join(f'{reason} {n}' for reason, n in reasons)}; e.g. {first}); check the file's format "
-            f"and encoding (records are UTF-8 JSON objects, see the README's data prep section)"
+            f"and encoding (records are UTF-8 JSON objects, see docs/stages.md, data prep)"
         )
 
 

@@ -2,7 +2,7 @@
 
 The math is in moe.py and lora.py; this module only decides how a CPU runs it fast, and the model
 files call it where the device is the CPU and the caller asked for the default path. Why each
-choice, with the measurements: README, design notes "CPU kernels".
+choice, with the measurements: docs/design.md, "CPU kernels live in one module".
 
 - `expert_mm`: one BLAS mm per non-empty expert, forward and backward (the CPU's grouped GEMM).
   Half precision is multiplied natively where the CPU has instructions for it
