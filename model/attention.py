@@ -57,10 +57,14 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, n, D], cos/sin [B, S, D] -> [B, S, n, D]."""
+    """x [B, S, n, D], cos/sin [B, S, D] -> [B, S, n, D] in x's dtype.
+
+    Under autocast an fp32 model's q/k come out of their projections in bf16 while cos/sin stay
+    fp32: the product would promote q and k back to fp32 beside a bf16 v, which the flash-based
+    kernels (varlen, Flex) refuse. The result is cast back, as the bf16 model computes it."""
     x1, x2 = x.chunk(2, dim=-1)  # [B, S, n, D/2] each
     rotated = torch.cat([-x2, x1], dim=-1)  # [B, S, n, D]
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    return (x * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
 
 
 def build_attention_mask(

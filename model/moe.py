@@ -110,9 +110,10 @@ def grouped_mm(
             f"grouped_mm: tokens_per_expert must be [E={w.shape[0]}], got {tuple(tokens_per_expert.shape)}"
         )
     cpu_default = use_grouped_mm is None and x.device.type == "cpu"
-    if not cpu_default and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        # As autocast does for mm: torch._grouped_mm is not on its list, and in fp32 the CUDA kernel
-        # falls back to a loop with a host sync per call.
+    if not cpu_default and torch.float32 in (x.dtype, w.dtype) and torch.is_autocast_enabled(x.device.type):
+        # As autocast does for mm: torch._grouped_mm is not on its list, and in fp32 (or with fp32
+        # weights of an fp32 model beside bf16 rows) the CUDA kernel falls back to a loop with a
+        # host sync per call.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     if use_grouped_mm is False:

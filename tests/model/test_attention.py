@@ -8,7 +8,9 @@ import torch
 from model import Mixtral, MixtralConfig
 from model.attention import (
     Attention,
+    BatchLayout,
     BucketLayout,
+    DocumentLayout,
     FlexLayout,
     VarlenLayout,
     batch_layout,
@@ -231,3 +233,27 @@ def test_kv_cache_refuses_padding_and_packing():
     with pytest.raises(ValueError, match="kv_cache"):
         model(torch.zeros(1, 3, dtype=torch.long), document_ids=torch.zeros(1, 3, dtype=torch.long),
               kv_cache=KVCache(cfg.num_hidden_layers))
+
+
+class _RecordingLayout(DocumentLayout):
+    """Records the dtypes a per-document kernel receives (varlen and Flex refuse mixed ones)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def attend(self, q, k, v, *, enable_gqa):
+        self.seen.append((q.dtype, k.dtype, v.dtype))
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=enable_gqa
+        ).transpose(1, 2)
+
+
+def test_an_fp32_model_under_autocast_hands_the_kernel_one_dtype():
+    """recipes/tiny/sft.yaml on a GPU: an fp32 model, mixed_precision bf16 (autocast), varlen."""
+    config = MixtralConfig.preset("tiny")
+    model = Mixtral(config)
+    recording = _RecordingLayout()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, layout=BatchLayout(recording))
+    assert recording.seen == [(torch.bfloat16,) * 3] * config.num_hidden_layers

@@ -218,4 +218,6 @@ def test_grouped_mm_under_autocast_runs_in_the_autocast_dtype_off_the_cpu_path()
     counts = torch.tensor([20, 12])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert grouped_mm(x, w, counts, use_grouped_mm=True).dtype == torch.bfloat16
+        # bf16 rows (the SwiGLU of bf16 products) beside an fp32 model's weights: cast too
+        assert grouped_mm(x.bfloat16(), w, counts, use_grouped_mm=True).dtype == torch.bfloat16
         assert grouped_mm(x, w, counts).dtype == torch.float32  # the CPU kernels keep fp32 weights fp32
