@@ -30,6 +30,7 @@ multi-process test checks that expert weights stay different across EP ranks aft
 
 from __future__ import annotations
 
+import datetime
 import os
 import zlib
 from dataclasses import dataclass
@@ -234,6 +235,12 @@ def deepspeed_config(
     }
 
 
+# How long a collective waits for every rank. torch's and DeepSpeed's default is 10 minutes, but the
+# other ranks wait in a barrier while rank 0 writes the final model (93 GB for a full Mixtral-8x7B,
+# 16 minutes at 100 MB/s on a shared filesystem) or eval's rank 0 prepares the data.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def init_process_state(backend: str, *, deepspeed: bool) -> bool:
     """accelerate's shared process state for this launch; returns whether it is CPU data parallel.
 
@@ -256,7 +263,7 @@ def init_process_state(backend: str, *, deepspeed: bool) -> bool:
             )
         return False
     cpu = not deepspeed and not torch.cuda.is_available()
-    PartialState(backend=backend, cpu=cpu)
+    PartialState(backend=backend, cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
     return cpu
 
 

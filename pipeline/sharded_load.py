@@ -246,12 +246,16 @@ def _drawn_partitions(model: Mixtral) -> Iterator[tuple[str, torch.Tensor]]:
 
 def match_engine_dtype(model: nn.Module, ds_config: dict) -> None:
     """Cast the parameters zero.Init did not build (LoRA adapters) to the engine's dtype, as the
-    engine does for a model it partitions itself (it skips the cast for a zero.Init model)."""
+    engine does for a model it partitions itself (it skips the cast for a zero.Init model).
+
+    Each cast parameter keeps the dtype it was built with as `built_dtype`: the trainer saves the
+    fp32 master copy in that dtype (`parallel.master_or_module_copy`), not the engine's bf16 copy."""
     dtype = engine_dtype(ds_config, torch.float32)
     if dtype == torch.float32:
         return
     for param in model.parameters():
         if not is_partitioned(param) and param.is_floating_point():
+            param.built_dtype = param.dtype
             param.data = param.data.to(dtype)
 
 

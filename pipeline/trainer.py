@@ -153,8 +153,9 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps,
                                          total_steps=self.total_steps, schedule=config.schedule,
                                          min_ratio=config.min_lr_ratio)
-        # As built, before DeepSpeed casts the module for mixed precision: what the final save keeps.
-        self.param_dtypes = {name: p.dtype for name, p in model.named_parameters()}
+        # As built, before DeepSpeed casts the module for mixed precision: what the final save keeps
+        # (under ZeRO-3 the adapters were cast already, `sharded_load.match_engine_dtype`).
+        self.param_dtypes = {name: getattr(p, "built_dtype", p.dtype) for name, p in model.named_parameters()}
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.step = 0
         self.trained_tokens = 0

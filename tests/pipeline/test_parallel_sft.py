@@ -68,6 +68,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         # The Mixtral-8x7B LoRA recipes' path: ZeRO-2 + EP, bf16 (DeepSpeed casts the module, adapters too).
         "z2ep2_lora_bf16": _sft(data, tmp / "z2ep2_lora_bf16", *lora, *ep2, "train.mixed_precision=bf16",
                                 "train.max_steps=2", config="cpu_zero2_ep2.yaml"),
+        # ZeRO-3 + bf16: the adapters are cast before the engine exists (built under zero.Init).
+        "z3_lora_bf16": _sft(data, tmp / "z3_lora_bf16", *lora, *z3, "train.mixed_precision=bf16",
+                             "train.max_steps=2", config="cpu_zero3.yaml"),
     }
     # Resume: a copy of the ep=2 run cut back to its step-2 checkpoint, continued by a new launch.
     resumed = tmp / "z2ep2_full_resumed"
@@ -194,7 +197,7 @@ def test_resume_under_zero2_ep2_continues_the_same_curve(runs):
         assert abs(got[step] - want[step]) < 1e-6, f"step {step + 1}: resumed {got[step]} vs {want[step]}"
 
 
-@pytest.mark.parametrize("mode", [m for m, _ in LAUNCHED] + ["resumed", "z2ep2_lora_bf16"])
+@pytest.mark.parametrize("mode", [m for m, _ in LAUNCHED] + ["resumed", "z2ep2_lora_bf16", "z3_lora_bf16"])
 def test_launched_runs_write_model_manifest_and_wandb_run(runs, mode):
     assert_finished_with_wandb(runs[mode])
 
@@ -208,21 +211,28 @@ def _found_at_float_offset(needle: torch.Tensor, haystack: torch.Tensor) -> bool
     return at != -1
 
 
-def test_bf16_deepspeed_adapter_is_the_fp32_master_copy(runs):
+@pytest.mark.parametrize("mode", ["z2ep2_lora_bf16", "z3_lora_bf16"])
+def test_bf16_deepspeed_adapter_is_the_fp32_master_copy(runs, mode):
     # Under bf16 DeepSpeed trains bf16 module copies and steps fp32 master weights, partitioned in its
     # optimizer: the final checkpoint holds each rank's partitions. ZeRO-2 cuts each dense group's flat
     # buffer in rank order; each rank's expert groups hold its own experts whole (ep=2 on 2 ranks).
-    run = runs["z2ep2_lora_bf16"]
+    # ZeRO-3 cuts every parameter in two, each rank's half in its group's flat buffer.
+    run = runs[mode]
     adapter = load_file(run / "adapter_model.safetensors")
     ckpt = run / "checkpoints/step-000002"
     masters = [[t for k, t in sorted(load_file(ckpt / f"optimizer-rank{r}.safetensors").items(),
                                      key=lambda kv: kv[0]) if k.startswith("fp32.")] for r in (0, 1)]
     module_copy = load_file(ckpt / "model-rank0.safetensors")
-    assert {t.dtype for t in module_copy.values()} == {torch.bfloat16}  # what used to be saved
+    assert {t.dtype for n, t in module_copy.items() if "lora_" in n} == {torch.bfloat16}  # what used to be saved
     assert adapter.keys() and {t.dtype for t in adapter.values()} == {torch.float32}
     for name, t in adapter.items():
         assert not torch.equal(t, t.bfloat16().float()), f"{name}: a bf16 copy widened to fp32"
-        if ".moe.experts." in name:
+        if mode == "z3_lora_bf16":
+            flat = t.reshape(-1)
+            half = -(-flat.numel() // 2)
+            assert all(any(_found_at_float_offset(piece, m) for m in masters[r])
+                       for r, piece in enumerate((flat[:half], flat[half:])) if piece.numel()), name
+        elif ".moe.experts." in name:
             half = t.shape[0] // 2
             assert all(any(_found_at_float_offset(t[r * half:(r + 1) * half], m) for m in masters[r])
                        for r in (0, 1)), name
