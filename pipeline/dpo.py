@@ -428,21 +428,20 @@ def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
 
 
 def load_sft_model(
-    sft_dir: str | os.PathLike, dtype: torch.dtype | None = None, expert_ids: list[int] | None = None,
+    sft_dir: str | os.PathLike, dtype: torch.dtype | None = None,
     *, load: Callable[[str], nn.Module] | None = None,
 ) -> nn.Module:
     """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
 
-    ``expert_ids``: hold only these experts (expert parallelism). ``load(path)``: how to read a
-    checkpoint instead (``sft.build_model`` passes its own: EP experts or ZeRO-3 partitions). The
-    SFT adapter is merged in fp32 and then cast to ``dtype``, as export merges it, so DPO trains on
-    the weights export writes.
+    ``load(path)``: how to read a checkpoint instead of whole (``sft.build_model`` passes its own:
+    EP experts or ZeRO-3 partitions). The SFT adapter is merged in fp32 and then cast to ``dtype``,
+    as export merges it, so DPO trains on the weights export writes.
     """
-    from model import Mixtral
+    from model.checkpoint import load_pretrained
 
     if load is None:
         def load(path):
-            return Mixtral.from_pretrained(path, dtype=dtype, expert_ids=expert_ids)
+            return load_pretrained(path, dtype=dtype)
 
     manifest = read_sft_manifest(sft_dir)
     if manifest["kind"] == "full":

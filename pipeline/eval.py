@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pipeline import parallel, report
 from pipeline import passkey as pk
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
-from pipeline.expert_parallel import install_dispatch, shard_experts
+from pipeline.expert_parallel import ExpertPlacement, install_dispatch, load_local_experts, shard_experts
 from pipeline.passkey import greedy_generate
 from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
 from pipeline.routing import (
@@ -173,16 +173,16 @@ class EvalRecipe:
 
 
 def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                   expert_ids: list[int] | None = None, device: str | torch.device = "cpu"):
+                   place: ExpertPlacement | None = None, device: str | torch.device = "cpu"):
     """A plain ``Mixtral`` from a stage output dir (full, or LoRA merged into its base) or an HF dir.
 
     A LoRA run's manifest names its base (``base.checkpoint``), which may itself be a run dir: a DPO
     run over an SFT run over a base checkpoint merges both adapters, in order, each in fp32 (as
-    export merges). ``expert_ids``: hold only these experts (expert parallelism), read from the
-    checkpoint and the adapters alone; ``device``: where the weights are read to.
+    export merges). ``place``: hold only this rank's experts (expert parallelism, more than one
+    rank), read from the checkpoint and the adapters alone; ``device``: where the weights are read to.
     (``pipeline.dpo``'s ``load_sft_model`` reads one level only, which is all DPO needs.)
     """
-    from model import Mixtral
+    from model.checkpoint import load_pretrained
 
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -193,7 +193,7 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             base_dir = (manifest.get("base") or {}).get("checkpoint")
             if not base_dir:
                 raise ValueError(f"{manifest_path}: a LoRA run must name its base in base.checkpoint")
-            base = load_model_dir(base_dir, dtype, expert_ids, device)
+            base = load_model_dir(base_dir, dtype, place, device)
             return merge_adapter_fp32(base, manifest.get("adapter_dir") or str(path))
         if kind != "full":
             raise ValueError(f"{manifest_path}: kind must be 'lora' or 'full', got {kind!r}")
@@ -201,7 +201,9 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: neither a stage output (manifest.json) nor an HF checkpoint (config.json)")
-    return Mixtral.from_pretrained(path, dtype=dtype, device=device, expert_ids=expert_ids)
+    if place is not None and place.ep_size > 1:
+        return load_local_experts(path, place, dtype=dtype, device=device)
+    return load_pretrained(path, dtype=dtype, device=device)
 
 
 def resolve_models(recipe: EvalRecipe, log=print) -> list[tuple[str, str | None]]:
@@ -233,16 +235,16 @@ def build_model(directory: str | None, recipe: EvalRecipe, device: torch.device,
 
     dtype = getattr(torch, recipe.dtype)
     place = procs.placement(_num_experts(directory, recipe)) if procs is not None else None
-    expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
+    sharded_experts = place is not None and place.ep_size > 1
     if directory is None:
         torch.manual_seed(recipe.seed)
         model = Mixtral(MixtralConfig.preset(recipe.fallback_preset)).to(dtype)
-        if expert_ids is not None:
+        if sharded_experts:
             shard_experts(model, place)  # the same draws on every process, each keeps its experts
     else:
-        model = load_model_dir(directory, dtype, expert_ids, device)
+        model = load_model_dir(directory, dtype, place, device)
     model = model.to(device).eval()
-    if expert_ids is not None:
+    if sharded_experts:
         install_dispatch(model, place, parallel.expert_groups(place.ep_size)[0])
     return model
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from data_prep.dataset import load_prepared, no_eval_note
+from model.checkpoint import save_pretrained
 from pipeline import parallel, sharded_load
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
@@ -145,9 +146,9 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
 
     m = recipe.model
     dtype = getattr(torch, m.dtype)
-    expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
+    sharded_experts = place is not None and place.ep_size > 1
     zero3 = sharded_load.zero3_config() if recipe.parallel.zero_stage == 3 else None
-    load = sharded_load.checkpoint_loader(dtype, expert_ids, zero3)
+    load = sharded_load.checkpoint_loader(dtype, place, zero3)
     if load_base is not None:
         model = load_base(load)
     elif m.checkpoint is not None:
@@ -157,7 +158,7 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
         # then each rank keeps its experts (EP) or its partitions (ZeRO-3).
         model = sharded_load.random_init(MixtralConfig.preset(m.preset), dtype, zero3,
                                          save_to=output_dir / "base" if is_main else None)
-        if expert_ids is not None:
+        if sharded_experts:
             shard_experts(model, place)
     model = configure_for_training(model, recipe, place)
     if zero3 is not None:
@@ -204,10 +205,10 @@ def save_final(model: nn.Module, output_dir: Path, lora: bool,
     tmp = output_dir / ".tmp-final"
     if tmp.exists():
         shutil.rmtree(tmp)
-    if state_dict is None:
-        model.save_pretrained(tmp)
-    elif lora:
-        model.save_pretrained(tmp, state_dict=state_dict)
+    if lora:
+        model.save_pretrained(tmp, state_dict=state_dict)  # PEFT's adapter files
+    elif state_dict is None:
+        save_pretrained(model, tmp)
     else:
         from model import Mixtral
 
@@ -216,7 +217,7 @@ def save_final(model: nn.Module, output_dir: Path, lora: bool,
         missing = [n for n, p in full.named_parameters() if p.is_meta]
         if missing:
             raise ValueError(f"save_final: the consolidated state dict lacks {missing[:3]}")
-        full.save_pretrained(tmp)
+        save_pretrained(full, tmp)
     names = sorted(p.name for p in tmp.iterdir())
     record(output_dir, names)  # listed before they land: starting over deletes them, and only them
     for name in names:
