@@ -40,12 +40,12 @@ from torch import nn
 
 from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared, no_eval_note
+from model.losses import IGNORE_INDEX, shift_labels
 from pipeline import parallel, sharded_load
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.comm import group_device
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
 from pipeline.dpo_loss import (
-    IGNORE_INDEX,
     SMOOTHED_LOSS_TYPES,
     chosen_nll,
     preference_loss,
@@ -195,7 +195,7 @@ def policy_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], logits_ch
         loss_reduction="none",
         logits_chunk_size=logits_chunk_size if logits_chunk_size is not None else labels.numel(),
     )
-    return out, -out.loss.sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
+    return out, -out.loss.sum(dim=-1), (shift_labels(labels) != IGNORE_INDEX).sum(dim=-1)
 
 
 class Reference:

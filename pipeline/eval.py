@@ -33,8 +33,8 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from model.losses import IGNORE_INDEX, masked_ce, shift_labels
 from pipeline import parallel, report
 from pipeline import passkey as pk
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
@@ -52,7 +52,6 @@ from pipeline.rundir import on_main_for_all, owned_output, record
 from pipeline.sft import collate_rows as collate
 from pipeline.sharded_load import merge_adapter_fp32
 
-IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
 
 
@@ -402,16 +401,15 @@ def document_sources(row: dict, where: str = "row") -> list[str]:
 
 
 def position_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL per position and whether it was scored: ([B, S-1] float, [B, S-1] bool).
+    """Next-token NLL per position and whether it was scored: ([B, S] float, [B, S] bool), the
+    model's own CE (`model.losses`).
 
-    ``labels`` [B, S] are unshifted (HF convention): position s scores the prediction of label s + 1,
-    so column s belongs to the document of token s + 1. Unscored positions hold 0.
+    ``labels`` [B, S] are unshifted (HF convention): position s scores the prediction of label s + 1
+    (`shift_labels`), the last position none. Unscored positions hold 0.
     """
-    pred = logits[:, :-1].float()  # [B, S-1, V]
-    target = labels[:, 1:]  # [B, S-1]
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                          reduction="none").view(target.shape)  # [B*(S-1)] -> [B, S-1]
-    return nll, target != IGNORE_INDEX
+    targets = shift_labels(labels)  # [B, S]
+    nll = masked_ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), "none")  # [B*S]
+    return nll.view(targets.shape), targets != IGNORE_INDEX
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,9 +422,9 @@ def nll_per_document(nll: torch.Tensor, scored: torch.Tensor, document_ids: torc
                      num_documents: int) -> tuple[list[float], list[int]]:
     """One row's NLL sum and scored-token count per document: ([D], [D]) as lists.
 
-    ``nll``/``scored`` [S-1] from :func:`position_nll`, ``document_ids`` [S-1] the ids of the scored
-    tokens (the row's ids shifted by one, like the labels). Every document starts with an unscored
-    BOS, so no scored position predicts across a document boundary.
+    ``nll``/``scored`` [S] from :func:`position_nll`, ``document_ids`` [S] the row's. Every document
+    starts with an unscored BOS, so no scored position predicts across a document boundary: a
+    scored position and the label it predicts belong to the same document.
     """
     docs = document_ids[scored].long()  # [P]
     if docs.numel() and (int(docs.min()) < 0 or int(docs.max()) >= num_documents):
@@ -470,13 +468,12 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
                     attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
         if step >= len(mine):
             continue  # a repeat for the collectives' sake
-        nll, scored = position_nll(out.logits, batch["labels"].to(device))  # [B, S-1] each
+        nll, scored = position_nll(out.logits, batch["labels"].to(device))  # [B, S] each
         nll, scored = nll.cpu(), scored.cpu()
-        target_docs = batch["document_ids"][:, 1:]  # [B, S-1]: the document of each scored label
         for i, (row, sources) in enumerate(zip(chunk, chunk_sources, strict=True)):
             if not row.get("heldout", True):
                 continue
-            doc_nll, doc_count = nll_per_document(nll[i], scored[i], target_docs[i], len(sources))
+            doc_nll, doc_count = nll_per_document(nll[i], scored[i], batch["document_ids"][i], len(sources))
             for source, value, count in zip(sources, doc_nll, doc_count, strict=True):
                 nll_sum[source] = nll_sum.get(source, 0.0) + value
                 counts[source] = counts.get(source, 0) + count

@@ -29,6 +29,7 @@ from torch import nn
 
 from data_prep.dataset import load_prepared, no_eval_note
 from model.checkpoint import save_pretrained
+from model.losses import IGNORE_INDEX, shift_labels
 from pipeline import parallel, sharded_load
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
@@ -41,7 +42,6 @@ from pipeline.rundir import record, start_training_run
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
 
-IGNORE_INDEX = -100
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
 PAD_ID = 0
 
@@ -81,8 +81,8 @@ class SFTTask:
         return collate_rows(rows)
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
-        # The model shifts labels inside (HF convention): the first position never carries a label.
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # The labels the model's loss scores (it shifts them inside, HF convention).
+        return int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         out = model(
