@@ -137,17 +137,12 @@ class Mixtral(nn.Module):
             return "varlen"
         return "flex" if self.blocks_compiled else "sdpa"
 
-    def batch_layout(
-        self,
-        input_ids: torch.Tensor,
-        document_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> BatchLayout:
-        """Where the batch's documents and padding lie, for every layer of one forward; `forward`
-        calls it, or takes one made beforehand (`layout=`). One host sync where there are
-        document_ids or an attention_mask, none otherwise."""
+    def batch_layout(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> BatchLayout:
+        """Where the batch's documents and padding (document id -1) lie, for every layer of one
+        forward; `forward` calls it, or takes one made beforehand (`layout=`). One host sync where
+        there are document_ids, none otherwise."""
         B, S = input_ids.shape
-        layout = batch_layout(B, S, input_ids.device, document_ids, attention_mask, self.config.sliding_window,
+        layout = batch_layout(B, S, input_ids.device, document_ids, self.config.sliding_window,
                               self.attention_kernel(input_ids.device))
         if self.blocks_compiled and isinstance(layout.attention, BucketLayout):
             layout.attention.outside_compiled_graphs()
@@ -158,7 +153,6 @@ class Mixtral(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         logits_chunk_size: int | None = None,
@@ -166,24 +160,34 @@ class Mixtral(nn.Module):
         kv_cache: KVCache | None = None,
         layout: BatchLayout | None = None,
         logits_to_keep: int | None = None,
+        attention_mask: None = None,
     ) -> MixtralOutput:
-        """`kv_cache` (a `KVCache(num_hidden_layers)`): incremental decoding of rows without padding
+        """`document_ids` [B, S]: the document of its row each token belongs to (packed rows; no
+        attention across documents), -1 on padding; None: one document per row, no padding.
+        `labels` [B, S]: IGNORE_INDEX (-100) where not scored; shifted inside (`shift_labels`).
+        `kv_cache` (a `KVCache(num_hidden_layers)`): incremental decoding of rows without padding
         or packing; input_ids are the tokens after the cached ones, and the cache is extended.
-        `layout`: `self.batch_layout(...)` of this batch, instead of document_ids / attention_mask.
-        `logits_to_keep`: logits of the last n positions only (generation), no labels."""
+        `layout`: `self.batch_layout(...)` of this batch, instead of document_ids.
+        `logits_to_keep`: logits of the last n positions only (generation), no labels.
+        `attention_mask`: removed (padding is document id -1 only); passing one raises."""
+        if attention_mask is not None:
+            raise TypeError(
+                "Mixtral.forward: attention_mask is not taken; mark padding with document_ids = -1 "
+                "(one document per row: document_ids = attention_mask - 1)"
+            )
         B, S = input_ids.shape
         device = input_ids.device
         past = 0
         if kv_cache is not None:
-            if document_ids is not None or attention_mask is not None or layout is not None:
-                raise ValueError("Mixtral: kv_cache decodes unpadded, unpacked rows: pass no document_ids / attention_mask")
+            if document_ids is not None or layout is not None:
+                raise ValueError("Mixtral: kv_cache decodes unpadded, unpacked rows: pass no document_ids")
             past = kv_cache.length
         if logits_to_keep is not None and (labels is not None or logits_to_keep < 1):
             raise ValueError("Mixtral: logits_to_keep is a positive number of last positions, for calls without labels")
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=device).expand(B, S)
         if layout is None:
-            layout = BatchLayout(None) if kv_cache is not None else self.batch_layout(input_ids, document_ids, attention_mask)
+            layout = BatchLayout(None) if kv_cache is not None else self.batch_layout(input_ids, document_ids)
 
         h = self.embed_tokens(input_ids)  # [B, S, H]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)

@@ -156,8 +156,8 @@ def load_recipe(path: str, overrides: list[str]) -> DPORecipe:
 def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
     """B preference rows -> one right-padded batch of 2B rows, ``[chosen; rejected]``.
 
-    input_ids/labels/attention_mask [2B, S]; document_ids [2B, S] (0 on each sequence, -1 on its
-    padding), which the model attends through per sequence (variable-length kernels, no
+    input_ids/labels [2B, S]; document_ids [2B, S] (0 on each sequence, -1 on its padding: the
+    model's one padding encoding), which the model attends through per sequence (variable-length kernels, no
     [2B, 1, S, S] mask); with precomputed reference log-probs in the rows also
     ref_chosen_logps/ref_rejected_logps [B].
     """
@@ -167,13 +167,11 @@ def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
     batch = {
         "input_ids": torch.full((len(seqs), width), PAD_ID, dtype=torch.long),
         "labels": torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long),
-        "attention_mask": torch.zeros((len(seqs), width), dtype=torch.long),
         "document_ids": torch.full((len(seqs), width), -1, dtype=torch.long),
     }
     for i, (ids, labels) in enumerate(seqs):
         batch["input_ids"][i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         batch["labels"][i, : len(labels)] = torch.as_tensor(labels, dtype=torch.long)
-        batch["attention_mask"][i, : len(ids)] = 1
         batch["document_ids"][i, : len(ids)] = 0
     if all(name in rows[0] for name in REF_COLUMNS):
         for name in REF_COLUMNS:
@@ -272,7 +270,7 @@ class DPOTask:
         return TaskOutput(
             loss_sum=loss_sum,
             extra=extra,
-            tokens=int(batch["attention_mask"].sum()),
+            tokens=int((batch["document_ids"] >= 0).sum()),
             # Per-pair sums: the trainer divides by the pairs of the global batch -> exact means.
             sums={"loss": loss_sum.detach(), **reward_sums(pref, chosen, rejected)},
             means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach(), "nll": nll.detach()},

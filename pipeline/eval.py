@@ -464,8 +464,7 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
         chunk_sources = [document_sources(row, f"row {start + i}") for i, row in enumerate(chunk)]
         batch = collate(chunk)
         out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                    document_ids=batch["document_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
+                    document_ids=batch["document_ids"].to(device), output_router_logits=True)
         if step >= len(mine):
             continue  # a repeat for the collectives' sake
         nll, scored = position_nll(out.logits, batch["labels"].to(device))  # [B, S] each
@@ -477,7 +476,7 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
             for source, value, count in zip(sources, doc_nll, doc_count, strict=True):
                 nll_sum[source] = nll_sum.get(source, 0.0) + value
                 counts[source] = counts.get(source, 0) + count
-        keys = document_keys(batch["document_ids"], batch["attention_mask"], batch["input_ids"].shape)
+        keys = document_keys(batch["document_ids"], batch["input_ids"].shape)
         stats.add([r.cpu() for r in out.router_logits], keys, chunk_sources, batch["document_ids"])
     if procs is not None and procs.launched:
         nll_sum, counts, stats = _summed_over_processes(procs, nll_sum, counts, stats)

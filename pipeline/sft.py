@@ -47,7 +47,8 @@ PAD_ID = 0
 
 
 def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Packed rows of different lengths -> right-padded [B, S] tensors; padding: mask 0, document id -1.
+    """Packed rows of different lengths -> right-padded [B, S] tensors; padding: document id -1 (the
+    model's one padding encoding), label IGNORE_INDEX.
 
     Rows without position_ids / document_ids (one conversation per row) get 0..n-1 and document 0.
     """
@@ -57,7 +58,6 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
         "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
         "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
         "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
     }
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
@@ -65,7 +65,6 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch["labels"][i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
         batch["position_ids"][i, :n] = torch.as_tensor(row.get("position_ids") or range(n), dtype=torch.long)
         batch["document_ids"][i, :n] = torch.as_tensor(row.get("document_ids") or [0] * n, dtype=torch.long)
-        batch["attention_mask"][i, :n] = 1
     return batch
 
 
@@ -89,7 +88,6 @@ class SFTTask:
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             document_ids=batch["document_ids"],
-            attention_mask=batch["attention_mask"],
             labels=batch["labels"],
             loss_reduction="sum",
             logits_chunk_size=self.logits_chunk_size,
@@ -97,7 +95,7 @@ class SFTTask:
         return TaskOutput(
             loss_sum=out.loss,
             extra=self.aux_coef * out.aux_loss + self.z_coef * out.z_loss,
-            tokens=int(batch["attention_mask"].sum()),
+            tokens=int((batch["document_ids"] >= 0).sum()),
             sums={"loss": out.loss.detach()},
             means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach()},
             expert_counts=out.expert_counts,

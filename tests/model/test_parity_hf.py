@@ -92,7 +92,7 @@ def test_logits_and_aux_loss_with_padding(pair, side):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, position_ids=positions, output_router_logits=True)
-        out = ours(ids, attention_mask=mask, position_ids=positions)
+        out = ours(ids, document_ids=mask - 1, position_ids=positions)  # padding: document id -1
     real = mask.bool()
     assert (out.logits[real] - ref.logits[real]).abs().max() <= 1e-4
     assert (out.aux_loss - ref.aux_loss).abs() <= 1e-5

@@ -132,3 +132,9 @@ def test_expert_parallel_block_refuses_to_run_alone():
         layer.moe.experts.num_experts = 2
     with pytest.raises(RuntimeError, match="expert-parallel"):
         partial(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_forward_refuses_an_attention_mask(model):
+    # Padding has one encoding, document id -1: a mask passed out of habit must not be ignored.
+    with pytest.raises(TypeError, match="document_ids = -1"):
+        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3, dtype=torch.long))

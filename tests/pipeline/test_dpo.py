@@ -105,13 +105,9 @@ def test_collate_puts_chosen_then_rejected_right_padded():
         [-100, -100, 8, 9, 2],
         [-100, -100, -100, 3, 2],
     ]
-    assert b["attention_mask"].tolist() == [
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1],
-    ]
-    assert b["document_ids"].tolist() == [[0, 0, 0, 0, -1], [0] * 5, [0] * 5, [0] * 5]  # attention per sequence
+    # Attention per sequence; padding is document id -1, the batch's only padding encoding.
+    assert b["document_ids"].tolist() == [[0, 0, 0, 0, -1], [0] * 5, [0] * 5, [0] * 5]
+    assert "attention_mask" not in b
     assert b["ref_chosen_logps"].tolist() == [-1.5, -3.0]
     assert b["ref_rejected_logps"].tolist() == [-2.5, -4.0]
     assert DPOTask(DPOSection(), aux_coef=0.0, z_coef=0.0, reference=None).count_units(b) == 2
@@ -151,7 +147,7 @@ def test_task_loss_is_the_preference_loss_sum_plus_router_terms():
     margins = want.chosen_rewards - want.rejected_rewards
     assert out.sums["rewards/accuracies"].item() == (margins > 0).sum().item()
     torch.testing.assert_close(out.sums["rewards/margins"], margins.sum())
-    assert out.tokens == int(batch["attention_mask"].sum())
+    assert out.tokens == int((batch["document_ids"] >= 0).sum())
     assert out.loss_sum.requires_grad
 
 

@@ -67,7 +67,7 @@ def test_collate_pads_with_masked_tokens():
     assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 1, 0]]
     assert batch["document_ids"].tolist() == [[0, 1, 1], [0, 0, -1]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert "attention_mask" not in batch  # padding is document id -1 only
 
 
 def test_greedy_generate_is_argmax_continuation():
