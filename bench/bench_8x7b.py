@@ -113,7 +113,7 @@ def main() -> None:
         model.get_base_model().compile_blocks()
     task = SFTTask(aux_coef=config.router_aux_loss_coef, z_coef=0.0, logits_chunk_size=CHUNK)
     batch = {k: v.to(device) for k, v in task.collate([one_row(args.data, args.seq, config.vocab_size)]).items()}
-    tokens, labelled = int(batch["attention_mask"].sum()), task.count_units(batch)
+    tokens, labelled = int((batch["document_ids"] >= 0).sum()), task.count_units(batch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, fused=cuda)
 

@@ -75,15 +75,16 @@ def save_weights(path: str) -> None:
     import torch
 
     from model import Mixtral, MixtralConfig
+    from model.checkpoint import save_pretrained
 
     torch.manual_seed(0)
-    Mixtral(MixtralConfig.preset("bench-small")).save_pretrained(path)
+    save_pretrained(Mixtral(MixtralConfig.preset("bench-small")), path)
 
 
 def run_ours(args, pairs: list[dict], weights: str) -> dict:
     import torch
 
-    from model import Mixtral
+    from model.checkpoint import load_pretrained
     from model.lora import apply_lora
     from pipeline.dpo import DPOSection, DPOTask, Reference, compute_reference_log_probs
     from pipeline.parallel import ParallelSection, make_accelerator
@@ -104,7 +105,7 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
             }
         )
     torch.manual_seed(0)
-    model = Mixtral.from_pretrained(weights, dtype=torch.float32)
+    model = load_pretrained(weights, dtype=torch.float32)
     if args.side == "ours-mask":
         model.attention_backend = "mask"
     model.requires_grad_(False)

@@ -67,6 +67,7 @@ def build_inputs(root: Path, layers: int) -> None:
 
     sys.path.insert(0, str(REPO))
     from model import Mixtral, MixtralConfig
+    from model.checkpoint import save_pretrained
     from model.lora import apply_lora
 
     torch.manual_seed(0)
@@ -80,7 +81,7 @@ def build_inputs(root: Path, layers: int) -> None:
         torch_dtype="bfloat16",
     )
     model = Mixtral(cfg)
-    model.save_pretrained(root / "base", max_shard_size="200MB", dtype=torch.bfloat16)
+    save_pretrained(model, root / "base", max_shard_size="200MB", dtype=torch.bfloat16)
     peft_model = apply_lora(model, r=8, alpha=16)
     with torch.no_grad():
         for _, p in peft_model.named_parameters():

@@ -218,7 +218,7 @@ def saved_activations(model, layers, forward, batches: list[dict]) -> dict:
         del loss  # frees the graph and what it saved
         layer_bytes.append(sum(saved.in_layers.values()))
         all_bytes.append(sum(saved.all.values()))
-        tokens.append(int(batch["attention_mask"].sum()))
+        tokens.append(int((batch["document_ids"] >= 0).sum()))
     per_token = (layer_bytes[1] - layer_bytes[0]) / (tokens[1] - tokens[0])
     return {"saved_layer_bytes_per_token_layer": per_token / len(layers),
             "saved_fixed_bytes_per_layer": (layer_bytes[0] - per_token * tokens[0]) / len(layers),
@@ -348,7 +348,7 @@ def run_peer(args, rows: list[dict]) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int((batch["document_ids"] >= 0).sum())
             labelled += task.count_units(batch)
         losses.append(float(out.loss))
     impl = getattr(model.get_base_model().config, "_experts_implementation", None) or "default"

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from data_prep.formats import Preference, RecordError
 from data_prep.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100
+from model.losses import IGNORE_INDEX
 
 
 def normalize_turns(messages: list[dict], *, require_answer: bool = True) -> list[tuple[str, str]]:

@@ -3,7 +3,8 @@
 Shape legend: B batch, S sequence, T = B*S tokens, H hidden, nh query heads, nkv key/value heads,
 D head dim.
 
-Packed rows (many documents per row, `document_ids`) and right-padded rows attend per document:
+Packed rows (many documents per row, `document_ids`) and right-padded rows (padding: document id
+-1, the one padding encoding of a batch) attend per document:
 `batch_layout` reads where the documents lie once per batch (one host sync) and every layer
 reuses it, through one of three kernels that give the same keys per query as the
 [B, 1, S, S] mask of `build_attention_mask` (tests compare them):
@@ -14,7 +15,7 @@ reuses it, through one of three kernels that give the same keys per query as the
   path, and the fallback everywhere).
 
 The mask itself is used only where nothing else is exact (a document split in two runs of its row,
-a token of a document hidden by attention_mask, a sliding window shorter than a document on "sdpa").
+a sliding window shorter than a document on "sdpa").
 """
 
 from __future__ import annotations
@@ -72,17 +73,16 @@ def build_attention_mask(
     seq: int,
     device: torch.device,
     document_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask [B, 1, S, S] (True = may attend), or None when plain causal attention is exact.
 
-    Causal; within one document only (document_ids); never onto padding keys (attention_mask 0 or
-    document id < 0); within `sliding_window` tokens. Every query may attend to itself so that rows
+    Causal; within one document only (document_ids); never onto padding keys (document id < 0);
+    within `sliding_window` tokens. Every query may attend to itself so that rows
     of padding never see an all-masked row (which would give NaN in softmax and in gradients).
     """
     needs_window = sliding_window is not None and seq > sliding_window
-    if document_ids is None and attention_mask is None and not needs_window:
+    if document_ids is None and not needs_window:
         return None
     q = torch.arange(seq, device=device)
     allowed = (q[None, :] <= q[:, None])[None]  # [1, S, S] key index <= query index
@@ -91,8 +91,6 @@ def build_attention_mask(
     if document_ids is not None:
         allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])  # [B, S, S]
         allowed = allowed & (document_ids >= 0)[:, None, :]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, :]  # [B, S, S]
     allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)[None]
     return allowed.expand(batch, seq, seq)[:, None]  # [B, 1, S, S]
 
@@ -210,33 +208,25 @@ def batch_layout(
     seq: int,
     device: torch.device,
     document_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
     backend: str = "sdpa",
 ) -> BatchLayout:
     """The layout of a batch's rows for `backend` ("varlen", "flex", "sdpa" or "mask").
 
-    document_ids [B, S] (< 0 = padding); without them, attention_mask [B, S] (0 = padding) makes
-    every row one document. Reads what it needs on the host in one transfer (one device sync per
+    document_ids [B, S]: which document of its row each token belongs to, -1 (any negative id) on
+    padding; None: every row is one document, no padding. Reads what it needs on the host in one transfer (one device sync per
     batch); the index tensors stay on the device.
     """
     if backend not in ATTENTION_BACKENDS[1:]:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS[1:])}, got {backend!r}")
     window_binds = sliding_window is not None and seq > sliding_window
-    if document_ids is None and attention_mask is None:
+    if document_ids is None:
         if not window_binds or backend in ("sdpa", "mask"):
             return BatchLayout(build_attention_mask(batch, seq, device, sliding_window=sliding_window))
         document_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    elif document_ids is None:
-        document_ids, attention_mask = attention_mask.long() - 1, None  # 0 = the row's document, -1 = padding
     flat = document_ids.reshape(-1).long()  # [T]
     T = flat.numel()
     real = flat >= 0  # [T]
-    hidden = torch.zeros((), dtype=torch.bool, device=device)  # a document's token that attention_mask hides
-    if attention_mask is not None:
-        visible = attention_mask.reshape(-1).bool()
-        hidden = (real & ~visible).any()
-        real = real & visible
     position = torch.arange(T, device=device)
     # A segment begins at each row start and where the document id changes (a padding run is one).
     begins = torch.ones(T, dtype=torch.bool, device=device)
@@ -248,7 +238,7 @@ def batch_layout(
     key = torch.where(seg_real, (position // seq) * (1 << 32) + flat, -1 - position).sort().values
     split = ((key[1:] == key[:-1]) & (key[1:] >= 0)).any()
     real_len = torch.where(seg_real, seg_len, 0)
-    stats = [begins.sum(), real.sum(), seg_real.sum(), hidden, split, torch.where(begins, seg_len, 0).max(),
+    stats = [begins.sum(), real.sum(), seg_real.sum(), split, torch.where(begins, seg_len, 0).max(),
              real_len.max()]
     if backend == "sdpa":
         bucket, num_buckets = _bucket_of(seg_len, seq)
@@ -258,17 +248,17 @@ def batch_layout(
         per_bucket[2].scatter_add_(0, bucket, real_len)  # tokens
         stats.append(per_bucket.reshape(-1))
     host = torch.cat([s.reshape(-1).long() for s in stats]).tolist()  # the one host sync
-    n_seg, n_real, n_real_seg, any_hidden, any_split, max_len, max_real_len = host[:7]
+    n_seg, n_real, n_real_seg, any_split, max_len, max_real_len = host[:6]
 
     token_mask = real_tokens = None
     if n_real < T:
         token_mask = real
         real_tokens = torch.nonzero_static(real, size=n_real).squeeze(1)  # [T_real]
-    use_mask = backend == "mask" or any_hidden or any_split
+    use_mask = backend == "mask" or any_split
     if backend == "sdpa" and sliding_window is not None and max_real_len > sliding_window:
         use_mask = True
     if use_mask:
-        attention = build_attention_mask(batch, seq, device, document_ids, attention_mask, sliding_window)
+        attention = build_attention_mask(batch, seq, device, document_ids, sliding_window)
     elif backend == "varlen":
         starts = torch.nonzero_static(begins, size=n_seg).squeeze(1)  # [n_seg]
         cu_seqlens = torch.cat((starts, starts.new_full((1,), T))).to(torch.int32)
@@ -276,7 +266,7 @@ def batch_layout(
     elif backend == "flex":
         attention = FlexLayout((torch.cumsum(begins, 0) - 1).view(batch, seq), sliding_window)
     else:
-        attention = _bucket_layout(begins, seg_real, seg_len, bucket, n_real_seg, host[7:], T)
+        attention = _bucket_layout(begins, seg_real, seg_len, bucket, n_real_seg, host[6:], T)
     return BatchLayout(attention, token_mask, real_tokens)
 
 

@@ -3,6 +3,12 @@
 HF layouts read: per-expert (`block_sparse_moe.experts.{e}.w1/w2/w3`, as released and as
 transformers writes by default) and transformers 5's fused (`mlp.experts.gate_up_proj/down_proj`).
 Written: the per-expert layout, sharded, with `model.safetensors.index.json`.
+
+    model = load_pretrained(path, dtype=torch.bfloat16)   # or load_weights(model, path) into one built here
+    save_pretrained(model, out_dir, max_shard_size="5GB")
+
+This module reads and writes a `Mixtral` it is given (or builds one on the meta device); the model
+never imports it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.config import MixtralConfig
+from model.transformer import Mixtral
 
 
 @dataclass(frozen=True)
@@ -183,18 +190,37 @@ def load_pretrained(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    expert_ids: list[int] | None = None,
-):
-    """Build on meta, allocate once, then copy each tensor in shard by shard (see Mixtral.from_pretrained)."""
-    from model.transformer import Mixtral
+    on_meta: Callable[[Mixtral], object] | None = None,
+) -> Mixtral:
+    """The Mixtral of an HF checkpoint dir (config.json + safetensors): built on the meta device,
+    allocated once on `device`, then filled shard by shard (`load_weights`).
 
+    `on_meta(model)`: applied to the model on the meta device before anything is allocated, e.g.
+    `pipeline.expert_parallel.shard_experts` keeping one rank's experts: only those are then
+    allocated and read. `dtype`: config.json's torch_dtype when None.
+    """
     path = Path(path)
     config = MixtralConfig.from_hf(path / "config.json")
-    dtype = dtype or config.dtype
-    files = weight_files(path)
+    weight_files(path)  # a missing or pickle-only checkpoint fails before anything is allocated
     with torch.device("meta"):
-        model = Mixtral(config, expert_ids=expert_ids, dtype=dtype)
+        model = Mixtral(config, dtype=dtype or config.dtype)
+    if on_meta is not None:
+        on_meta(model)
     model = model.to_empty(device=device)
+    load_weights(model, path)
+    return model
+
+
+def load_weights(model: Mixtral, path: str | Path) -> None:
+    """Copy an HF checkpoint dir's tensors into `model`'s (allocated) parameters, in place.
+
+    Reads only the experts the model holds (`model.expert_ids`): another rank's experts are never
+    read. Raises on an unknown name, a shape, layer or expert id that `model.config` does not
+    imply, a tensor filled twice, or one missing.
+    """
+    path = Path(path)
+    config = model.config
+    files = weight_files(path)
     params = dict(model.named_parameters())
     local_of = {e: i for i, e in enumerate(model.expert_ids)}
     ffn = config.intermediate_size
@@ -254,7 +280,6 @@ def load_pretrained(
             f"{path}: checkpoint is missing {len(missing)} tensor(s) that config.json implies, "
             f"e.g. {missing[:4]}"
         )
-    return model
 
 
 def _hf_name(native: str, piece: str, expert: int | None) -> str:
@@ -299,7 +324,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def save_pretrained(
-    model,
+    model: Mixtral,
     path: str | Path,
     *,
     max_shard_size: int | str = "5GB",

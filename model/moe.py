@@ -246,10 +246,10 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
 class MoEBlock(nn.Module):
     """Router + experts. forward(h [B, S, H], real_tokens [T_real] long) -> (out [B, S, H], router_logits [T, E]).
 
-    `num_local_experts` < `num_experts` builds a block that holds only some experts (expert
-    parallelism); the router still scores all E, and dispatch to other ranks is applied from
-    outside the model (hooks on `experts`, which set `expert_parallel = True`); without them such a
-    block refuses to run.
+    Built with all E experts. Expert parallelism keeps only some of them from outside the model
+    (pipeline/expert_parallel.py); the router still scores all E, and dispatch to other ranks is
+    applied from outside too (hooks on `experts`, which set `expert_parallel = True`); without them
+    a block holding only some experts refuses to run.
     """
 
     def __init__(
@@ -259,7 +259,6 @@ class MoEBlock(nn.Module):
         num_experts: int,
         top_k: int,
         *,
-        num_local_experts: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -270,13 +269,7 @@ class MoEBlock(nn.Module):
         self.top_k = top_k
         self.expert_parallel = False
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=dtype)
-        self.experts = MixtralExperts(
-            num_experts if num_local_experts is None else num_local_experts,
-            hidden_size,
-            intermediate_size,
-            device=device,
-            dtype=dtype,
-        )
+        self.experts = MixtralExperts(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
 
     def forward(
         self, h: torch.Tensor, real_tokens: torch.Tensor | None = None

@@ -6,7 +6,6 @@ Shape legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, V vocab,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,9 +47,7 @@ class MixtralOutput:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self, config: MixtralConfig, *, num_local_experts: int | None = None, device=None, dtype=None
-    ):
+    def __init__(self, config: MixtralConfig, *, device=None, dtype=None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
         self.self_attn = Attention(config, device=device, dtype=dtype)
@@ -62,7 +59,6 @@ class DecoderLayer(nn.Module):
             config.intermediate_size,
             config.num_local_experts,
             config.num_experts_per_tok,
-            num_local_experts=num_local_experts,
             device=device,
             dtype=dtype,
         )
@@ -75,19 +71,15 @@ class DecoderLayer(nn.Module):
 
 
 class Mixtral(nn.Module):
-    def __init__(
-        self, config: MixtralConfig, *, expert_ids: list[int] | None = None, device=None, dtype=None
-    ):
-        """`expert_ids`: the experts this model holds (expert parallelism); None = all of them."""
+    def __init__(self, config: MixtralConfig, *, device=None, dtype=None):
+        """Every layer with all of its experts; build on the meta device (`device="meta"`) where
+        memory matters, then apply parallelism (pipeline/) and materialise."""
         super().__init__()
         self.config = config
-        if expert_ids is not None:
-            bad = [e for e in expert_ids if not 0 <= e < config.num_local_experts]
-            if bad or len(set(expert_ids)) != len(expert_ids) or not expert_ids:
-                raise ValueError(
-                    f"Mixtral: expert_ids={expert_ids} must be distinct ids in [0, {config.num_local_experts})"
-                )
-        self.expert_ids = list(range(config.num_local_experts)) if expert_ids is None else list(expert_ids)
+        # The experts this model holds, in the order its expert tensors store them: all of them.
+        # Expert parallelism keeps a rank's block from outside the model
+        # (pipeline.expert_parallel.shard_experts, which updates this); model/checkpoint reads it.
+        self.expert_ids = list(range(config.num_local_experts))
         self.gradient_checkpointing = False
         # Attention kernel for packed / padded rows (model.attention): "auto" = "varlen" on CUDA in
         # bf16/fp16 where torch has it, else "sdpa"; "flex", "sdpa" or "mask" to choose one.
@@ -104,8 +96,7 @@ class Mixtral(nn.Module):
             _weight=torch.empty(V, H, device=device, dtype=dtype) if on_meta else None,
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, num_local_experts=len(self.expert_ids), device=device, dtype=dtype)
-            for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(H, config.rms_norm_eps, device=device, dtype=dtype)
         self.lm_head = nn.Linear(H, V, bias=False, device=device, dtype=dtype)
@@ -146,17 +137,12 @@ class Mixtral(nn.Module):
             return "varlen"
         return "flex" if self.blocks_compiled else "sdpa"
 
-    def batch_layout(
-        self,
-        input_ids: torch.Tensor,
-        document_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> BatchLayout:
-        """Where the batch's documents and padding lie, for every layer of one forward; `forward`
-        calls it, or takes one made beforehand (`layout=`). One host sync where there are
-        document_ids or an attention_mask, none otherwise."""
+    def batch_layout(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> BatchLayout:
+        """Where the batch's documents and padding (document id -1) lie, for every layer of one
+        forward; `forward` calls it, or takes one made beforehand (`layout=`). One host sync where
+        there are document_ids, none otherwise."""
         B, S = input_ids.shape
-        layout = batch_layout(B, S, input_ids.device, document_ids, attention_mask, self.config.sliding_window,
+        layout = batch_layout(B, S, input_ids.device, document_ids, self.config.sliding_window,
                               self.attention_kernel(input_ids.device))
         if self.blocks_compiled and isinstance(layout.attention, BucketLayout):
             layout.attention.outside_compiled_graphs()
@@ -167,7 +153,6 @@ class Mixtral(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         logits_chunk_size: int | None = None,
@@ -175,24 +160,34 @@ class Mixtral(nn.Module):
         kv_cache: KVCache | None = None,
         layout: BatchLayout | None = None,
         logits_to_keep: int | None = None,
+        attention_mask: None = None,
     ) -> MixtralOutput:
-        """`kv_cache` (a `KVCache(num_hidden_layers)`): incremental decoding of rows without padding
+        """`document_ids` [B, S]: the document of its row each token belongs to (packed rows; no
+        attention across documents), -1 on padding; None: one document per row, no padding.
+        `labels` [B, S]: IGNORE_INDEX (-100) where not scored; shifted inside (`shift_labels`).
+        `kv_cache` (a `KVCache(num_hidden_layers)`): incremental decoding of rows without padding
         or packing; input_ids are the tokens after the cached ones, and the cache is extended.
-        `layout`: `self.batch_layout(...)` of this batch, instead of document_ids / attention_mask.
-        `logits_to_keep`: logits of the last n positions only (generation), no labels."""
+        `layout`: `self.batch_layout(...)` of this batch, instead of document_ids.
+        `logits_to_keep`: logits of the last n positions only (generation), no labels.
+        `attention_mask`: removed (padding is document id -1 only); passing one raises."""
+        if attention_mask is not None:
+            raise TypeError(
+                "Mixtral.forward: attention_mask is not taken; mark padding with document_ids = -1 "
+                "(one document per row: document_ids = attention_mask - 1)"
+            )
         B, S = input_ids.shape
         device = input_ids.device
         past = 0
         if kv_cache is not None:
-            if document_ids is not None or attention_mask is not None or layout is not None:
-                raise ValueError("Mixtral: kv_cache decodes unpadded, unpacked rows: pass no document_ids / attention_mask")
+            if document_ids is not None or layout is not None:
+                raise ValueError("Mixtral: kv_cache decodes unpadded, unpacked rows: pass no document_ids")
             past = kv_cache.length
         if logits_to_keep is not None and (labels is not None or logits_to_keep < 1):
             raise ValueError("Mixtral: logits_to_keep is a positive number of last positions, for calls without labels")
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=device).expand(B, S)
         if layout is None:
-            layout = BatchLayout(None) if kv_cache is not None else self.batch_layout(input_ids, document_ids, attention_mask)
+            layout = BatchLayout(None) if kv_cache is not None else self.batch_layout(input_ids, document_ids)
 
         h = self.embed_tokens(input_ids)  # [B, S, H]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -234,28 +229,6 @@ class Mixtral(nn.Module):
             expert_counts=_expert_counts(all_router_logits, top_k, token_mask),
             router_logits=tuple(all_router_logits) if output_router_logits else None,
         )
-
-    # ---- checkpoints (model/checkpoint.py holds the name table) --------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        expert_ids: list[int] | None = None,
-    ) -> Mixtral:
-        from model.checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, expert_ids=expert_ids)
-
-    def save_pretrained(
-        self, path: str | Path, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
-    ) -> None:
-        from model.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
 
 @torch.no_grad()

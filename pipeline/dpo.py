@@ -40,12 +40,12 @@ from torch import nn
 
 from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared, no_eval_note
+from model.losses import IGNORE_INDEX, shift_labels
 from pipeline import parallel, sharded_load
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.comm import group_device
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
 from pipeline.dpo_loss import (
-    IGNORE_INDEX,
     SMOOTHED_LOSS_TYPES,
     chosen_nll,
     preference_loss,
@@ -156,8 +156,8 @@ def load_recipe(path: str, overrides: list[str]) -> DPORecipe:
 def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
     """B preference rows -> one right-padded batch of 2B rows, ``[chosen; rejected]``.
 
-    input_ids/labels/attention_mask [2B, S]; document_ids [2B, S] (0 on each sequence, -1 on its
-    padding), which the model attends through per sequence (variable-length kernels, no
+    input_ids/labels [2B, S]; document_ids [2B, S] (0 on each sequence, -1 on its padding: the
+    model's one padding encoding), which the model attends through per sequence (variable-length kernels, no
     [2B, 1, S, S] mask); with precomputed reference log-probs in the rows also
     ref_chosen_logps/ref_rejected_logps [B].
     """
@@ -167,13 +167,11 @@ def collate_pairs(rows: list[dict]) -> dict[str, torch.Tensor]:
     batch = {
         "input_ids": torch.full((len(seqs), width), PAD_ID, dtype=torch.long),
         "labels": torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long),
-        "attention_mask": torch.zeros((len(seqs), width), dtype=torch.long),
         "document_ids": torch.full((len(seqs), width), -1, dtype=torch.long),
     }
     for i, (ids, labels) in enumerate(seqs):
         batch["input_ids"][i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         batch["labels"][i, : len(labels)] = torch.as_tensor(labels, dtype=torch.long)
-        batch["attention_mask"][i, : len(ids)] = 1
         batch["document_ids"][i, : len(ids)] = 0
     if all(name in rows[0] for name in REF_COLUMNS):
         for name in REF_COLUMNS:
@@ -195,7 +193,7 @@ def policy_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], logits_ch
         loss_reduction="none",
         logits_chunk_size=logits_chunk_size if logits_chunk_size is not None else labels.numel(),
     )
-    return out, -out.loss.sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
+    return out, -out.loss.sum(dim=-1), (shift_labels(labels) != IGNORE_INDEX).sum(dim=-1)
 
 
 class Reference:
@@ -272,7 +270,7 @@ class DPOTask:
         return TaskOutput(
             loss_sum=loss_sum,
             extra=extra,
-            tokens=int(batch["attention_mask"].sum()),
+            tokens=int((batch["document_ids"] >= 0).sum()),
             # Per-pair sums: the trainer divides by the pairs of the global batch -> exact means.
             sums={"loss": loss_sum.detach(), **reward_sums(pref, chosen, rejected)},
             means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach(), "nll": nll.detach()},
@@ -428,21 +426,20 @@ def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
 
 
 def load_sft_model(
-    sft_dir: str | os.PathLike, dtype: torch.dtype | None = None, expert_ids: list[int] | None = None,
+    sft_dir: str | os.PathLike, dtype: torch.dtype | None = None,
     *, load: Callable[[str], nn.Module] | None = None,
 ) -> nn.Module:
     """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
 
-    ``expert_ids``: hold only these experts (expert parallelism). ``load(path)``: how to read a
-    checkpoint instead (``sft.build_model`` passes its own: EP experts or ZeRO-3 partitions). The
-    SFT adapter is merged in fp32 and then cast to ``dtype``, as export merges it, so DPO trains on
-    the weights export writes.
+    ``load(path)``: how to read a checkpoint instead of whole (``sft.build_model`` passes its own:
+    EP experts or ZeRO-3 partitions). The SFT adapter is merged in fp32 and then cast to ``dtype``,
+    as export merges it, so DPO trains on the weights export writes.
     """
-    from model import Mixtral
+    from model.checkpoint import load_pretrained
 
     if load is None:
         def load(path):
-            return Mixtral.from_pretrained(path, dtype=dtype, expert_ids=expert_ids)
+            return load_pretrained(path, dtype=dtype)
 
     manifest = read_sft_manifest(sft_dir)
     if manifest["kind"] == "full":

@@ -1,9 +1,10 @@
-"""Preference losses (DPO and relatives) and the sequence log-prob helpers they need.
+"""Preference losses (DPO and relatives) on summed completion log-probs.
 
 Shape legend: B pairs, S sequence, V vocab. A DPO batch holds 2B rows, ``[chosen; rejected]``.
 
 Everything here is a small pure function of tensors, tested against hand-worked numbers and
-against TRL's ``DPOTrainer`` on the same log-probs (tests/pipeline/test_dpo_loss.py).
+against TRL's ``DPOTrainer`` on the same log-probs (tests/pipeline/test_dpo_loss.py). The log-probs
+come from the model's own per-token CE (``pipeline.dpo.policy_log_probs``).
 
 Notation: for a pair, ``logratio_c = log pi(y_c|x) - log ref(y_c|x)`` (summed over completion
 tokens), the same for the rejected completion, and ``delta = logratio_c - logratio_r``.
@@ -32,44 +33,9 @@ LOSS_TYPES: tuple[str, ...] = ("sigmoid", "robust", "hinge", "ipo")
 # Losses whose formula has a label-noise rate; the others have no place for one.
 SMOOTHED_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "robust")
 
-IGNORE_INDEX = -100
-
-
 # ----------------------------------------------------------------------------------------------
-# Log-probs of completions
+# Pairs
 # ----------------------------------------------------------------------------------------------
-
-
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
-    """log p(labels[t+1] | tokens <= t) at every position, 0 where the label is ignored.
-
-    logits [R, S, V], labels [R, S] (HF convention: not yet shifted, -100 = ignored) -> [R, S-1].
-    The log-softmax is done ``chunk_rows`` token positions at a time so that no second [R, S, V]
-    tensor (log-softmax output) is ever allocated next to the logits.
-    """
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [R, S]")
-    shifted_logits = logits[:, :-1, :]  # [R, S-1, V]
-    targets = labels[:, 1:]  # [R, S-1]
-    mask = targets != IGNORE_INDEX
-    flat_logits = shifted_logits.reshape(-1, shifted_logits.shape[-1])  # [R*(S-1), V]
-    flat_targets = targets.clamp_min(0).reshape(-1)  # [R*(S-1)]
-    pieces = []
-    for start in range(0, flat_logits.shape[0], chunk_rows):
-        rows = flat_logits[start : start + chunk_rows].float()
-        picked = rows.gather(1, flat_targets[start : start + chunk_rows, None]).squeeze(1)
-        pieces.append(picked - torch.logsumexp(rows, dim=-1))
-    per_token = torch.cat(pieces).view_as(targets)  # [R, S-1]
-    return per_token * mask
-
-
-def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled (completion) tokens of each row, and how many there are.
-
-    logits [R, S, V], labels [R, S] -> (log-probs [R], completion token counts [R]).
-    """
-    per_token = token_log_probs(logits, labels)  # [R, S-1]
-    return per_token.sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

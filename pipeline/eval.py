@@ -33,12 +33,12 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from model.losses import IGNORE_INDEX, masked_ce, shift_labels
 from pipeline import parallel, report
 from pipeline import passkey as pk
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
-from pipeline.expert_parallel import install_dispatch, shard_experts
+from pipeline.expert_parallel import ExpertPlacement, install_dispatch, load_local_experts, shard_experts
 from pipeline.passkey import greedy_generate
 from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
 from pipeline.routing import (
@@ -52,7 +52,6 @@ from pipeline.rundir import on_main_for_all, owned_output, record
 from pipeline.sft import collate_rows as collate
 from pipeline.sharded_load import merge_adapter_fp32
 
-IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
 
 
@@ -173,16 +172,16 @@ class EvalRecipe:
 
 
 def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                   expert_ids: list[int] | None = None, device: str | torch.device = "cpu"):
+                   place: ExpertPlacement | None = None, device: str | torch.device = "cpu"):
     """A plain ``Mixtral`` from a stage output dir (full, or LoRA merged into its base) or an HF dir.
 
     A LoRA run's manifest names its base (``base.checkpoint``), which may itself be a run dir: a DPO
     run over an SFT run over a base checkpoint merges both adapters, in order, each in fp32 (as
-    export merges). ``expert_ids``: hold only these experts (expert parallelism), read from the
-    checkpoint and the adapters alone; ``device``: where the weights are read to.
+    export merges). ``place``: hold only this rank's experts (expert parallelism, more than one
+    rank), read from the checkpoint and the adapters alone; ``device``: where the weights are read to.
     (``pipeline.dpo``'s ``load_sft_model`` reads one level only, which is all DPO needs.)
     """
-    from model import Mixtral
+    from model.checkpoint import load_pretrained
 
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -193,7 +192,7 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             base_dir = (manifest.get("base") or {}).get("checkpoint")
             if not base_dir:
                 raise ValueError(f"{manifest_path}: a LoRA run must name its base in base.checkpoint")
-            base = load_model_dir(base_dir, dtype, expert_ids, device)
+            base = load_model_dir(base_dir, dtype, place, device)
             return merge_adapter_fp32(base, manifest.get("adapter_dir") or str(path))
         if kind != "full":
             raise ValueError(f"{manifest_path}: kind must be 'lora' or 'full', got {kind!r}")
@@ -201,7 +200,9 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: neither a stage output (manifest.json) nor an HF checkpoint (config.json)")
-    return Mixtral.from_pretrained(path, dtype=dtype, device=device, expert_ids=expert_ids)
+    if place is not None and place.ep_size > 1:
+        return load_local_experts(path, place, dtype=dtype, device=device)
+    return load_pretrained(path, dtype=dtype, device=device)
 
 
 def resolve_models(recipe: EvalRecipe, log=print) -> list[tuple[str, str | None]]:
@@ -233,16 +234,16 @@ def build_model(directory: str | None, recipe: EvalRecipe, device: torch.device,
 
     dtype = getattr(torch, recipe.dtype)
     place = procs.placement(_num_experts(directory, recipe)) if procs is not None else None
-    expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
+    sharded_experts = place is not None and place.ep_size > 1
     if directory is None:
         torch.manual_seed(recipe.seed)
         model = Mixtral(MixtralConfig.preset(recipe.fallback_preset)).to(dtype)
-        if expert_ids is not None:
+        if sharded_experts:
             shard_experts(model, place)  # the same draws on every process, each keeps its experts
     else:
-        model = load_model_dir(directory, dtype, expert_ids, device)
+        model = load_model_dir(directory, dtype, place, device)
     model = model.to(device).eval()
-    if expert_ids is not None:
+    if sharded_experts:
         install_dispatch(model, place, parallel.expert_groups(place.ep_size)[0])
     return model
 
@@ -400,16 +401,15 @@ def document_sources(row: dict, where: str = "row") -> list[str]:
 
 
 def position_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL per position and whether it was scored: ([B, S-1] float, [B, S-1] bool).
+    """Next-token NLL per position and whether it was scored: ([B, S] float, [B, S] bool), the
+    model's own CE (`model.losses`).
 
-    ``labels`` [B, S] are unshifted (HF convention): position s scores the prediction of label s + 1,
-    so column s belongs to the document of token s + 1. Unscored positions hold 0.
+    ``labels`` [B, S] are unshifted (HF convention): position s scores the prediction of label s + 1
+    (`shift_labels`), the last position none. Unscored positions hold 0.
     """
-    pred = logits[:, :-1].float()  # [B, S-1, V]
-    target = labels[:, 1:]  # [B, S-1]
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                          reduction="none").view(target.shape)  # [B*(S-1)] -> [B, S-1]
-    return nll, target != IGNORE_INDEX
+    targets = shift_labels(labels)  # [B, S]
+    nll = masked_ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), "none")  # [B*S]
+    return nll.view(targets.shape), targets != IGNORE_INDEX
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,9 +422,9 @@ def nll_per_document(nll: torch.Tensor, scored: torch.Tensor, document_ids: torc
                      num_documents: int) -> tuple[list[float], list[int]]:
     """One row's NLL sum and scored-token count per document: ([D], [D]) as lists.
 
-    ``nll``/``scored`` [S-1] from :func:`position_nll`, ``document_ids`` [S-1] the ids of the scored
-    tokens (the row's ids shifted by one, like the labels). Every document starts with an unscored
-    BOS, so no scored position predicts across a document boundary.
+    ``nll``/``scored`` [S] from :func:`position_nll`, ``document_ids`` [S] the row's. Every document
+    starts with an unscored BOS, so no scored position predicts across a document boundary: a
+    scored position and the label it predicts belong to the same document.
     """
     docs = document_ids[scored].long()  # [P]
     if docs.numel() and (int(docs.min()) < 0 or int(docs.max()) >= num_documents):
@@ -464,21 +464,19 @@ def loss_and_routing(model, rows: list[dict], batch_size: int, device: torch.dev
         chunk_sources = [document_sources(row, f"row {start + i}") for i, row in enumerate(chunk)]
         batch = collate(chunk)
         out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                    document_ids=batch["document_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device), output_router_logits=True)
+                    document_ids=batch["document_ids"].to(device), output_router_logits=True)
         if step >= len(mine):
             continue  # a repeat for the collectives' sake
-        nll, scored = position_nll(out.logits, batch["labels"].to(device))  # [B, S-1] each
+        nll, scored = position_nll(out.logits, batch["labels"].to(device))  # [B, S] each
         nll, scored = nll.cpu(), scored.cpu()
-        target_docs = batch["document_ids"][:, 1:]  # [B, S-1]: the document of each scored label
         for i, (row, sources) in enumerate(zip(chunk, chunk_sources, strict=True)):
             if not row.get("heldout", True):
                 continue
-            doc_nll, doc_count = nll_per_document(nll[i], scored[i], target_docs[i], len(sources))
+            doc_nll, doc_count = nll_per_document(nll[i], scored[i], batch["document_ids"][i], len(sources))
             for source, value, count in zip(sources, doc_nll, doc_count, strict=True):
                 nll_sum[source] = nll_sum.get(source, 0.0) + value
                 counts[source] = counts.get(source, 0) + count
-        keys = document_keys(batch["document_ids"], batch["attention_mask"], batch["input_ids"].shape)
+        keys = document_keys(batch["document_ids"], batch["input_ids"].shape)
         stats.add([r.cpu() for r in out.router_logits], keys, chunk_sources, batch["document_ids"])
     if procs is not None and procs.launched:
         nll_sum, counts, stats = _summed_over_processes(procs, nll_sum, counts, stats)

@@ -18,12 +18,14 @@ are computed from the rank's own tokens exactly as without EP.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.checkpoint import load_pretrained
 from pipeline.comm import group_device
 
 # DeepSpeed's expert-parameter convention (deepspeed/moe/utils.py `is_moe_param`): params with
@@ -171,10 +173,12 @@ def _base_experts(module: nn.Module) -> nn.Module:
 
 
 def shard_experts(model: nn.Module, placement: ExpertPlacement) -> None:
-    """Keep only this rank's experts in every `MixtralExperts` (for a model built with all E).
+    """Keep only this rank's experts in every `MixtralExperts` (for a model built with all E), and
+    record them in `model.expert_ids` (what model/checkpoint reads and writes).
 
-    A checkpoint load should instead read only the local experts; this is for random init (the same
-    seed on every rank gives the same full init, then each rank keeps its block) and for tests.
+    On the meta device it allocates nothing: `load_local_experts` applies it there, so that only the
+    local experts are ever allocated and read. On a materialised model (random init: the same seed
+    on every rank gives the same full init, then each rank keeps its block) the others are dropped.
     """
     lo, hi = placement.first, placement.first + placement.num_local
     for name, module in experts_modules(model):
@@ -189,6 +193,14 @@ def shard_experts(model: nn.Module, placement: ExpertPlacement) -> None:
             base.gate_up_proj = nn.Parameter(base.gate_up_proj[lo:hi].clone())  # [El, 2F, H]
             base.down_proj = nn.Parameter(base.down_proj[lo:hi].clone())  # [El, H, F]
         base.num_experts = placement.num_local
+    model.expert_ids = placement.expert_ids
+
+
+def load_local_experts(path: str | os.PathLike, placement: ExpertPlacement, *, dtype: torch.dtype | None = None,
+                       device: str | torch.device = "cpu") -> nn.Module:
+    """The Mixtral checkpoint at `path` holding only this rank's experts: built on the meta device,
+    sharded there, then allocated and read; other ranks' experts are neither allocated nor read."""
+    return load_pretrained(path, dtype=dtype, device=device, on_meta=lambda model: shard_experts(model, placement))
 
 
 def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

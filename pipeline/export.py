@@ -1261,9 +1261,9 @@ def reference_model(source: Source, dtype: torch.dtype):
     from peft import PeftModel
 
     import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
-    from model.transformer import Mixtral
+    from model.checkpoint import load_pretrained
 
-    native = Mixtral.from_pretrained(source.checkpoint, dtype=torch.float32)
+    native = load_pretrained(source.checkpoint, dtype=torch.float32)
     for adapter in source.adapters:
         native = PeftModel.from_pretrained(native, str(adapter)).merge_and_unload()
     with torch.no_grad():

@@ -5,8 +5,8 @@ build the model with only this rank's experts -> LoRA -> expert-parallel dispatc
 expert tags -> activation checkpointing -> ZeRO-3 leaf marking -> DeepSpeed (through accelerate).
 
     acc = parallel.make_accelerator(recipe.parallel, train=..., ...)      # before anything else
-    placement = parallel.placement(recipe.parallel, num_experts)          # expert_ids to build/load
-    model = Mixtral.from_pretrained(path, expert_ids=placement.expert_ids) # or Mixtral(cfg, expert_ids=...)
+    placement = parallel.placement(recipe.parallel, num_experts)          # this rank's experts
+    model = load_local_experts(path, placement)   # or Mixtral(cfg) + shard_experts(model, placement)
     model = apply_lora(model, ...)                                        # optional
     stats = parallel.apply(model, recipe.parallel, placement)             # EP hooks, tags, leaf modules
     optimizer = parallel.moe_param_groups(optimizer)                      # DeepSpeed expert groups

@@ -450,9 +450,11 @@ def build_meta_model(p: Pairing):
     import torch
 
     from model import Mixtral
+    from pipeline.expert_parallel import shard_experts
     from pipeline.sft import configure_for_training
 
     place = p.placement(0)
-    expert_ids = place.expert_ids if place.ep_size > 1 else None
-    base = Mixtral(model_config(p), expert_ids=expert_ids, device="meta", dtype=getattr(torch, p.recipe.model.dtype))
+    base = Mixtral(model_config(p), device="meta", dtype=getattr(torch, p.recipe.model.dtype))
+    if place.ep_size > 1:
+        shard_experts(base, place)
     return configure_for_training(base, p.recipe, place)

@@ -35,20 +35,16 @@ def top_k_experts(router_logits: torch.Tensor, k: int) -> torch.Tensor:
     return route_tokens(router_logits, k)[1]
 
 
-def document_keys(document_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                  shape: Sequence[int]) -> torch.Tensor:
+def document_keys(document_ids: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
     """Per-token document key [T] for a [B, S] batch: unique per (row, document), -1 on padding.
 
-    ``document_ids`` may be None (one document per row); padding is where ``attention_mask`` is 0 or
-    the document id is negative.
+    ``document_ids`` may be None (one document per row); padding is where the document id is negative.
     """
     batch, seq = shape
     if document_ids is None:
         document_ids = torch.zeros(batch, seq, dtype=torch.long)
     document_ids = document_ids.long().cpu()
     valid = document_ids >= 0
-    if attention_mask is not None:
-        valid &= attention_mask.cpu().bool()
     # Rows never share a key: row r's documents live in [r * span, (r + 1) * span).
     span = int(document_ids.max().item()) + 1 if document_ids.numel() else 1
     rows = torch.arange(batch).unsqueeze(1) * span  # [B, 1]

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from data_prep.dataset import load_prepared, no_eval_note
+from model.checkpoint import save_pretrained
+from model.losses import IGNORE_INDEX, shift_labels
 from pipeline import parallel, sharded_load
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
@@ -40,13 +42,13 @@ from pipeline.rundir import record, start_training_run
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
 
-IGNORE_INDEX = -100
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
 PAD_ID = 0
 
 
 def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Packed rows of different lengths -> right-padded [B, S] tensors; padding: mask 0, document id -1.
+    """Packed rows of different lengths -> right-padded [B, S] tensors; padding: document id -1 (the
+    model's one padding encoding), label IGNORE_INDEX.
 
     Rows without position_ids / document_ids (one conversation per row) get 0..n-1 and document 0.
     """
@@ -56,7 +58,6 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
         "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
         "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
         "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
     }
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
@@ -64,7 +65,6 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch["labels"][i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
         batch["position_ids"][i, :n] = torch.as_tensor(row.get("position_ids") or range(n), dtype=torch.long)
         batch["document_ids"][i, :n] = torch.as_tensor(row.get("document_ids") or [0] * n, dtype=torch.long)
-        batch["attention_mask"][i, :n] = 1
     return batch
 
 
@@ -80,15 +80,14 @@ class SFTTask:
         return collate_rows(rows)
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
-        # The model shifts labels inside (HF convention): the first position never carries a label.
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # The labels the model's loss scores (it shifts them inside, HF convention).
+        return int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
         out = model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
             document_ids=batch["document_ids"],
-            attention_mask=batch["attention_mask"],
             labels=batch["labels"],
             loss_reduction="sum",
             logits_chunk_size=self.logits_chunk_size,
@@ -96,7 +95,7 @@ class SFTTask:
         return TaskOutput(
             loss_sum=out.loss,
             extra=self.aux_coef * out.aux_loss + self.z_coef * out.z_loss,
-            tokens=int(batch["attention_mask"].sum()),
+            tokens=int((batch["document_ids"] >= 0).sum()),
             sums={"loss": out.loss.detach()},
             means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach()},
             expert_counts=out.expert_counts,
@@ -145,9 +144,9 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
 
     m = recipe.model
     dtype = getattr(torch, m.dtype)
-    expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
+    sharded_experts = place is not None and place.ep_size > 1
     zero3 = sharded_load.zero3_config() if recipe.parallel.zero_stage == 3 else None
-    load = sharded_load.checkpoint_loader(dtype, expert_ids, zero3)
+    load = sharded_load.checkpoint_loader(dtype, place, zero3)
     if load_base is not None:
         model = load_base(load)
     elif m.checkpoint is not None:
@@ -157,7 +156,7 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
         # then each rank keeps its experts (EP) or its partitions (ZeRO-3).
         model = sharded_load.random_init(MixtralConfig.preset(m.preset), dtype, zero3,
                                          save_to=output_dir / "base" if is_main else None)
-        if expert_ids is not None:
+        if sharded_experts:
             shard_experts(model, place)
     model = configure_for_training(model, recipe, place)
     if zero3 is not None:
@@ -204,10 +203,10 @@ def save_final(model: nn.Module, output_dir: Path, lora: bool,
     tmp = output_dir / ".tmp-final"
     if tmp.exists():
         shutil.rmtree(tmp)
-    if state_dict is None:
-        model.save_pretrained(tmp)
-    elif lora:
-        model.save_pretrained(tmp, state_dict=state_dict)
+    if lora:
+        model.save_pretrained(tmp, state_dict=state_dict)  # PEFT's adapter files
+    elif state_dict is None:
+        save_pretrained(model, tmp)
     else:
         from model import Mixtral
 
@@ -216,7 +215,7 @@ def save_final(model: nn.Module, output_dir: Path, lora: bool,
         missing = [n for n, p in full.named_parameters() if p.is_meta]
         if missing:
             raise ValueError(f"save_final: the consolidated state dict lacks {missing[:3]}")
-        full.save_pretrained(tmp)
+        save_pretrained(full, tmp)
     names = sorted(p.name for p in tmp.iterdir())
     record(output_dir, names)  # listed before they land: starting over deletes them, and only them
     for name in names:

@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.checkpoint import NAME_TABLE, hf_to_native, save_pretrained, weight_files
+from model.checkpoint import NAME_TABLE, hf_to_native, load_pretrained, save_pretrained, weight_files
 from model.config import MixtralConfig
 from model.transformer import Mixtral, init_parameter
+from pipeline.expert_parallel import ExpertPlacement, load_local_experts
 from pipeline.safetensors_io import READ_CHUNK_BYTES, read_into, read_safetensors_header
 
 
@@ -141,7 +142,7 @@ def _piece_range(native_shape: torch.Size, piece: str, expert: int | None) -> tu
 def load_partitions(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     """Fill this rank's partition of every parameter from an HF Mixtral checkpoint dir.
 
-    Checks as `Mixtral.from_pretrained` does (names, shapes, layer and expert ids against
+    Checks as `model.checkpoint.load_weights` does (names, shapes, layer and expert ids against
     config.json, every element of every parameter written exactly once); reads about 1/W of the
     checkpoint's bytes on each of W ranks.
     """
@@ -220,7 +221,7 @@ def random_init(config: MixtralConfig, dtype: torch.dtype, ds_config: dict | Non
         model.init_weights()
         model = model.to(dtype)
         if save_to is not None:
-            model.save_pretrained(save_to)
+            save_pretrained(model, save_to)
         return model
     model = build_partitioned(config, ds_config, dtype)
     draws = _drawn_partitions(model)
@@ -259,12 +260,14 @@ def match_engine_dtype(model: nn.Module, ds_config: dict) -> None:
             param.data = param.data.to(dtype)
 
 
-def checkpoint_loader(dtype: torch.dtype, expert_ids: list[int] | None,
+def checkpoint_loader(dtype: torch.dtype, place: ExpertPlacement | None,
                       ds_config: dict | None) -> Callable[[str | os.PathLike], nn.Module]:
-    """path -> the Mixtral checkpoint there, as this run holds it: this rank's experts (EP), or
-    ZeRO-3 partitions (`ds_config`), or whole."""
+    """path -> the Mixtral checkpoint there, as this run holds it: this rank's experts (EP, `place`
+    with more than one rank), or ZeRO-3 partitions (`ds_config`), or whole."""
+    if place is not None and place.ep_size > 1:
+        return lambda path: load_local_experts(path, place, dtype=dtype)
     if ds_config is None:
-        return lambda path: Mixtral.from_pretrained(path, dtype=dtype, expert_ids=expert_ids)
+        return lambda path: load_pretrained(path, dtype=dtype)
 
     def load(path):
         model = build_partitioned(MixtralConfig.from_hf(Path(path) / "config.json"), ds_config, dtype)

@@ -89,7 +89,7 @@ def counted_syncs():
 def test_layers_forward_and_backward_never_sync(lora):
     model = lora_model(2, lora)
     ids, docs, positions, _ = packed_rows()
-    layout = base_of(model).batch_layout(ids, docs, (docs >= 0).long())  # the batch's one read, outside
+    layout = base_of(model).batch_layout(ids, docs)  # the batch's one read, outside
     grad = torch.randn(2, 48, 300, device=CUDA)
     with torch.autocast("cuda", dtype=BF16), sync_debug("error"):
         out = model(input_ids=ids, position_ids=positions, layout=layout)
@@ -100,8 +100,7 @@ def test_layers_forward_and_backward_never_sync(lora):
 def sft_step(model, rows):
     ids, docs, positions, labels = rows
     with torch.autocast("cuda", dtype=BF16):
-        out = model(input_ids=ids, position_ids=positions, document_ids=docs, attention_mask=(docs >= 0).long(),
-                    labels=labels, loss_reduction="sum", logits_chunk_size=16)
+        out = model(input_ids=ids, position_ids=positions, document_ids=docs, labels=labels, loss_reduction="sum", logits_chunk_size=16)
     (out.loss + 0.02 * out.aux_loss).backward()
 
 
@@ -210,7 +209,7 @@ def test_compiled_layers_on_cuda_train_like_eager_without_graph_breaks():
     ids, docs, positions, _ = rows
     model = lora_model(2)
     base = base_of(model)
-    layout = base.batch_layout(ids, docs, (docs >= 0).long())
+    layout = base.batch_layout(ids, docs)
     h = base.embed_tokens(ids)
     cos, sin = rope_cos_sin(positions, base.config.head_dim, base.config.rope_theta, h.dtype)
     torch._dynamo.reset()

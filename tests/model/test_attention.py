@@ -38,8 +38,8 @@ def packed_batch(lengths_per_row: list[list[int]], width: int):
 ROWS = [[5, 40, 1, 17, 9], [100, 3], [30, 33, 16, 24, 17]]
 
 
-def layout_for(docs, backend, attention_mask=None, sliding_window=None):
-    return batch_layout(*docs.shape, CPU, docs, attention_mask, sliding_window, backend)
+def layout_for(docs, backend, sliding_window=None):
+    return batch_layout(*docs.shape, CPU, docs, sliding_window, backend)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +117,9 @@ def test_model_on_packed_rows_equals_the_mask_path():
 
 
 def test_right_padded_rows_attend_through_the_layout_not_a_mask():
-    docs = torch.tensor([[0, 0, 0, -1], [0, 0, 0, 0]])
-    attention_mask = (docs >= 0).long()
+    docs = torch.tensor([[0, 0, 0, -1], [0, 0, 0, 0]])  # padding: document id -1
     for backend in ("sdpa", "varlen"):
-        layout = batch_layout(2, 4, CPU, attention_mask=attention_mask, backend=backend)
+        layout = batch_layout(2, 4, CPU, docs, backend=backend)
         assert not isinstance(layout.attention, torch.Tensor)
         assert layout.real_tokens.tolist() == [0, 1, 2, 4, 5, 6, 7]
     # Nothing to read: no document ids, no padding.
@@ -128,16 +127,13 @@ def test_right_padded_rows_attend_through_the_layout_not_a_mask():
 
 
 def test_layout_falls_back_to_the_mask_where_only_the_mask_is_exact():
-    def is_mask(docs, attention_mask=None, sliding_window=None, backend="sdpa"):
-        return isinstance(layout_for(docs, backend, attention_mask, sliding_window).attention, torch.Tensor)
+    def is_mask(docs, sliding_window=None, backend="sdpa"):
+        return isinstance(layout_for(docs, backend, sliding_window).attention, torch.Tensor)
 
     for backend in ("sdpa", "varlen", "flex"):
         # A document id that comes back later in the row: the mask lets both runs see each other.
         assert is_mask(torch.tensor([[0, 0, 1, 1, 0, 0]]), backend=backend)
-        # attention_mask hiding a token of a document.
-        docs = torch.tensor([[0, 0, 0, 1, 1, -1]])
-        assert is_mask(docs, torch.tensor([[1, 0, 1, 1, 1, 0]]), backend=backend)
-        assert not is_mask(docs, torch.tensor([[1, 1, 1, 1, 1, 0]]), backend=backend)
+        assert not is_mask(torch.tensor([[0, 0, 0, 1, 1, -1]]), backend=backend)
         # The same document id in two rows is two documents.
         assert not is_mask(torch.tensor([[0, 0, 0], [0, 0, -1]]), backend=backend)
     # A sliding window shorter than a document: only varlen and flex take windows.

@@ -37,7 +37,7 @@ def test_a_decoder_layer_is_one_graph_on_the_accelerator_path(backend, lora, req
     model = base_of(bf16_accelerator_model(2, lora))
     model.attention_backend = backend
     ids, docs, positions, _ = packed_rows()
-    layout = model.batch_layout(ids, docs, (docs >= 0).long())  # outside the layers: host reads allowed
+    layout = model.batch_layout(ids, docs)  # outside the layers: host reads allowed
     h = model.embed_tokens(ids)
     cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta, h.dtype)
     torch._dynamo.reset()

@@ -6,7 +6,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import Mixtral, MixtralConfig
-from model.checkpoint import NAME_TABLE, hf_tensors, hf_to_native, parse_size
+from model.checkpoint import (
+    NAME_TABLE,
+    hf_tensors,
+    hf_to_native,
+    load_pretrained,
+    load_weights,
+    parse_size,
+    save_pretrained,
+)
 
 # Fields of Mixtral-8x7B-Instruct-v0.1's config.json (shared/FORMATS.md section 3).
 INSTRUCT_CONFIG = {
@@ -102,7 +110,7 @@ def saved(tmp_path):
     cfg.vocab_size = 64
     torch.manual_seed(0)
     model = Mixtral(cfg)
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     return model, tmp_path / "ckpt"
 
 
@@ -116,11 +124,11 @@ def test_save_layout_and_dtype(saved, tmp_path):
     names = list(load_file(path / "model.safetensors"))
     assert "model.layers.1.block_sparse_moe.experts.7.w3.weight" in names
     assert len(names) == 3 + 2 * (7 + 3 * 8)
-    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, max_shard_size="100KB")
+    save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16, max_shard_size="100KB")
     index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() for _, t in hf_tensors(model)) * 2
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    loaded = Mixtral.from_pretrained(tmp_path / "bf16")
+    loaded = load_pretrained(tmp_path / "bf16")
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.to(torch.bfloat16).float())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
@@ -135,17 +143,29 @@ def test_saved_checkpoint_has_the_umasks_modes(saved):
         ["config.json", "generation_config.json", "model.safetensors"], 0o666 & ~mask)
 
 
-def test_expert_ids_loads_only_those_experts(saved):
+def test_load_weights_fills_the_experts_the_model_holds(saved):
+    # A model holding experts [6, 2] (in that order) reads only those: the other experts' tensors
+    # may be absent from the checkpoint.
     model, path = saved
-    part = Mixtral.from_pretrained(path, expert_ids=[6, 2])
-    got = part.layers[1].moe.experts.gate_up_proj
+    _rewrite(path, lambda t: [t.pop(n) for n in list(t) if ".experts." in n and not any(
+        f".experts.{e}." in n for e in (6, 2))])
+    part = Mixtral(model.config, device="meta")
+    for layer in part.layers:
+        experts = layer.moe.experts
+        experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj[:2])
+        experts.down_proj = torch.nn.Parameter(experts.down_proj[:2])
+    part.expert_ids = [6, 2]
+    part = part.to_empty(device="cpu")
+    load_weights(part, path)
     want = model.layers[1].moe.experts.gate_up_proj[[6, 2]]
-    assert torch.equal(got, want)
+    assert torch.equal(part.layers[1].moe.experts.gate_up_proj, want)
     assert torch.equal(part.layers[0].moe.gate.weight, model.layers[0].moe.gate.weight)
     names = [n for n, _ in hf_tensors(part) if ".experts." in n and n.startswith("model.layers.0.")]
     assert sorted(names) == sorted(
         f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight" for e in (6, 2) for w in ("w1", "w2", "w3")
     )
+    with pytest.raises(ValueError, match=r"missing .*experts\.0\.w1"):
+        load_pretrained(path)  # all experts: the dropped ones are missing
 
 
 def _rewrite(path, edit):
@@ -160,7 +180,7 @@ def test_missing_tensor_error(saved):
     with pytest.raises(
         ValueError, match=r"missing 1 tensor.*'model.layers.1.block_sparse_moe.experts.3.w2.weight'"
     ):
-        Mixtral.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_unexpected_tensor_error(saved):
@@ -169,18 +189,18 @@ def test_unexpected_tensor_error(saved):
     with pytest.raises(
         ValueError, match=r"unknown tensor name 'model.layers.0.extra.weight' in .*model.safetensors"
     ):
-        Mixtral.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_shape_mismatch_error(saved):
     _, path = saved
     _rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
     with pytest.raises(ValueError, match=r"model.norm.weight has shape \[65\].*\[64\]"):
-        Mixtral.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_pickle_only_directory_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(INSTRUCT_CONFIG))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="pickle"):
-        Mixtral.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)

@@ -51,8 +51,7 @@ def accelerator_model(num_layers: int, lora: bool = False) -> torch.nn.Module:
 def sft_step_syncs(model) -> tuple[HostSyncs, HostSyncs]:
     ids, docs, positions, labels = packed_rows()
     with HostSyncs() as forward:
-        out = model(input_ids=ids, position_ids=positions, document_ids=docs, attention_mask=(docs >= 0).long(),
-                    labels=labels, loss_reduction="sum", logits_chunk_size=16)
+        out = model(input_ids=ids, position_ids=positions, document_ids=docs, labels=labels, loss_reduction="sum", logits_chunk_size=16)
         loss = out.loss + 0.02 * out.aux_loss + 0.001 * out.z_loss
     with HostSyncs() as backward:
         loss.backward()
@@ -96,7 +95,7 @@ def test_dpo_step_has_no_host_sync_per_layer():
 def test_batch_layout_reads_the_host_once(backend):
     _, docs, _, _ = packed_rows()
     with HostSyncs() as syncs:
-        layout = batch_layout(*docs.shape, torch.device("cpu"), docs, (docs >= 0).long(), None, backend)
+        layout = batch_layout(*docs.shape, torch.device("cpu"), docs, None, backend)
     assert not isinstance(layout.attention, torch.Tensor)
     assert dict(syncs.counts) == {"tolist": 1}
 

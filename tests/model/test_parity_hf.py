@@ -7,8 +7,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from model import Mixtral, MixtralConfig
-from model.checkpoint import hf_tensors
+from model import MixtralConfig
+from model.checkpoint import hf_tensors, load_pretrained, save_pretrained
 
 CONFIGS = {
     "tiny": MixtralConfig.preset("tiny"),
@@ -57,7 +57,7 @@ def pair(request, tmp_path_factory):
     hf = _hf_model(CONFIGS[name], seed=len(name))
     path = tmp_path_factory.mktemp(name) / "hf"
     hf.save_pretrained(path)
-    return name, hf, path, Mixtral.from_pretrained(path, dtype=torch.float32).eval()
+    return name, hf, path, load_pretrained(path, dtype=torch.float32).eval()
 
 
 def _batch(vocab, B=3, S=11, seed=0):
@@ -92,7 +92,7 @@ def test_logits_and_aux_loss_with_padding(pair, side):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, position_ids=positions, output_router_logits=True)
-        out = ours(ids, attention_mask=mask, position_ids=positions)
+        out = ours(ids, document_ids=mask - 1, position_ids=positions)  # padding: document id -1
     real = mask.bool()
     assert (out.logits[real] - ref.logits[real]).abs().max() <= 1e-4
     assert (out.aux_loss - ref.aux_loss).abs() <= 1e-5
@@ -113,7 +113,7 @@ def test_loss_matches_hf(pair):
 def test_round_trip_same_tensors_and_names(pair, tmp_path):
     name, _, path, ours = pair
     out = tmp_path / "ours"
-    ours.save_pretrained(out, max_shard_size=20_000 if name == "tiny-odd" else "5GB")
+    save_pretrained(ours, out, max_shard_size=20_000 if name == "tiny-odd" else "5GB")
 
     def read(directory):
         index = directory / "model.safetensors.index.json"
@@ -137,7 +137,7 @@ def test_round_trip_same_tensors_and_names(pair, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert MixtralConfig.from_hf(config) == MixtralConfig.from_hf(path / "config.json")
     assert transformers.MixtralForCausalLM.from_pretrained(out) is not None
-    assert [k for k, _ in hf_tensors(ours)] == [k for k, _ in hf_tensors(Mixtral.from_pretrained(out))]
+    assert [k for k, _ in hf_tensors(ours)] == [k for k, _ in hf_tensors(load_pretrained(out))]
 
 
 def test_fused_checkpoint_loads(pair, tmp_path):
@@ -145,6 +145,6 @@ def test_fused_checkpoint_loads(pair, tmp_path):
     hf.save_pretrained(tmp_path, save_original_format=False)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as sf:
         assert any(k.endswith("mlp.experts.gate_up_proj") for k in sf.keys())
-    fused = Mixtral.from_pretrained(tmp_path)
+    fused = load_pretrained(tmp_path)
     for (n1, t1), (n2, t2) in zip(ours.state_dict().items(), fused.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(t1, t2), n1

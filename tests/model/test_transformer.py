@@ -125,7 +125,16 @@ def test_sum_backward_through_model(model):
 def test_expert_parallel_block_refuses_to_run_alone():
     cfg = MixtralConfig.preset("tiny")
     cfg.vocab_size = 100
-    partial = Mixtral(cfg, expert_ids=[1, 5])
-    assert partial.layers[0].moe.experts.gate_up_proj.shape[0] == 2
+    partial = Mixtral(cfg)
+    assert partial.expert_ids == list(range(8))
+    for layer in partial.layers:  # what expert parallelism does from outside (pipeline/expert_parallel.py)
+        layer.moe.experts.gate_up_proj = torch.nn.Parameter(layer.moe.experts.gate_up_proj[[1, 5]])
+        layer.moe.experts.num_experts = 2
     with pytest.raises(RuntimeError, match="expert-parallel"):
         partial(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_forward_refuses_an_attention_mask(model):
+    # Padding has one encoding, document id -1: a mask passed out of habit must not be ignored.
+    with pytest.raises(TypeError, match="document_ids = -1"):
+        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3, dtype=torch.long))

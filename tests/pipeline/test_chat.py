@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model import Mixtral, MixtralConfig
+from model.checkpoint import load_pretrained, save_pretrained
 from pipeline.chat import answer, load, main
 from pipeline.config import build
 from pipeline.export import ExportRecipe, export
@@ -11,7 +12,7 @@ from pipeline.export import ExportRecipe, export
 
 def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
     torch.manual_seed(0)
-    Mixtral(MixtralConfig.preset("tiny")).save_pretrained(tmp_path / "base")
+    save_pretrained(Mixtral(MixtralConfig.preset("tiny")), tmp_path / "base")
     raw = {
         "source": {"checkpoint": str(tmp_path / "base")},
         "output_dir": str(tmp_path / "export"),
@@ -26,7 +27,7 @@ def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
     assert prompt[:4] == [1, 733, 16289, 28793] and prompt[-4:] == [733, 28748, 16289, 28793]
 
     # Reference: our model, no cache, the whole sequence recomputed for every new token.
-    native = Mixtral.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    native = load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(8):
@@ -47,8 +48,8 @@ def test_chat_loads_an_adapter_export_onto_its_base(tmp_path):
     from model.lora import apply_lora
 
     torch.manual_seed(0)
-    Mixtral(MixtralConfig.preset("tiny")).save_pretrained(tmp_path / "base")
-    lora = apply_lora(Mixtral.from_pretrained(tmp_path / "base", dtype=torch.float32), r=2, alpha=4)
+    save_pretrained(Mixtral(MixtralConfig.preset("tiny")), tmp_path / "base")
+    lora = apply_lora(load_pretrained(tmp_path / "base", dtype=torch.float32), r=2, alpha=4)
     with torch.no_grad():
         for p in lora.parameters():
             if p.requires_grad:
@@ -68,7 +69,7 @@ def test_chat_loads_an_adapter_export_onto_its_base(tmp_path):
     assert isinstance(model, PeftModel)
     prompt, generated, _ = answer(tokenizer, model, [{"role": "user", "content": "Hi"}], max_new_tokens=6)
     native = PeftModel.from_pretrained(
-        Mixtral.from_pretrained(tmp_path / "base", dtype=torch.float32), str(tmp_path / "lora")
+        load_pretrained(tmp_path / "base", dtype=torch.float32), str(tmp_path / "lora")
     ).merge_and_unload()
     ids = list(prompt)
     with torch.no_grad():
@@ -84,7 +85,7 @@ def test_chat_over_a_model_split_across_devices_gives_the_same_answer(tmp_path):
     # hidden states between them. A CPU host has one device, so the same hooks are exercised by a
     # map over the CPU and the disk (weights of layer 1 and lm_head loaded for each forward).
     torch.manual_seed(0)
-    Mixtral(MixtralConfig.preset("tiny")).save_pretrained(tmp_path / "base")
+    save_pretrained(Mixtral(MixtralConfig.preset("tiny")), tmp_path / "base")
     raw = {
         "source": {"checkpoint": str(tmp_path / "base")},
         "output_dir": str(tmp_path / "export"),

@@ -7,6 +7,7 @@ import torch
 from datasets import Dataset
 
 from model import Mixtral, MixtralConfig
+from model.checkpoint import load_pretrained, save_pretrained
 from model.lora import apply_lora
 from pipeline.config import RecipeError, build
 from pipeline.dpo import (
@@ -56,7 +57,7 @@ def sft_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
     torch.manual_seed(0)
     base = Mixtral(MixtralConfig.preset("tiny"))
-    base.save_pretrained(root / "base")
+    save_pretrained(base, root / "base")
     sft = apply_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj", "experts"])
     # B starts at zero; random B makes the adapter change the model like a trained one.
     with torch.no_grad():
@@ -88,7 +89,7 @@ def _recipe(sft_dir, data_dir="unused", **dpo):
 def _sft_peft_model(sft_dir):
     from peft import PeftModel
 
-    base = Mixtral.from_pretrained(sft_dir / "base")
+    base = load_pretrained(sft_dir / "base")
     return PeftModel.from_pretrained(base, str(sft_dir)).eval()
 
 
@@ -104,13 +105,9 @@ def test_collate_puts_chosen_then_rejected_right_padded():
         [-100, -100, 8, 9, 2],
         [-100, -100, -100, 3, 2],
     ]
-    assert b["attention_mask"].tolist() == [
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1],
-    ]
-    assert b["document_ids"].tolist() == [[0, 0, 0, 0, -1], [0] * 5, [0] * 5, [0] * 5]  # attention per sequence
+    # Attention per sequence; padding is document id -1, the batch's only padding encoding.
+    assert b["document_ids"].tolist() == [[0, 0, 0, 0, -1], [0] * 5, [0] * 5, [0] * 5]
+    assert "attention_mask" not in b
     assert b["ref_chosen_logps"].tolist() == [-1.5, -3.0]
     assert b["ref_rejected_logps"].tolist() == [-2.5, -4.0]
     assert DPOTask(DPOSection(), aux_coef=0.0, z_coef=0.0, reference=None).count_units(b) == 2
@@ -150,7 +147,7 @@ def test_task_loss_is_the_preference_loss_sum_plus_router_terms():
     margins = want.chosen_rewards - want.rejected_rewards
     assert out.sums["rewards/accuracies"].item() == (margins > 0).sum().item()
     torch.testing.assert_close(out.sums["rewards/margins"], margins.sum())
-    assert out.tokens == int(batch["attention_mask"].sum())
+    assert out.tokens == int((batch["document_ids"] >= 0).sum())
     assert out.loss_sum.requires_grad
 
 
@@ -279,7 +276,7 @@ def test_sft_adapter_is_merged_in_fp32_then_cast(sft_dir):
     from pipeline.dpo import load_sft_model
 
     merged = load_sft_model(sft_dir, torch.bfloat16)
-    base = Mixtral.from_pretrained(sft_dir / "base")  # fp32
+    base = load_pretrained(sft_dir / "base")  # fp32
     adapter = load_file(str(sft_dir / "adapter_model.safetensors"))
     prefix = "base_model.model.layers.0.self_attn.q_proj"
     a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]

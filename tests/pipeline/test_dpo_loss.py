@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.losses import IGNORE_INDEX, masked_ce, shift_labels
 from pipeline.dpo_loss import (
     chosen_nll,
     hinge_loss,
@@ -14,10 +15,8 @@ from pipeline.dpo_loss import (
     preference_loss,
     reward_sums,
     robust_loss,
-    sequence_log_probs,
     sigmoid_loss,
     split_pairs,
-    token_log_probs,
 )
 
 # One pair worked by hand: policy (chosen, rejected) = (-10, -12), reference = (-11, -11), beta 0.5.
@@ -129,16 +128,23 @@ def test_chosen_nll_and_metrics_hand_worked():
     assert m["logps/rejected"] == pytest.approx(-3.0)
 
 
-def test_token_log_probs_equal_log_softmax_gather_and_ignore_masked():
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each row's labelled tokens and how many there are, from the model's own
+    CE and label shift (what `pipeline.dpo.policy_log_probs` reads off the model's output):
+    logits [R, S, V], labels [R, S] unshifted -> ([R], [R])."""
+    targets = shift_labels(labels)  # [R, S]
+    nll = masked_ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), "none").view(targets.shape)
+    return -nll.sum(dim=-1), (targets != IGNORE_INDEX).sum(dim=-1)
+
+
+def test_sequence_log_probs_equal_log_softmax_gather_and_ignore_masked():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 7, 11, generator=g)
     labels = torch.randint(0, 11, (3, 7), generator=g)
     labels[:, :3] = -100
     labels[2, 5:] = -100
     ref = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels[:, 1:].clamp_min(0)[..., None]).squeeze(-1)
-    ref = ref * (labels[:, 1:] != -100)
-    # Chunks of 4 positions split rows in the middle: the result must not depend on it.
-    torch.testing.assert_close(token_log_probs(logits, labels, chunk_rows=4), ref)
+    ref = ref * (labels[:, 1:] != -100)  # [R, S-1]: position s scores label s + 1
     sums, counts = sequence_log_probs(logits, labels)
     torch.testing.assert_close(sums, ref.sum(-1))
     assert counts.tolist() == [4, 4, 2]

@@ -16,6 +16,7 @@ from pipeline.expert_parallel import (
     ExpertPlacement,
     gather_expert_tensor,
     install_dispatch,
+    load_local_experts,
     local_order,
     shard_experts,
     tag_expert_params,
@@ -31,6 +32,36 @@ def test_placement_blocks_and_errors():
         ExpertPlacement(num_experts=8, ep_size=3, ep_rank=0)
     with pytest.raises(ValueError, match="ep_rank=2 is outside"):
         ExpertPlacement(num_experts=8, ep_size=2, ep_rank=2)
+
+
+def test_load_local_experts_allocates_and_reads_only_this_ranks_experts(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from model import Mixtral, MixtralConfig
+    from model.checkpoint import save_pretrained
+
+    cfg = MixtralConfig.preset("tiny")
+    cfg.vocab_size = 64
+    torch.manual_seed(0)
+    whole = Mixtral(cfg)
+    save_pretrained(whole, tmp_path)
+    place = ExpertPlacement(num_experts=8, ep_size=4, ep_rank=3)  # experts 6 and 7
+    # Sharding on the meta device allocates nothing and records the experts the model holds.
+    meta = Mixtral(cfg, device="meta")
+    shard_experts(meta, place)
+    assert meta.expert_ids == [6, 7] and meta.layers[0].moe.experts.gate_up_proj.is_meta
+    assert meta.layers[0].moe.experts.gate_up_proj.shape[0] == 2
+    # Other ranks' experts are never read: the checkpoint may lack them.
+    tensors = load_file(tmp_path / "model.safetensors")
+    for name in [n for n in tensors if ".experts." in n and ".experts.6." not in n and ".experts.7." not in n]:
+        del tensors[name]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    part = load_local_experts(tmp_path, place, dtype=torch.float32)
+    assert part.expert_ids == [6, 7]
+    for layer, ref in zip(part.layers, whole.layers, strict=True):
+        assert torch.equal(layer.moe.experts.gate_up_proj, ref.moe.experts.gate_up_proj[6:])
+        assert torch.equal(layer.moe.experts.down_proj, ref.moe.experts.down_proj[6:])
+        assert torch.equal(layer.moe.gate.weight, ref.moe.gate.weight)
 
 
 def test_local_order_regroups_source_major_rows_by_expert():

@@ -18,6 +18,7 @@ from transformers import MixtralForCausalLM
 
 import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
 from model import Mixtral, MixtralConfig
+from model.checkpoint import load_pretrained, save_pretrained
 from model.lora import apply_lora
 from pipeline.config import RecipeError, build
 from pipeline.export import (
@@ -61,17 +62,17 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
     cfg = MixtralConfig.preset("tiny")
-    Mixtral(cfg).save_pretrained(root / "base")
+    save_pretrained(Mixtral(cfg), root / "base")
 
     sft = apply_lora(
-        Mixtral.from_pretrained(root / "base", dtype=torch.float32), r=4, alpha=8, train_router=True
+        load_pretrained(root / "base", dtype=torch.float32), r=4, alpha=8, train_router=True
     )
     _randomize_adapter(sft, 1)
     sft.save_pretrained(root / "sft")
     _manifest(root / "sft", root / "base", "sft")
 
     sft_merged = PeftModel.from_pretrained(
-        Mixtral.from_pretrained(root / "base", dtype=torch.float32), str(root / "sft")
+        load_pretrained(root / "base", dtype=torch.float32), str(root / "sft")
     ).merge_and_unload()
     dpo = apply_lora(
         sft_merged, r=2, alpha=4, use_rslora=True, target_modules=("q_proj", "v_proj", "experts")

@@ -20,6 +20,8 @@ import torch
 from launching import ROOT, accelerate_launch, run_command
 from test_eval import TINY_RECIPE, tiny_model, write_eval_data
 
+from model.checkpoint import save_pretrained
+
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
@@ -43,7 +45,7 @@ def evals(tmp_path_factory) -> dict[str, dict]:
 
     root = tmp_path_factory.mktemp("parallel_eval")
     data = write_eval_data(root)
-    tiny_model(1).save_pretrained(root / "base")
+    save_pretrained(tiny_model(1), root / "base")
     sft = _lora_run(root, root / "base")
     args = [str(TINY_RECIPE), f"data.dir={data}", f"data.routing_dirs=[{data.parent / 'train'}]",
             "data.batch_size=1", f"models={{base: {root / 'base'}, sft: {sft}}}", "passkey.lengths=[128]",

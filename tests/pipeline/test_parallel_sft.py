@@ -19,6 +19,7 @@ import torch
 from launching import ROOT, accelerate_launch, assert_finished_with_wandb, run_command
 from safetensors.torch import load_file
 
+from model.checkpoint import load_pretrained
 from pipeline.tracking import read_metrics
 
 RECIPE = ROOT / "recipes/tiny/sft.yaml"
@@ -141,11 +142,9 @@ def test_ep_metrics_logged(runs):
 
 @pytest.mark.parametrize("mode, ref", [("z2ep2_full", "ref_full"), ("z3_full", "ref_full")])
 def test_consolidated_full_model_loads_and_equals_reference(runs, mode, ref):
-    from model import Mixtral
-
-    got = dict(Mixtral.from_pretrained(runs[mode]).named_parameters())
-    want = dict(Mixtral.from_pretrained(runs[ref]).named_parameters())
-    base = dict(Mixtral.from_pretrained(runs[ref] / "base").named_parameters())
+    got = dict(load_pretrained(runs[mode]).named_parameters())
+    want = dict(load_pretrained(runs[ref]).named_parameters())
+    base = dict(load_pretrained(runs[ref] / "base").named_parameters())
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
     assert max((want[k] - base[k]).abs().max().item() for k in want) > 1e-3  # training did move them
@@ -153,10 +152,8 @@ def test_consolidated_full_model_loads_and_equals_reference(runs, mode, ref):
 
 def test_zero3_preset_base_is_the_single_process_base(runs):
     # Drawn parameter by parameter, each rank keeping its partitions, rank 0 streaming base/.
-    from model import Mixtral
-
-    got = dict(Mixtral.from_pretrained(runs["z3_full"] / "base").named_parameters())
-    want = dict(Mixtral.from_pretrained(runs["ref_full"] / "base").named_parameters())
+    got = dict(load_pretrained(runs["z3_full"] / "base").named_parameters())
+    want = dict(load_pretrained(runs["ref_full"] / "base").named_parameters())
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -175,9 +172,8 @@ def test_lora_adapter_gathered_across_ranks(runs, mode):
 def test_expert_shards_differ_across_ep_ranks_and_are_not_averaged(runs):
     ckpt = runs["z2ep2_full"] / "checkpoints/step-000004"
     rank0, rank1 = (load_file(ckpt / f"model-rank{r}.safetensors") for r in (0, 1))
-    from model import Mixtral
 
-    want = dict(Mixtral.from_pretrained(runs["ref_full"]).named_parameters())
+    want = dict(load_pretrained(runs["ref_full"]).named_parameters())
     experts = [k for k in rank0 if ".moe.experts." in k]
     assert experts
     for k in experts:

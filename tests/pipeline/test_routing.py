@@ -49,26 +49,22 @@ def test_repetition_counts_match_hand_computation():
     #   row 1 (t0, t1): [2,3] -> [3,2]  overlap only
     #   row 1 (t1, t2): [3,2] -> [3,0]  same first, overlap
     #   row 1 (t2, t3): t3 is padding (same first choice 3, must NOT count)
-    keys = document_keys(DOCS, None, DOCS.shape)
+    keys = document_keys(DOCS, DOCS.shape)
     same_first, overlap, pairs = repetition_counts(top_k_experts(logits_for(TRACE), 2), keys)
     assert (same_first, overlap, pairs) == (2, 3, 4)
 
 
-def test_padding_from_attention_mask_is_excluded():
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    keys = document_keys(torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]), mask, DOCS.shape)
-    assert keys.tolist() == document_keys(DOCS, None, DOCS.shape).tolist()
-    assert keys.tolist() == [0, 0, 1, 1, 2, 2, 2, -1]
+def test_padding_is_excluded():
+    assert document_keys(DOCS, DOCS.shape).tolist() == [0, 0, 1, 1, 2, 2, 2, -1]
 
 
 def test_rows_without_document_ids_are_one_document_each():
-    keys = document_keys(None, torch.tensor([[1, 1, 0], [1, 1, 1]]), (2, 3))
-    assert keys.tolist() == [0, 0, -1, 1, 1, 1]
+    assert document_keys(None, (2, 3)).tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_expert_counts_and_shares_by_hand():
     experts = top_k_experts(logits_for(TRACE), 2)
-    valid = document_keys(DOCS, None, DOCS.shape) >= 0
+    valid = document_keys(DOCS, DOCS.shape) >= 0
     # 7 real tokens, 14 slots: expert 0 in r0t0 r0t1 r0t2 r1t2; 1 in r0t0 r0t3; 2 in r0t1 r0t3 r1t0 r1t1;
     # 3 in r0t2 r1t0 r1t1 r1t2.
     counts = expert_counts(experts, 4, valid)
@@ -116,9 +112,8 @@ def test_uniform_random_router_sits_at_the_baselines():
     logits = torch.randn(batch * seq, num_experts, generator=gen)
     # Documents of random lengths packed into each row, and some padding at the end of each row.
     doc_ids = torch.cumsum(torch.rand(batch, seq, generator=gen) < 0.01, dim=1)
-    attention = torch.ones(batch, seq, dtype=torch.long)
-    attention[:, -37:] = 0
-    keys = document_keys(doc_ids, attention, (batch, seq))
+    doc_ids[:, -37:] = -1  # padding
+    keys = document_keys(doc_ids, (batch, seq))
     same_first, overlap, pairs = repetition_counts(top_k_experts(logits, k), keys)
     assert pairs > 0.98 * batch * (seq - 37)  # almost every pair is inside a document
 
@@ -144,14 +139,14 @@ def test_a_sticky_router_is_far_above_the_baseline():
     for t in range(1, seq):
         if keep[t]:
             logits[t] = logits[t - 1]
-    keys = document_keys(None, None, (1, seq))
+    keys = document_keys(None, (1, seq))
     same_first, _, pairs = repetition_counts(top_k_experts(logits, 2), keys)
     assert same_first / pairs - 0.125 > 10 * hoeffding_radius(pairs, 1e-6)
 
 
 def test_routing_stats_per_source_and_overall():
     stats = RoutingStats(num_layers=2, num_experts=4, k=2)
-    keys = document_keys(DOCS, None, DOCS.shape)
+    keys = document_keys(DOCS, DOCS.shape)
     layer0 = logits_for(TRACE)
     layer1 = logits_for([[[1, 0]] * 4, [[1, 0]] * 4])  # every token: expert 1 then 0
     stats.add([layer0, layer1], keys, ["code", "chat"])
@@ -186,13 +181,13 @@ def test_routing_stats_split_a_mixed_row_by_document():
     """Per-document sources give each source exactly what its documents alone give."""
     layer1 = [[[1, 0]] * 4, [[1, 0]] * 4]
     packed = RoutingStats(num_layers=2, num_experts=4, k=2)
-    packed.add([logits_for(TRACE), logits_for(layer1)], document_keys(DOCS, None, DOCS.shape),
+    packed.add([logits_for(TRACE), logits_for(layer1)], document_keys(DOCS, DOCS.shape),
                [["code", "chat"], ["chat"]], DOCS)
     # The same three documents, each as its own row (padding to width 3).
     alone_trace = [[TRACE[0][0], TRACE[0][1], [0, 1]], [TRACE[0][2], TRACE[0][3], [0, 1]], TRACE[1][:3]]
     alone_docs = torch.tensor([[0, 0, -1], [0, 0, -1], [0, 0, 0]])
     alone = RoutingStats(num_layers=2, num_experts=4, k=2)
-    alone.add([logits_for(alone_trace), logits_for([[[1, 0]] * 3] * 3)], document_keys(alone_docs, None, (3, 3)),
+    alone.add([logits_for(alone_trace), logits_for([[[1, 0]] * 3] * 3)], document_keys(alone_docs, (3, 3)),
               ["code", "chat", "chat"])
     assert set(packed.counts) == set(alone.counts) == {"code", "chat"}
     for table in ("counts", "first_counts", "pairs"):
@@ -206,14 +201,14 @@ def test_routing_stats_split_a_mixed_row_by_document():
     assert packed.pairs["chat"][0].tolist() == [1, 2, 3]
     # A row-level source (the first document's) would put r0 t2, t3 under "code" instead.
     by_row = RoutingStats(num_layers=2, num_experts=4, k=2)
-    by_row.add([logits_for(TRACE), logits_for(layer1)], document_keys(DOCS, None, DOCS.shape), ["code", "chat"])
+    by_row.add([logits_for(TRACE), logits_for(layer1)], document_keys(DOCS, DOCS.shape), ["code", "chat"])
     assert not torch.equal(by_row.counts["code"], packed.counts["code"])
 
 
 def test_routing_stats_rejects_wrong_layer_count():
     stats = RoutingStats(num_layers=3, num_experts=4, k=2)
     with pytest.raises(ValueError, match="3 layers"):
-        stats.add([logits_for(TRACE)], document_keys(DOCS, None, DOCS.shape), ["a", "b"])
+        stats.add([logits_for(TRACE)], document_keys(DOCS, DOCS.shape), ["a", "b"])
 
 
 @pytest.mark.parametrize("layers,expected", [(32, [0, 15, 31]), (4, [0, 1, 3]), (2, [0, 1]), (1, [0])])
@@ -231,7 +226,7 @@ def test_routing_stats_with_a_uniform_router_report_the_baselines():
     batch, seq, layers, num_experts, k = 8, 6000, 2, 8, 2
     stats = RoutingStats(layers, num_experts, k)
     doc_ids = torch.cumsum(torch.rand(batch, seq, generator=gen) < 0.005, dim=1)
-    keys = document_keys(doc_ids, None, (batch, seq))
+    keys = document_keys(doc_ids, (batch, seq))
     logits = [torch.randn(batch * seq, num_experts, generator=gen) for _ in range(layers)]
     stats.add(logits, keys, ["a", "b"] * (batch // 2))
     summary = stats.summary()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.checkpoint import load_pretrained
 from pipeline.recipe import SFTRecipe
 from pipeline.sft import SFTTask, build_model, load_datasets, load_recipe
 from pipeline.tracking import read_metrics
@@ -121,10 +122,9 @@ def trained_models(out: Path):
     from peft import PeftModel
 
     import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
-    from model import Mixtral
 
-    peft_model = PeftModel.from_pretrained(Mixtral.from_pretrained(out / "base"), out).eval()
-    merged = PeftModel.from_pretrained(Mixtral.from_pretrained(out / "base"), out).merge_and_unload().eval()
+    peft_model = PeftModel.from_pretrained(load_pretrained(out / "base"), out).eval()
+    merged = PeftModel.from_pretrained(load_pretrained(out / "base"), out).merge_and_unload().eval()
     return peft_model, merged
 
 
@@ -151,7 +151,7 @@ def test_adapter_loads_back_and_merges(reference, work):
 
     # merged weights give the adapter model's outputs
     batch = task.collate([eval_set[0], eval_set[1]])
-    kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "attention_mask")}
+    kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "document_ids")}
     with torch.no_grad():
         torch.testing.assert_close(merged(**kwargs).logits, peft_model(**kwargs).logits, atol=1e-5, rtol=1e-4)
 
@@ -331,7 +331,6 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, capsy
 
 @pytest.mark.e2e
 def test_full_finetuning_with_frozen_router_saves_a_loadable_model(work):
-    from model import Mixtral
     from pipeline.sft import main
 
     out = work / "full"
@@ -341,7 +340,7 @@ def test_full_finetuning_with_frozen_router_saves_a_loadable_model(work):
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "full" and manifest["model_dir"] == str(out.resolve())
-    tuned, base = Mixtral.from_pretrained(out), Mixtral.from_pretrained(out / "base")
+    tuned, base = load_pretrained(out), load_pretrained(out / "base")
     tuned_params, base_params = dict(tuned.named_parameters()), dict(base.named_parameters())
     for name, param in tuned_params.items():
         if ".moe.gate." in name:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model import Mixtral, MixtralConfig
+from model.checkpoint import load_pretrained, save_pretrained
 from pipeline.safetensors_io import read_into, read_safetensors_header
 from pipeline.sharded_load import _piece_range
 
@@ -56,7 +57,7 @@ def test_stored_elements_read_a_flat_range_with_conversion(tmp_path):
 
 def _checkpoint(root: Path) -> Path:
     torch.manual_seed(3)
-    Mixtral(MixtralConfig.preset("tiny")).save_pretrained(root / "ckpt", max_shard_size="300KB")
+    save_pretrained(Mixtral(MixtralConfig.preset("tiny")), root / "ckpt", max_shard_size="300KB")
     return root / "ckpt"
 
 
@@ -79,7 +80,7 @@ def _worker(rank: int, world: int, root: str) -> None:
 
         torch.set_num_threads(1)
         ckpt = Path(root) / "ckpt"
-        whole = Mixtral.from_pretrained(ckpt)
+        whole = load_pretrained(ckpt)
         model = checkpoint_loader(torch.float32, None, DS_CONFIG)(ckpt)
         reference = dict(whole.named_parameters())
         for name, p in model.named_parameters():
@@ -121,7 +122,7 @@ def _worker(rank: int, world: int, root: str) -> None:
             lo, hi = own_range(p)
             assert torch.equal(p.ds_tensor[:hi - lo], want.detach().reshape(-1)[lo:hi]), name
         dist.barrier()
-        saved = dict(Mixtral.from_pretrained(base).named_parameters())
+        saved = dict(load_pretrained(base).named_parameters())
         assert all(torch.equal(saved[n], p) for n, p in one.named_parameters())
 
         # A checkpoint that lacks a piece: the coverage check names the parameter.
