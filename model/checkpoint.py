@@ -184,8 +184,16 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     expert_ids: list[int] | None = None,
+    quantization: str | None = None,
+    quantize_device: str | torch.device | None = None,
 ):
-    """Build on meta, allocate once, then copy each tensor in shard by shard (see Mixtral.from_pretrained)."""
+    """Build on meta, allocate once, then copy each tensor in shard by shard (see Mixtral.from_pretrained).
+
+    `quantization="nf4"` (model/quant.py): each weight QLoRA stores 4-bit is quantized (on
+    `quantize_device`, default `device`) as soon as its last piece is read and its full-precision
+    copy released, so the model never exists whole in `dtype`: the peak is the 4-bit model plus the
+    weights of the file being read that are not yet complete (about one layer's expert stack).
+    """
     from model.transformer import Mixtral
 
     path = Path(path)
@@ -199,6 +207,18 @@ def load_pretrained(
     local_of = {e: i for i, e in enumerate(model.expert_ids)}
     ffn = config.intermediate_size
     pending = _expected_pieces(model)
+    to_quantize = set()
+    if quantization is not None:
+        from model import quant
+
+        quant.check_quantization(quantization)
+        to_quantize = set(quant.quantized_parameter_names(model))
+
+    def loaded(native: str) -> None:
+        if native in to_quantize and not pending[native]:
+            quant.quantize_parameter(model, native, quantize_device or device)
+            del params[native]  # the last reference to the full-precision tensor
+
     with torch.no_grad():
         for file in files:
             with safe_open(str(path / file), framework="pt", device="cpu") as shard:
@@ -208,6 +228,12 @@ def load_pretrained(
                         raise ValueError(
                             f"{path / file}: tensor {hf_name} is for layer {target.layer}, but config.json "
                             f"has num_hidden_layers={config.num_hidden_layers}"
+                        )
+                    if target.native not in params:  # complete and quantized already
+                        if target.expert is not None and target.expert not in local_of:
+                            continue  # another rank's expert: never read
+                        raise ValueError(
+                            f"{path / file}: tensor {hf_name} fills {target.native}, which other tensors already filled"
                         )
                     param = params[target.native]
                     if target.piece == "stack":
@@ -225,6 +251,8 @@ def load_pretrained(
                         )
                         for local, expert in enumerate(model.expert_ids):
                             param[local].copy_(sliced[expert : expert + 1][0])
+                        del param
+                        loaded(target.native)
                         continue
                     if target.expert is not None:
                         if target.expert >= config.num_local_experts:
@@ -246,6 +274,8 @@ def load_pretrained(
                         _shape_error(hf_name, path / file, list(dest.shape), shape)
                     _claim(pending, target.native, [key], hf_name, path / file)
                     dest.copy_(shard.get_tensor(hf_name))
+                    del dest, param
+                    loaded(target.native)
     missing = sorted(
         _hf_name(name, piece, expert) for name, pieces in pending.items() for piece, expert in pieces
     )
@@ -254,6 +284,8 @@ def load_pretrained(
             f"{path}: checkpoint is missing {len(missing)} tensor(s) that config.json implies, "
             f"e.g. {missing[:4]}"
         )
+    if quantization is not None:
+        quant.mark_quantized(model, quantization)
     return model
 
 

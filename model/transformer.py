@@ -245,10 +245,13 @@ class Mixtral(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         expert_ids: list[int] | None = None,
+        quantization: str | None = None,
+        quantize_device: str | torch.device | None = None,
     ) -> Mixtral:
         from model.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, expert_ids=expert_ids)
+        return load_pretrained(path, dtype=dtype, device=device, expert_ids=expert_ids,
+                               quantization=quantization, quantize_device=quantize_device)
 
     def save_pretrained(
         self, path: str | Path, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None

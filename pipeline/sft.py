@@ -35,7 +35,7 @@ from pipeline.expert_parallel import ExpertPlacement, shard_experts
 from pipeline.optim import freeze_router
 from pipeline.parallel import placement_independent_lora_init
 from pipeline.preflight import LaunchSpec, preflight
-from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe
+from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe, quantization_record
 from pipeline.rundir import record, start_training_run
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
@@ -147,7 +147,7 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
     dtype = getattr(torch, m.dtype)
     expert_ids = place.expert_ids if place is not None and place.ep_size > 1 else None
     zero3 = sharded_load.zero3_config() if recipe.parallel.zero_stage == 3 else None
-    load = sharded_load.checkpoint_loader(dtype, expert_ids, zero3)
+    load = sharded_load.checkpoint_loader(dtype, expert_ids, zero3, m.quantization)
     if load_base is not None:
         model = load_base(load)
     elif m.checkpoint is not None:
@@ -159,6 +159,11 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
                                          save_to=output_dir / "base" if is_main else None)
         if expert_ids is not None:
             shard_experts(model, place)
+    if m.quantization is not None and getattr(model, "quantization", None) is None:
+        from model.quant import quantize_model
+
+        # A preset (drawn whole, then quantized: presets are small) or a base that load_base merged.
+        model = quantize_model(model, m.quantization, sharded_load.quantization_device())
     model = configure_for_training(model, recipe, place)
     if zero3 is not None:
         sharded_load.match_engine_dtype(model, zero3)
@@ -237,6 +242,7 @@ def write_manifest(recipe: SFTRecipe, output_dir: Path, *, files: list[str], dat
         "base": {"checkpoint": base_dir, "preset": recipe.model.preset, "config": model_config},
         "adapter_dir" if recipe.lora.enabled else "model_dir": str(output_dir.resolve()),
         "files": files,
+        "quantization": quantization_record(recipe.model),
         "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target_modules": recipe.lora.target_modules,
                  "train_router": recipe.lora.train_router} if recipe.lora.enabled else None,
         "data": data,
