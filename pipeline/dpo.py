@@ -617,7 +617,7 @@ def run(recipe: DPORecipe) -> Path:
                 eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
         reference = None
     n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
-    n_all = sharded_load.parameter_count(model.parameters())
+    n_all = sharded_load.model_parameter_count(model)
     accelerator.print(
         f"dpo: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train pairs, "
         f"{len(eval_set) if eval_set is not None else 0} eval pairs; reference: "

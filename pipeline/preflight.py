@@ -275,7 +275,7 @@ def check_quantization(p: Pairing) -> None:
             f"model.quantization={quantization} does not work with parallel.zero_stage=3 (ZeRO-3 partitions "
             "full-precision weights; a 4-bit base is not partitioned): use parallel.zero_stage=2, with "
             "parallel.expert_parallel_size to split the 4-bit experts over the GPUs (recipes/accelerate/"
-            "zero2_ep2.yaml), or one GPU (recipes/mixtral-8x7b/sft_qlora.yaml)")
+            "zero2_ep2_2gpu.yaml on 2 GPUs), or one GPU (recipes/mixtral-8x7b/sft_qlora.yaml)")
     if p.stage != "dpo":
         return
     manifest = Path(p.recipe.model.sft_dir) / "manifest.json"

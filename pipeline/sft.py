@@ -294,7 +294,7 @@ def run(recipe: SFTRecipe) -> Path:
     ep_stats = parallel.apply(model, recipe.parallel, place)
     model_config = (model.get_base_model() if recipe.lora.enabled else model).config.to_hf()
     n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
-    n_all = sharded_load.parameter_count(model.parameters())
+    n_all = sharded_load.model_parameter_count(model)
     accelerator.print(f"sft: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train rows, "
                       f"{len(eval_set) if eval_set is not None else 0} eval rows; "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")

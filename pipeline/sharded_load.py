@@ -53,12 +53,22 @@ def is_partitioned(param: torch.Tensor) -> bool:
 
 
 def full_shape(param: torch.Tensor) -> torch.Size:
+    if getattr(param, "quant_state", None) is not None:
+        return param.quant_state.shape  # a 4-bit Linear4bit weight: its values, not its packed bytes
     return param.ds_shape if is_partitioned(param) else param.shape
 
 
 def parameter_count(params) -> int:
-    """Elements of the whole parameters, partitioned or not."""
+    """Elements of the whole parameters, partitioned or 4-bit or not."""
     return sum(math.prod(full_shape(p)) for p in params)
+
+
+def model_parameter_count(model: nn.Module) -> int:
+    """`parameter_count` of the model's parameters plus its 4-bit expert stacks (buffers)."""
+    from model.quant import NF4Experts
+
+    stacks = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Experts))
+    return parameter_count(model.parameters()) + stacks
 
 
 def zero3_config() -> dict:
