@@ -300,10 +300,13 @@ def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_nbytes(model: nn.Module) -> int:
-    """Bytes the base weights occupy as stored (4-bit data, quant states and full-precision tensors)."""
+    """Bytes the frozen base weights occupy as stored (4-bit data, quant states and full-precision
+    tensors; trainable adapters not counted)."""
     total = 0
     for module in model.modules():
         for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                continue
             total += param.numel() * param.element_size()
             state = getattr(param, "quant_state", None)
             if state is not None:
