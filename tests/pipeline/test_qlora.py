@@ -154,8 +154,7 @@ def test_zero2_expert_parallel_qlora_trains_what_one_process_trains(sft):
     run_command([*accelerate_launch("cpu_zero2_ep2.yaml"), "-m", "pipeline.sft", str(SFT),
                  f"data.output_dir={tmp / 'data'}", f"output_dir={out}", *QLORA, *COMMON,
                  "parallel.backend=gloo", "parallel.zero_stage=2", "parallel.expert_parallel_size=2",
-                 "train.max_steps=2"])
-    assert_finished_with_wandb(out)
+                 "train.max_steps=2", "tracking.report_to=none"])  # the fixture's run has W&B on
     ours, theirs = read_metrics(out / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], abs=1e-5)
     assert ours[0]["grad_norm"] == pytest.approx(theirs[0]["grad_norm"], rel=1e-4)
