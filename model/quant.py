@@ -56,6 +56,16 @@ def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return packed.view(-1), state.absmax, state.state2.absmax, state.offset, (state.code, state.state2.code)
 
 
+@torch.no_grad()
+def hold_as_4bit_base(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """In place: each weight QLoRA quantizes replaced by `nf4_round_trip(weight, dtype)`, so that an
+    unquantized `model` holds the numbers a 4-bit base held (an adapter trained on it merges here)."""
+    for name, param in model.named_parameters():
+        if is_quantized_name(name):
+            param.copy_(nf4_round_trip(param, dtype))
+    return model
+
+
 class NF4Experts(nn.Module):
     """E matrices [out, in] stored NF4 (double quantization), each with its own quant state.
 

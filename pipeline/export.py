@@ -1309,17 +1309,14 @@ def reference_model(source: Source, dtype: torch.dtype, quantized_bases: bool = 
     from peft import PeftModel
 
     import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
-    from model.quant import is_quantized_name, nf4_round_trip
+    from model.quant import hold_as_4bit_base
     from model.transformer import Mixtral
 
     native = Mixtral.from_pretrained(source.checkpoint, dtype=torch.float32)
     for adapter in source.adapters:
         quantization = source.quantized.get(str(adapter)) if quantized_bases else None
         if quantization is not None:
-            with torch.no_grad():
-                for name, param in native.named_parameters():
-                    if is_quantized_name(name):
-                        param.copy_(nf4_round_trip(param, getattr(torch, quantization["dtype"])))
+            hold_as_4bit_base(native, getattr(torch, quantization["dtype"]))
         native = PeftModel.from_pretrained(native, str(adapter)).merge_and_unload()
     with torch.no_grad():
         for param in native.parameters():
