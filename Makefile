@@ -18,7 +18,7 @@ TINY          := outputs/tiny
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint data sft dpo export chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-plan bench-zero3 bench-gpu clean help
+.PHONY: install test lint data sft dpo export chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-qlora bench-plan bench-zero3 bench-gpu clean help
 
 help:
 	@echo "make sft      prepare the bundled data and run SFT on the tiny default (CPU)"
@@ -30,6 +30,7 @@ help:
 	@echo "make plan     startup checks + per-GPU / per-node memory of RECIPE under CONFIG (an accelerate config)"
 	@echo "make test     the test suite (what CI runs)"
 	@echo "make bench-moe | bench-data | bench-sft | bench-dpo   benchmarks against the reference libraries"
+	@echo "make bench-qlora  4-bit base memory and QLoRA SFT step vs transformers + bitsandbytes + PEFT (CPU)"
 	@echo "make bench-plan   the plan's predicted peak memory vs the measured one (CPU runs)"
 	@echo "make bench-zero3  host memory per process of a launched ZeRO-3 SFT run vs the checkpoint's size"
 	@echo "make bench-gpu  CUDA tests, then MoE block, LoRA SFT step and whole-8x7B step at 8x7B shapes; exits 2 without a GPU"
@@ -107,6 +108,9 @@ bench-sft: install
 
 bench-dpo: install
 	$(PY) bench/bench_dpo.py $(ARGS)
+
+bench-qlora: install
+	$(PY) bench/bench_qlora.py $(ARGS)
 
 bench-plan: install
 	$(PY) bench/bench_plan.py $(ARGS)

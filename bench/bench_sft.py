@@ -247,7 +247,8 @@ def device_sync(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def run_ours(args, rows: list[dict]) -> dict:
+def run_ours(args, rows: list[dict], extra: tuple[str, ...] = ()) -> dict:
+    """`extra`: more recipe overrides (bench/bench_qlora.py: the 4-bit base)."""
     import torch
 
     from pipeline import parallel
@@ -263,7 +264,7 @@ def run_ours(args, rows: list[dict]) -> dict:
             f"train.max_steps={args.steps + args.warmup}",
             f"model.dtype={'bfloat16' if args.dtype == 'bf16' else 'float32'}",
             f"train.mixed_precision={args.dtype}",
-            "tracking.report_to=none", f"output_dir={tmp}/out", f"data.output_dir={args.data}",
+            "tracking.report_to=none", f"output_dir={tmp}/out", f"data.output_dir={args.data}", *extra,
         ])
         torch.manual_seed(0)
         model = build_model(recipe, Path(tmp), is_main=False)

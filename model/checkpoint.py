@@ -191,13 +191,16 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     on_meta: Callable[[Mixtral], object] | None = None,
+    quantization: str | None = None,
+    quantize_device: str | torch.device | None = None,
 ) -> Mixtral:
     """The Mixtral of an HF checkpoint dir (config.json + safetensors): built on the meta device,
     allocated once on `device`, then filled shard by shard (`load_weights`).
 
     `on_meta(model)`: applied to the model on the meta device before anything is allocated, e.g.
     `pipeline.expert_parallel.shard_experts` keeping one rank's experts: only those are then
-    allocated and read. `dtype`: config.json's torch_dtype when None.
+    allocated and read. `dtype`: config.json's torch_dtype when None. `quantization`,
+    `quantize_device`: see `load_weights`.
     """
     path = Path(path)
     config = MixtralConfig.from_hf(path / "config.json")
@@ -207,16 +210,23 @@ def load_pretrained(
     if on_meta is not None:
         on_meta(model)
     model = model.to_empty(device=device)
-    load_weights(model, path)
+    load_weights(model, path, quantization=quantization, quantize_device=quantize_device or device)
     return model
 
 
-def load_weights(model: Mixtral, path: str | Path) -> None:
+def load_weights(model: Mixtral, path: str | Path, *, quantization: str | None = None,
+                 quantize_device: str | torch.device | None = None) -> None:
     """Copy an HF checkpoint dir's tensors into `model`'s (allocated) parameters, in place.
 
     Reads only the experts the model holds (`model.expert_ids`): another rank's experts are never
     read. Raises on an unknown name, a shape, layer or expert id that `model.config` does not
     imply, a tensor filled twice, or one missing.
+
+    `quantization="nf4"` (model/quant.py): each weight QLoRA stores 4-bit is quantized (on
+    `quantize_device`, default the weight's device) as soon as its last piece is read and its
+    full-precision copy released, so the model never exists whole in its dtype: the peak is the
+    4-bit model plus the weights of the file being read that are not yet complete (about one
+    layer's expert stack).
     """
     path = Path(path)
     config = model.config
@@ -225,6 +235,18 @@ def load_weights(model: Mixtral, path: str | Path) -> None:
     local_of = {e: i for i, e in enumerate(model.expert_ids)}
     ffn = config.intermediate_size
     pending = _expected_pieces(model)
+    to_quantize = set()
+    if quantization is not None:
+        from model import quant
+
+        quant.check_quantization(quantization)
+        to_quantize = set(quant.quantized_parameter_names(model))
+
+    def loaded(native: str) -> None:
+        if native in to_quantize and not pending[native]:
+            quant.quantize_parameter(model, native, quantize_device or params[native].device)
+            del params[native]  # the last reference to the full-precision tensor
+
     with torch.no_grad():
         for file in files:
             with safe_open(str(path / file), framework="pt", device="cpu") as shard:
@@ -234,6 +256,12 @@ def load_weights(model: Mixtral, path: str | Path) -> None:
                         raise ValueError(
                             f"{path / file}: tensor {hf_name} is for layer {target.layer}, but config.json "
                             f"has num_hidden_layers={config.num_hidden_layers}"
+                        )
+                    if target.native not in params:  # complete and quantized already
+                        if target.expert is not None and target.expert not in local_of:
+                            continue  # another rank's expert: never read
+                        raise ValueError(
+                            f"{path / file}: tensor {hf_name} fills {target.native}, which other tensors already filled"
                         )
                     param = params[target.native]
                     if target.piece == "stack":
@@ -251,6 +279,8 @@ def load_weights(model: Mixtral, path: str | Path) -> None:
                         )
                         for local, expert in enumerate(model.expert_ids):
                             param[local].copy_(sliced[expert : expert + 1][0])
+                        del param
+                        loaded(target.native)
                         continue
                     if target.expert is not None:
                         if target.expert >= config.num_local_experts:
@@ -272,6 +302,8 @@ def load_weights(model: Mixtral, path: str | Path) -> None:
                         _shape_error(hf_name, path / file, list(dest.shape), shape)
                     _claim(pending, target.native, [key], hf_name, path / file)
                     dest.copy_(shard.get_tensor(hf_name))
+                    del dest, param
+                    loaded(target.native)
     missing = sorted(
         _hf_name(name, piece, expert) for name, pieces in pending.items() for piece, expert in pieces
     )
@@ -280,6 +312,8 @@ def load_weights(model: Mixtral, path: str | Path) -> None:
             f"{path}: checkpoint is missing {len(missing)} tensor(s) that config.json implies, "
             f"e.g. {missing[:4]}"
         )
+    if quantization is not None:
+        quant.mark_quantized(model, quantization)
 
 
 def _hf_name(native: str, piece: str, expert: int | None) -> str:

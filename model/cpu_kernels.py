@@ -106,7 +106,7 @@ class _RowBuckets:
         return t.index_select(0, self.index)
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out = a @ b; half precision is multiplied in fp32 on CPUs without instructions for it."""
     if out.dtype != torch.float32 and not cpu_has_native_mm(out.dtype):
         out.copy_(a.float() @ b.float())
@@ -126,7 +126,7 @@ class _ExpertMM(torch.autograd.Function):
         start = 0
         for e, n in enumerate(run_counts):
             if n:
-                _mm_into(y[start : start + n], x_run[start : start + n], w[e].t())
+                mm_into(y[start : start + n], x_run[start : start + n], w[e].t())
             start += n
         # x only where dW needs it (a trained w), and as given: the padded copy is made again in
         # backward, so it is not kept alive between the passes (LoRA's A and the frozen base
@@ -152,10 +152,10 @@ class _ExpertMM(torch.autograd.Function):
         for e, n in enumerate(ctx.counts):
             g_e = grad[start : start + n]  # [n, out]
             if dx is not None and n:
-                _mm_into(dx[start : start + n], g_e, w[e])
+                mm_into(dx[start : start + n], g_e, w[e])
             if dw is not None:
                 if n:
-                    _mm_into(dw[e], g_e.t().contiguous() if copy_g_t else g_e.t(), x[start : start + n])
+                    mm_into(dw[e], g_e.t().contiguous() if copy_g_t else g_e.t(), x[start : start + n])
                 else:
                     dw[e].zero_()
             start += n
@@ -209,7 +209,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 def expert_lora_applies(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], use_grouped_mm: bool | None) -> bool:
     """Whether `expert_lora_mm` runs the expert LoRA: the CPU default path, everything in fp32."""
-    return use_grouped_mm is None and x.device.type == "cpu" and all(t.dtype == torch.float32 for t in tensors)
+    return use_grouped_mm is None and x.device.type == "cpu" and all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in tensors)  # not a 4-bit base (model/quant.py)
 
 
 class _ExpertLoraMM(torch.autograd.Function):

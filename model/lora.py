@@ -274,7 +274,10 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         with torch.no_grad():
             for expert in range(self.get_base_layer().gate_up_proj.shape[0]):
                 for weight, updated in self._updated_expert_weights(adapter, sign, expert):
-                    weight[expert].copy_(updated)
+                    if isinstance(weight, torch.Tensor):
+                        weight[expert].copy_(updated)
+                    else:  # a 4-bit stack (model/quant.py): the merged expert quantized again
+                        weight.set_expert(expert, updated)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for adapter in check_adapters_to_merge(self, adapter_names):

@@ -46,8 +46,9 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     itemsize = x.element_size()
     out_dim, in_dim = w.shape[1], w.shape[2]
     aligned = (in_dim * itemsize) % 16 == 0 and (out_dim * itemsize) % 16 == 0
-    # Inside a compiled region the tensors are fresh allocations (aligned) and have no data pointer.
-    if aligned and not torch.compiler.is_compiling():
+    # Inside a compiled region the tensors are fresh allocations (aligned) and have no data pointer;
+    # a 4-bit stack (model/quant.py) answers for the dequantized blocks it hands out.
+    if aligned and not torch.compiler.is_compiling() and isinstance(w, torch.Tensor):
         aligned = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     return aligned
 
@@ -109,6 +110,10 @@ def grouped_mm(
         raise ValueError(
             f"grouped_mm: tokens_per_expert must be [E={w.shape[0]}], got {tuple(tokens_per_expert.shape)}"
         )
+    if not isinstance(w, torch.Tensor):
+        # A 4-bit frozen stack (model/quant.py NF4Experts): one expert block dequantized at a time,
+        # on every path (torch._grouped_mm takes no 4-bit operand).
+        return w.grouped_mm(x, tokens_per_expert)
     cpu_default = use_grouped_mm is None and x.device.type == "cpu"
     if not cpu_default and torch.float32 in (x.dtype, w.dtype) and torch.is_autocast_enabled(x.device.type):
         # As autocast does for mm: torch._grouped_mm is not on its list, and in fp32 (or with fp32
@@ -197,6 +202,14 @@ class MixtralExperts(nn.Module):
         self.down_proj = nn.Parameter(
             torch.empty(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
         )
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The 4-bit data of a quantized stack (model/quant.py): PEFT puts a quantized layer's
+        adapters on the device of its `qweight`. Absent (AttributeError) when not quantized."""
+        if isinstance(self.gate_up_proj, torch.Tensor):
+            raise AttributeError("qweight: the experts are not quantized")
+        return self.gate_up_proj.packed
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_sorted [N, H] (rows grouped by expert), tokens_per_expert [E] -> [N, H]."""

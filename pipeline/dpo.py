@@ -53,7 +53,15 @@ from pipeline.dpo_loss import (
     split_pairs,
 )
 from pipeline.preflight import LaunchSpec, preflight
-from pipeline.recipe import SPEED_ONLY_KEYS, LoraSection, ParallelSection, TrackingSection, TrainSection
+from pipeline.recipe import (
+    SPEED_ONLY_KEYS,
+    LoraSection,
+    ParallelSection,
+    TrackingSection,
+    TrainSection,
+    check_quantization_recipe,
+    quantization_record,
+)
 from pipeline.rundir import start_training_run
 from pipeline.sharded_load import merge_adapter_fp32
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
@@ -86,6 +94,9 @@ class DPOModelSection:
     router_z_loss_coef: float = 0.0
     # Full fine-tuning: keep the router fixed (LoRA never trains it unless lora.train_router).
     freeze_router: bool = False
+    # QLoRA (as in SFT): the SFT model (an SFT adapter merged in fp32) stored 4-bit; needs LoRA.
+    # The reference is the 4-bit model with the DPO adapter disabled.
+    quantization: Literal["nf4"] | None = None
 
     def __post_init__(self):
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
@@ -142,6 +153,7 @@ class DPORecipe:
             raise ValueError(f"data.kind is {self.data.kind!r}; the DPO stage needs data.kind: dpo")
         if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
             raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
+        check_quantization_recipe(self.model, self.lora)
 
 
 def load_recipe(path: str, overrides: list[str]) -> DPORecipe:
@@ -438,7 +450,7 @@ def load_sft_model(
     from model.checkpoint import load_pretrained
 
     if load is None:
-        def load(path):
+        def load(path, quantize=True):
             return load_pretrained(path, dtype=dtype)
 
     manifest = read_sft_manifest(sft_dir)
@@ -446,9 +458,15 @@ def load_sft_model(
         return load(manifest.get("model_dir") or str(Path(sft_dir).resolve()))
     base_dir = manifest["base"]["checkpoint"]
     adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
-    base = load(base_dir)
-    # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
-    return merge_adapter_fp32(base, adapter_dir).requires_grad_(True)
+    # An adapter trained on a 4-bit base merges into that base dequantized (QLoRA's merge, as
+    # export does); one trained on the full-precision base merges into it, and a 4-bit DPO run
+    # quantizes the merged model afterwards (sft.build_model).
+    base = load(base_dir, quantize=manifest.get("quantization") is not None)
+    merged = merge_adapter_fp32(base, adapter_dir)
+    if getattr(merged, "quantization", None) is None:
+        # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
+        merged.requires_grad_(True)
+    return merged
 
 
 def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | None]:
@@ -492,6 +510,7 @@ def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, m
         # weights this stage trained on); export follows it, then merges adapter_dir on top.
         "base": {"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
         "reference": "the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
+        "quantization": quantization_record(recipe.model),
         "adapter_dir" if recipe.lora.enabled else "model_dir": str(out.resolve()),
         "files": files,
         "lora": {
@@ -595,7 +614,7 @@ def run(recipe: DPORecipe) -> Path:
                 eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
         reference = None
     n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
-    n_all = sharded_load.parameter_count(model.parameters())
+    n_all = sharded_load.model_parameter_count(model)
     accelerator.print(
         f"dpo: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train pairs, "
         f"{len(eval_set) if eval_set is not None else 0} eval pairs; reference: "

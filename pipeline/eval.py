@@ -193,6 +193,11 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             if not base_dir:
                 raise ValueError(f"{manifest_path}: a LoRA run must name its base in base.checkpoint")
             base = load_model_dir(base_dir, dtype, place, device)
+            if manifest.get("quantization"):
+                # QLoRA: the adapter trained on the 4-bit base; it merges into that base's numbers (as export)
+                from model.quant import hold_as_4bit_base
+
+                hold_as_4bit_base(base, getattr(torch, manifest["quantization"]["dtype"]))
             return merge_adapter_fp32(base, manifest.get("adapter_dir") or str(path))
         if kind != "full":
             raise ValueError(f"{manifest_path}: kind must be 'lora' or 'full', got {kind!r}")

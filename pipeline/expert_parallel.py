@@ -197,10 +197,12 @@ def shard_experts(model: nn.Module, placement: ExpertPlacement) -> None:
 
 
 def load_local_experts(path: str | os.PathLike, placement: ExpertPlacement, *, dtype: torch.dtype | None = None,
-                       device: str | torch.device = "cpu") -> nn.Module:
+                       device: str | torch.device = "cpu", **options) -> nn.Module:
     """The Mixtral checkpoint at `path` holding only this rank's experts: built on the meta device,
-    sharded there, then allocated and read; other ranks' experts are neither allocated nor read."""
-    return load_pretrained(path, dtype=dtype, device=device, on_meta=lambda model: shard_experts(model, placement))
+    sharded there, then allocated and read; other ranks' experts are neither allocated nor read.
+    `options`: `model.checkpoint.load_pretrained`'s (quantization, quantize_device)."""
+    return load_pretrained(path, dtype=dtype, device=device, on_meta=lambda model: shard_experts(model, placement),
+                           **options)
 
 
 def expert_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -152,6 +152,8 @@ class Source:
     checkpoint: Path  # HF dir: config.json + safetensors (per-expert or fused names)
     adapters: list[Path]  # PEFT dirs, merged in order
     manifests: list[dict]  # stage manifests, oldest first (for the model card)
+    # adapter dir -> its stage's `quantization` ({"type": "nf4", "dtype": ...}): trained on a 4-bit base
+    quantized: dict[str, dict] = field(default_factory=dict)
 
 
 def _is_hf_checkpoint(path: Path) -> bool:
@@ -215,19 +217,23 @@ def resolve_source(path: str | os.PathLike) -> Source:
     adapter = _manifest_path(manifest.get("adapter_dir", str(path)), path)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{manifest_file}: adapter dir {adapter} has no adapter_config.json")
-    return Source(parent.checkpoint, parent.adapters + extra + [adapter], parent.manifests + [manifest])
+    quantized = dict(parent.quantized)
+    if manifest.get("quantization"):
+        quantized[str(adapter)] = manifest["quantization"]
+    return Source(parent.checkpoint, parent.adapters + extra + [adapter], parent.manifests + [manifest], quantized)
 
 
 def source_from_recipe(section: SourceSection) -> Source:
     if section.run_dir is not None:
         source = resolve_source(section.run_dir)
         if section.checkpoint is not None:
-            source = Source(Path(section.checkpoint), source.adapters, source.manifests)
+            source = Source(Path(section.checkpoint), source.adapters, source.manifests, source.quantized)
     else:
         source = Source(Path(section.checkpoint), [], [])
     if not _is_hf_checkpoint(source.checkpoint):
         raise FileNotFoundError(f"source.checkpoint: {source.checkpoint} is not an HF checkpoint dir")
-    return Source(source.checkpoint, source.adapters + [Path(a) for a in section.adapters], source.manifests)
+    return Source(source.checkpoint, source.adapters + [Path(a) for a in section.adapters], source.manifests,
+                  source.quantized)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +349,9 @@ class Adapter:
     scale: float
     deltas: dict[str, dict[str, str]]  # native param -> {"A"/"B" or "gate_up_A"...: adapter key}
     replacements: dict[str, str]  # native param -> adapter key (modules_to_save)
+    # QLoRA: the stage's {"type": "nf4", "dtype": ...}; the adapter trained on the 4-bit base, so it
+    # merges into that base dequantized (the standard QLoRA merge): see `merged_native_params`.
+    base_quantization: dict | None = None
 
     @classmethod
     def open(cls, adapter_dir: str | os.PathLike) -> Adapter:
@@ -488,11 +497,24 @@ def merged_native_params(
     """(native name, merged fp32 tensor), one parameter at a time, in model order. The tensor may be
     the reader's reused buffer: use it before asking for the next one."""
     check_adapters(adapters, shapes)
+    from model.quant import is_quantized_name
+
+    quantizable = {n for n in shapes if is_quantized_name(n)}
     for native, meta in shapes.items():
         weight = reader.read(native, meta.shape)
         for adapter in adapters:
+            weight = quantized_base(native, weight, adapter.base_quantization, quantizable)
             weight = adapter.apply(native, weight)
         yield native, weight
+
+
+def quantized_base(native: str, weight: torch.Tensor, quantization: dict | None, quantizable: set[str]) -> torch.Tensor:
+    """``weight`` (fp32) as a stage with ``quantization`` held it: cast to its dtype, NF4 and back."""
+    if quantization is None or native not in quantizable:
+        return weight
+    from model import quant
+
+    return quant.nf4_round_trip(weight, getattr(torch, quantization["dtype"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -902,6 +924,9 @@ def write_adapter(
         f"adapter: {len(tensors)} tensors, {n:,} parameters (r={kwargs['r']}, rank_pattern "
         f"{kwargs['rank_pattern']}, alpha_pattern {kwargs['alpha_pattern']})"
     ]
+    report += [f"adapter: {a.dir} trained on a {a.base_quantization['type']} (4-bit) base in "
+               f"{a.base_quantization['dtype']}: load the base that way under it (QLoRA), or export format hf "
+               "(merged into the dequantized base)" for a in adapters if a.base_quantization]
     if recipe.verify.enabled:
         report += verify_adapter_export(tmp, source, config, tensors, recipe.verify)
     return report
@@ -933,7 +958,9 @@ def verify_adapter_export(
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True, return_dict=False)
         for p in section.prompts
     ]
-    native = reference_model(source, torch.float32)
+    # The adapter as transformers applies it, onto the full-precision base it is given (a QLoRA
+    # adapter's own base was 4-bit: the model card says so; export.format=hf merges into that).
+    native = reference_model(source, torch.float32, quantized_bases=False)
     worst = 0.0
     with torch.no_grad():
         for row in ids:
@@ -1122,7 +1149,11 @@ def _export_locked(recipe: ExportRecipe, out: Path, log: Callable[[str], None]) 
     source = source_from_recipe(recipe.source)
     config = MixtralConfig.from_hf(source.checkpoint / "config.json")
     adapters = [Adapter.open(a) for a in source.adapters]
-    log(f"export: base {source.checkpoint}, {len(adapters)} adapter(s): {[str(a.dir) for a in adapters]}")
+    for adapter in adapters:
+        adapter.base_quantization = source.quantized.get(str(adapter.dir))
+    log(f"export: base {source.checkpoint}, {len(adapters)} adapter(s): {[str(a.dir) for a in adapters]}"
+        + "".join(f"; {a.dir} trained on a {a.base_quantization['type']} base, merged into it dequantized"
+                  for a in adapters if a.base_quantization))
 
     tmp = new_temp_dir(out)
     try:
@@ -1256,15 +1287,20 @@ def check_shards(out: Path, plan: list[TensorPlan], dtype: torch.dtype) -> str:
     return f"verify: index and {len(by_file)} shard(s) agree: {len(plan)} names, shapes, dtype {dtype}, total_size {total}"
 
 
-def reference_model(source: Source, dtype: torch.dtype):
-    """Our model with every adapter merged by PEFT, weights rounded to the export dtype, in fp32."""
+def reference_model(source: Source, dtype: torch.dtype, quantized_bases: bool = True):
+    """Our model with every adapter merged by PEFT, weights rounded to the export dtype, in fp32.
+    An adapter trained on a 4-bit base merges into that base dequantized (`quantized_bases`)."""
     from peft import PeftModel
 
     import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
     from model.checkpoint import load_pretrained
+    from model.quant import hold_as_4bit_base
 
     native = load_pretrained(source.checkpoint, dtype=torch.float32)
     for adapter in source.adapters:
+        quantization = source.quantized.get(str(adapter)) if quantized_bases else None
+        if quantization is not None:
+            hold_as_4bit_base(native, getattr(torch, quantization["dtype"]))
         native = PeftModel.from_pretrained(native, str(adapter)).merge_and_unload()
     with torch.no_grad():
         for param in native.parameters():

@@ -279,7 +279,7 @@ def make_accelerator(
 ):
     """The run's Accelerator, with a DeepSpeed plugin built from the recipe when zero_stage > 0."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
     if section.offload_optimizer:
         require_cpu_adam()
@@ -297,8 +297,11 @@ def make_accelerator(
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
     # Without DeepSpeed, accelerate would divide every loss by its accumulation steps: the trainer
     # already normalises by the global batch. DeepSpeed's engine counts them itself (config above).
+    # DDP would broadcast the module's buffers from rank 0 before every forward; the only buffers
+    # are a 4-bit base's (model/quant.py NF4Experts: identical on every rank, 24 GB for 8x7B).
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     acc = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                      deepspeed_plugin=plugin, cpu=cpu,
+                      deepspeed_plugin=plugin, cpu=cpu, kwargs_handlers=[ddp],
                       gradient_accumulation_steps=grad_accum_steps if plugin is not None else 1)
     return acc
 

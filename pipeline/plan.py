@@ -608,7 +608,42 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
     moments.append(Moment("train", "eval loss (logits chunk)", persistent + gather + [
         logits_lines(setup, config, trained_head=False, tokens=tokens, grad=False)]))
     moments += load_and_final_moments(p, setup, counts, persistent, partition, gather)
+    if p.recipe.model.quantization is not None:
+        quantized_base(p, setup, counts, weights, moments)
     return moments
+
+
+# 4-bit NF4 with double quantization (model/quant.py): 4 bits a value, an 8-bit absmax per 64 values,
+# an fp32 absmax (and offset) per 256 of those.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def quantized_base(p: Pairing, setup: Setup, counts: Counts, weights: Line, moments: list[Moment]) -> None:
+    """QLoRA (model.quantization): the attention projections and expert stacks held 4-bit, plus one
+    expert's [2F, H] block dequantized at a time; loading holds the rest in the recipe's dtype and
+    quantizes each weight as it is read (on the GPU), about one layer's expert stacks at a time."""
+    from model.quant import is_quantized_name
+
+    config, dtype = p.config, p.recipe.model.dtype
+    frozen = [(n.replace(".base_layer", ""), t.numel()) for n, t in p.meta_model().named_parameters()
+              if not t.requires_grad]
+    quantized = sum(n for name, n in frozen if is_quantized_name(name))
+    block = 2 * config.intermediate_size * config.hidden_size * setup.act
+    rest = counts.local_frozen - quantized
+    trained = counts.local_trainable * setup.adapter_bytes
+    weights.bytes = quantized * NF4_BYTES + rest * setup.param_bytes + block + trained
+    weights.how = (f"{quantized:,} 4-bit (NF4, double quant) x {NF4_BYTES:.4f} B + {rest:,} frozen x "
+                   f"{setup.param_bytes} B + one dequantized expert block [2F, H] + trainable x {setup.adapter_bytes} B")
+    local_experts = config.num_local_experts // setup.ep
+    layer_stacks = 3 * local_experts * config.intermediate_size * config.hidden_size * BYTES[dtype]
+    for moment in moments:
+        for line in moment.lines:
+            if line.what.startswith("model as built on the host"):
+                on_host = rest * BYTES[dtype] + layer_stacks + (quantized * NF4_BYTES if setup.device == "cpu" else 0)
+                line.bytes = on_host
+                line.how = (f"{rest:,} unquantized params in {dtype} + one layer's expert stacks before they are "
+                            "quantized" + (" + the 4-bit weights" if setup.device == "cpu" else
+                                           " (the 4-bit weights go to the GPU as they are made)"))
 
 
 SHARD_BYTES = 5e9  # save_pretrained's max_shard_size: one shard's tensors are copied at a time

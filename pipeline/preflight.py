@@ -264,6 +264,32 @@ def check_zero3_model(p: Pairing) -> None:
                              "set model.compile=false (or use zero_stage 2)")
 
 
+def check_quantization(p: Pairing) -> None:
+    """A 4-bit base (model.quantization) is held whole by each rank: not under ZeRO-3; DPO on a
+    QLoRA SFT adapter keeps that base 4-bit, in the dtype the adapter trained on."""
+    if p.stage not in ("sft", "dpo"):
+        return
+    quantization = p.recipe.model.quantization
+    if quantization is not None and p.section.zero_stage == 3:
+        raise PreflightError(
+            f"model.quantization={quantization} does not work with parallel.zero_stage=3 (ZeRO-3 partitions "
+            "full-precision weights; a 4-bit base is not partitioned): use parallel.zero_stage=2, with "
+            "parallel.expert_parallel_size to split the 4-bit experts over the GPUs (recipes/accelerate/"
+            "zero2_ep2_2gpu.yaml on 2 GPUs), or one GPU (recipes/mixtral-8x7b/sft_qlora.yaml)")
+    if p.stage != "dpo":
+        return
+    manifest = Path(p.recipe.model.sft_dir) / "manifest.json"
+    if not manifest.is_file():
+        p.skipped.append(f"quantization vs the SFT run: {manifest} does not exist yet")
+        return
+    sft = json.loads(manifest.read_text()).get("quantization")
+    if sft is not None and (quantization != sft["type"] or p.recipe.model.dtype != sft["dtype"]):
+        raise PreflightError(
+            f"{manifest}: the SFT adapter trained on a {sft['type']} base in {sft['dtype']}; set "
+            f"model.quantization={sft['type']} and model.dtype={sft['dtype']} for DPO (the adapter merges into "
+            "that base dequantized, as export merges it)")
+
+
 def check_dpo_reference(p: Pairing) -> None:
     """Full DPO with an on-the-fly reference needs a frozen copy, which is never sharded."""
     if p.stage != "dpo":
@@ -334,6 +360,7 @@ CHECKS: tuple[Check, ...] = (
     check_expert_parallel,
     check_parallel_launch,
     check_zero3_model,
+    check_quantization,
     check_dpo_reference,
     check_model_build,
     check_data_fits_global_batch,

@@ -38,6 +38,10 @@ class ModelSection:
     router_z_loss_coef: float = 0.0
     # Full fine-tuning: keep the router fixed (LoRA never trains it unless lora.train_router).
     freeze_router: bool = False
+    # QLoRA: "nf4" stores the frozen base's attention projections and expert stacks 4-bit
+    # (bitsandbytes NF4, double quantization; model/quant.py), quantized tensor by tensor as the
+    # checkpoint is read. Needs lora.enabled. null: the base stays in `dtype`.
+    quantization: Literal["nf4"] | None = None
 
     def __post_init__(self):
         if (self.checkpoint is None) == (self.preset is None):
@@ -156,3 +160,24 @@ class SFTRecipe:
             raise ValueError(f"data.kind is {self.data.kind!r}; the SFT stage needs data.kind: sft")
         if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
             raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
+        check_quantization_recipe(self.model, self.lora)
+
+
+def quantization_record(model) -> dict | None:
+    """A stage manifest's `quantization`: how the base was stored while the adapter trained; export
+    merges the adapter into the same dequantized weights (pipeline/export.py)."""
+    if model.quantization is None:
+        return None
+    return {"type": model.quantization, "dtype": model.dtype}
+
+
+def check_quantization_recipe(model, lora: LoraSection) -> None:
+    """A 4-bit base is frozen: it trains through LoRA only, and runs eager (model/quant.py)."""
+    if model.quantization is None:
+        return
+    if not lora.enabled:
+        raise ValueError(f"model.quantization={model.quantization} stores the base 4-bit, which is frozen: "
+                         "set lora.enabled=true (QLoRA), or model.quantization=null for full fine-tuning")
+    if model.compile:
+        raise ValueError(f"model.compile=true does not work with model.quantization={model.quantization} "
+                         "(the 4-bit expert products loop over the experts on host counts); set model.compile=false")

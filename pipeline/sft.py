@@ -37,7 +37,7 @@ from pipeline.expert_parallel import ExpertPlacement, shard_experts
 from pipeline.optim import freeze_router
 from pipeline.parallel import placement_independent_lora_init
 from pipeline.preflight import LaunchSpec, preflight
-from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe
+from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe, quantization_record
 from pipeline.rundir import record, start_training_run
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
@@ -146,7 +146,7 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
     dtype = getattr(torch, m.dtype)
     sharded_experts = place is not None and place.ep_size > 1
     zero3 = sharded_load.zero3_config() if recipe.parallel.zero_stage == 3 else None
-    load = sharded_load.checkpoint_loader(dtype, place, zero3)
+    load = sharded_load.checkpoint_loader(dtype, place, zero3, m.quantization)
     if load_base is not None:
         model = load_base(load)
     elif m.checkpoint is not None:
@@ -158,6 +158,11 @@ def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
                                          save_to=output_dir / "base" if is_main else None)
         if sharded_experts:
             shard_experts(model, place)
+    if m.quantization is not None and getattr(model, "quantization", None) is None:
+        from model.quant import quantize_model
+
+        # A preset (drawn whole, then quantized: presets are small) or a base that load_base merged.
+        model = quantize_model(model, m.quantization, sharded_load.quantization_device())
     model = configure_for_training(model, recipe, place)
     if zero3 is not None:
         sharded_load.match_engine_dtype(model, zero3)
@@ -236,6 +241,7 @@ def write_manifest(recipe: SFTRecipe, output_dir: Path, *, files: list[str], dat
         "base": {"checkpoint": base_dir, "preset": recipe.model.preset, "config": model_config},
         "adapter_dir" if recipe.lora.enabled else "model_dir": str(output_dir.resolve()),
         "files": files,
+        "quantization": quantization_record(recipe.model),
         "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target_modules": recipe.lora.target_modules,
                  "train_router": recipe.lora.train_router} if recipe.lora.enabled else None,
         "data": data,
@@ -287,7 +293,7 @@ def run(recipe: SFTRecipe) -> Path:
     ep_stats = parallel.apply(model, recipe.parallel, place)
     model_config = (model.get_base_model() if recipe.lora.enabled else model).config.to_hf()
     n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
-    n_all = sharded_load.parameter_count(model.parameters())
+    n_all = sharded_load.model_parameter_count(model)
     accelerator.print(f"sft: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train rows, "
                       f"{len(eval_set) if eval_set is not None else 0} eval rows; "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}")

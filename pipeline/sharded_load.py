@@ -54,12 +54,22 @@ def is_partitioned(param: torch.Tensor) -> bool:
 
 
 def full_shape(param: torch.Tensor) -> torch.Size:
+    if getattr(param, "quant_state", None) is not None:
+        return param.quant_state.shape  # a 4-bit Linear4bit weight: its values, not its packed bytes
     return param.ds_shape if is_partitioned(param) else param.shape
 
 
 def parameter_count(params) -> int:
-    """Elements of the whole parameters, partitioned or not."""
+    """Elements of the whole parameters, partitioned or 4-bit or not."""
     return sum(math.prod(full_shape(p)) for p in params)
+
+
+def model_parameter_count(model: nn.Module) -> int:
+    """`parameter_count` of the model's parameters plus its 4-bit expert stacks (buffers)."""
+    from model.quant import NF4Experts
+
+    stacks = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Experts))
+    return parameter_count(model.parameters()) + stacks
 
 
 def zero3_config() -> dict:
@@ -260,21 +270,42 @@ def match_engine_dtype(model: nn.Module, ds_config: dict) -> None:
             param.data = param.data.to(dtype)
 
 
-def checkpoint_loader(dtype: torch.dtype, place: ExpertPlacement | None,
-                      ds_config: dict | None) -> Callable[[str | os.PathLike], nn.Module]:
+def checkpoint_loader(dtype: torch.dtype, place: ExpertPlacement | None, ds_config: dict | None,
+                      quantization: str | None = None) -> Callable[[str | os.PathLike], nn.Module]:
     """path -> the Mixtral checkpoint there, as this run holds it: this rank's experts (EP, `place`
-    with more than one rank), or ZeRO-3 partitions (`ds_config`), or whole."""
-    if place is not None and place.ep_size > 1:
-        return lambda path: load_local_experts(path, place, dtype=dtype)
-    if ds_config is None:
-        return lambda path: load_pretrained(path, dtype=dtype)
+    with more than one rank), or ZeRO-3 partitions (`ds_config`), or whole; `quantization` ("nf4"):
+    the QLoRA base, each weight quantized as soon as it is read (on this process's GPU where there is
+    one: bitsandbytes' CPU quantizer runs at ~25M values/s per core)."""
+    if ds_config is None or (place is not None and place.ep_size > 1):
+        quantize_device = quantization_device() if quantization is not None else None
 
-    def load(path):
+        def load_whole_or_experts(path, quantize=True):
+            # quantize=False: the base in `dtype` (DPO merges a full-precision SFT adapter first)
+            options = dict(dtype=dtype, quantization=quantization if quantize else None,
+                           quantize_device=quantize_device)
+            if place is not None and place.ep_size > 1:
+                return load_local_experts(path, place, **options)
+            return load_pretrained(path, **options)
+
+        return load_whole_or_experts
+    if quantization is not None:
+        raise ValueError("a 4-bit base is not partitioned by ZeRO-3 (pipeline/preflight.py refuses the pairing)")
+
+    def load(path, quantize=True):
         model = build_partitioned(MixtralConfig.from_hf(Path(path) / "config.json"), ds_config, dtype)
         load_partitions(model, path)
         return model
 
     return load
+
+
+def quantization_device() -> torch.device:
+    """Where a QLoRA base is quantized and kept: this process's GPU (accelerate's), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
 
 
 EXPERT_LORA_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
@@ -289,10 +320,11 @@ def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     """
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
 
     # Registers the expert LoRA layer with PEFT before the config builds the adapter.
-    from model import lora
+    from model import lora, quant
 
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
@@ -310,6 +342,9 @@ def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
         raise ValueError(f"{path}: tensors the model has no place for: {result.unexpected_keys[:3]}")
     with torch.no_grad():
         for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and quant.is_nf4_linear(module.get_base_layer()):
+                _merge_into_nf4_linear(module)
+                continue
             if not isinstance(module, lora.ExpertLoraLayer | LoraLinear):
                 continue
             # ZeRO-3: this layer's weights whole for the merge, then partitioned again.
@@ -324,6 +359,20 @@ def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
                     weight.copy_((weight.float() + module.scaling[adapter] * (b @ a)).to(weight.dtype))
     # The deltas are in the weights now: drop the adapter layers without merging them again.
     return peft_model.unload()
+
+
+def _merge_into_nf4_linear(module) -> None:
+    """A PEFT LoRA layer over a 4-bit Linear4bit: W = quantize(cast(fp32(dequantize(W)) + fp32(s * B A)))."""
+    from model import quant
+
+    base = module.get_base_layer()
+    weight = quant.dequantize_linear(base)
+    merged = weight.float()
+    for adapter in module.active_adapters:
+        a = module.lora_A[adapter].weight.float()  # [R, in]
+        b = module.lora_B[adapter].weight.float()  # [out, R]
+        merged += module.scaling[adapter] * (b @ a).to(merged.device)
+    base.weight = quant.nf4_linear(merged.to(weight.dtype)).weight
 
 
 def gathered(params) -> contextlib.AbstractContextManager:
