@@ -7,19 +7,20 @@ Modules, in the order the stage uses them (stage.py holds the order and the CLI)
     recipe    ExportRecipe and its sections
     source    manifests followed back to the base checkpoint + adapters; BaseReader
     merge     PEFT adapters merged into native parameters in float32 (QLoRA: into the dequantized base)
-    writer    the threaded streaming shard writer (shard planning is model/checkpoint.py's)
-    formats   hf and consolidated layouts (names, params.json, generation_config)
+    writer    the threaded streaming shard writer (the shard plan and index are model/checkpoint.py's)
+    formats   the consolidated layout (names, RoPE row order, params.json)
     adapter   format=adapter: our LoRA as a PEFT adapter for transformers, and its verification
     verify    checks of a written hf / consolidated export
     card      the model card (README.md) and portable paths
 """
 
+from model.checkpoint import TensorPlan, plan_shards
 from pipeline.export.formats import hf_to_interleaved_rope
 from pipeline.export.merge import Adapter, merged_native_params
 from pipeline.export.recipe import ExportRecipe, ExportSection, SourceSection, TokenizerSection, VerifySection
 from pipeline.export.source import BaseReader, Source, resolve_source, source_from_recipe
 from pipeline.export.stage import export, main
-from pipeline.export.writer import ShardWriter, TensorPlan, plan_shards
+from pipeline.export.writer import ShardWriter
 
 __all__ = [
     "Adapter",

@@ -17,7 +17,7 @@ from pipeline.export.card import base_model_name
 from pipeline.export.merge import PEFT_PREFIX, Adapter, check_adapters, meta_state
 from pipeline.export.recipe import ExportRecipe, VerifySection
 from pipeline.export.source import Source
-from pipeline.export.verify import reference_model
+from pipeline.export.verify import max_logit_difference, reference_model
 
 # transformers 5 holds the experts fused ([E, 2F, H] gate_up_proj, [E, H, F] down_proj) and PEFT
 # reaches them with target_parameters (ParamWrapper): per expert e its delta is
@@ -210,12 +210,7 @@ def verify_adapter_export(
     ]
     # The adapter as transformers applies it, onto the full-precision base it is given (a QLoRA
     # adapter's own base was 4-bit: the model card says so; export.format=hf merges into that).
-    native = reference_model(source, torch.float32, quantized_bases=False)
-    worst = 0.0
-    with torch.no_grad():
-        for row in ids:
-            x = torch.tensor([row])
-            worst = max(worst, (peft_model(x).logits - native(x).logits).abs().max().item())
+    worst = max_logit_difference(peft_model, reference_model(source, torch.float32, quantized_bases=False), ids)
     if worst > section.atol:
         raise RuntimeError(
             f"verify: max |logits difference| {worst:.3g} of PEFT on transformers vs our merged model > "

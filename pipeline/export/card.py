@@ -28,10 +28,6 @@ def base_model_name(recipe: ExportRecipe, source: Source) -> str:
     return recipe.export.base_model_name or source.checkpoint.resolve().name
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
 def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, report: list[str]) -> str:
     lines = [
         f"# {recipe.model_name}",

@@ -6,23 +6,10 @@ import re
 
 import torch
 
-from model.checkpoint import hf_tensors
 from model.config import MixtralConfig
-from pipeline.export.writer import TensorPlan
 
-
-def hf_plan(shapes: dict[str, torch.Tensor], dtype: torch.dtype) -> list[TensorPlan]:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return [TensorPlan(n, tuple(t.shape), t.numel() * itemsize) for n, t in hf_tensors(shapes)]
-
-
-def generation_config(config: MixtralConfig) -> dict:
-    return {
-        "_from_model_config": True,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "transformers_version": "4.36.0.dev0",
-    }
+# generation_config.json names the transformers version of the released Mixtral-8x7B-Instruct-v0.1 file.
+RELEASED_TRANSFORMERS_VERSION = "4.36.0.dev0"
 
 
 # HF per-expert names -> mistral-inference consolidated names (FORMATS.md section 4). A different

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import hf_to_native
+from model.checkpoint import hf_to_native, weight_files
 from model.config import MixtralConfig
 from pipeline.export.recipe import SourceSection
 from pipeline.safetensors_io import (
@@ -123,12 +123,7 @@ class BaseReader:
     def __init__(self, checkpoint: Path, config: MixtralConfig):
         self.dir = checkpoint
         self.config = config
-        index = checkpoint / "model.safetensors.index.json"
-        files = (
-            sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if index.is_file()
-            else ["model.safetensors"]
-        )
+        files = weight_files(checkpoint)
         self.pieces: dict[str, list[tuple[str, str, object, StoredTensor]]] = defaultdict(list)
         for file in files:
             for hf_name, stored in read_safetensors_header(checkpoint / file).items():

@@ -38,28 +38,32 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import (
+    TensorPlan,
+    generation_config,
+    hf_plan,
     hf_tensors,
     make_readable,
     new_temp_dir,
     parse_size,
+    plan_shards,
     publish_dir,
+    write_json,
 )
-from model.config import MixtralConfig
+from model.config import DTYPES, MixtralConfig
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe, to_dict
 from pipeline.export.adapter import write_adapter
-from pipeline.export.card import model_card, portable, write_json
+from pipeline.export.card import model_card, portable
 from pipeline.export.formats import (
+    RELEASED_TRANSFORMERS_VERSION,
     consolidated_name,
     consolidated_tensor,
-    generation_config,
-    hf_plan,
     params_json,
 )
 from pipeline.export.merge import Adapter, merged_native_params, meta_state
 from pipeline.export.recipe import ExportRecipe
 from pipeline.export.source import BaseReader, Source, source_from_recipe
 from pipeline.export.verify import verify_consolidated, verify_hf_export
-from pipeline.export.writer import DTYPES, ShardWriter, TensorPlan, plan_shards, streaming_threads
+from pipeline.export.writer import ShardWriter, streaming_threads
 from pipeline.rundir import acquire_lock, check_ownable, remove_stale_siblings, sibling_lock_path
 
 
@@ -171,7 +175,7 @@ def _write_weights(
     hf_config = config.to_hf()
     hf_config["torch_dtype"] = recipe.export.dtype
     write_json(tmp / "config.json", hf_config)
-    write_json(tmp / "generation_config.json", generation_config(config))
+    write_json(tmp / "generation_config.json", generation_config(config, RELEASED_TRANSFORMERS_VERSION))
     if len(shards) > 1:
         write_json(tmp / "model.safetensors.index.json", index)
     save_tokenizer_files(tmp, spm_path)

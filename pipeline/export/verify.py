@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model.config import MixtralConfig
+from model.checkpoint import TensorPlan
+from model.config import SAFETENSORS_DTYPES, MixtralConfig
 from pipeline.export.recipe import VerifySection
 from pipeline.export.source import Source
-from pipeline.export.writer import TensorPlan
-from pipeline.safetensors_io import ST_DTYPES
 
 
 def check_shards(out: Path, plan: list[TensorPlan], dtype: torch.dtype) -> str:
@@ -50,11 +49,11 @@ def check_shards(out: Path, plan: list[TensorPlan], dtype: torch.dtype) -> str:
                 sliced = f.get_slice(name)
                 if (
                     tuple(sliced.get_shape()) != expected[name].shape
-                    or sliced.get_dtype() != ST_DTYPES[dtype]
+                    or sliced.get_dtype() != SAFETENSORS_DTYPES[dtype]
                 ):
                     raise RuntimeError(
                         f"verify: {file}:{name} is {sliced.get_dtype()} {sliced.get_shape()}, expected "
-                        f"{ST_DTYPES[dtype]} {list(expected[name].shape)}"
+                        f"{SAFETENSORS_DTYPES[dtype]} {list(expected[name].shape)}"
                     )
     return f"verify: index and {len(by_file)} shard(s) agree: {len(plan)} names, shapes, dtype {dtype}, total_size {total}"
 
@@ -78,6 +77,16 @@ def reference_model(source: Source, dtype: torch.dtype, quantized_bases: bool = 
         for param in native.parameters():
             param.copy_(param.to(dtype).float())
     return native.eval()
+
+
+def max_logit_difference(model, reference, ids: list[list[int]]) -> float:
+    """max |logits difference| of two models (transformers' and ours) over the token id rows."""
+    worst = 0.0
+    with torch.no_grad():
+        for row in ids:
+            x = torch.tensor([row])
+            worst = max(worst, (model(x).logits - reference(x).logits).abs().max().item())
+    return worst
 
 
 def verify_hf_export(
@@ -133,12 +142,7 @@ def verify_hf_export(
         raise RuntimeError("verify: the exported chat template does not tokenize like mistral-common v1")
     report.append(f"verify: chat template == mistral-common v1 on {len(conversations)} conversations")
 
-    native = reference_model(source, dtype)
-    worst = 0.0
-    with torch.no_grad():
-        for row in ids:
-            x = torch.tensor([row])
-            worst = max(worst, (hf_model(x).logits - native(x).logits).abs().max().item())
+    worst = max_logit_difference(hf_model, reference_model(source, dtype), ids)
     if worst > section.atol:
         raise RuntimeError(
             f"verify: max |logits difference| {worst:.3g} against our model > verify.atol={section.atol}"
@@ -172,7 +176,7 @@ def verify_consolidated(
         names = set(f.keys())
         for entry in plan:
             sliced = f.get_slice(entry.name)
-            if tuple(sliced.get_shape()) != entry.shape or sliced.get_dtype() != ST_DTYPES[dtype]:
+            if tuple(sliced.get_shape()) != entry.shape or sliced.get_dtype() != SAFETENSORS_DTYPES[dtype]:
                 raise RuntimeError(f"verify: {entry.name} is {sliced.get_dtype()} {sliced.get_shape()}")
     if names != {p.name for p in plan}:
         raise RuntimeError(

@@ -1,4 +1,5 @@
-"""The streaming safetensors shard writer: planned shards written tensor by tensor."""
+"""The streaming safetensors shard writer: shards planned by model/checkpoint.py (`hf_plan`,
+`plan_shards`) written tensor by tensor, with their index (`shard_index`)."""
 
 from __future__ import annotations
 
@@ -7,40 +8,12 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.safetensors_io import ST_DTYPES
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TensorPlan:
-    name: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def plan_shards(entries: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
-    """Greedy, in order: a new shard when the next tensor would pass the limit (as transformers does)."""
-    shards: list[list[TensorPlan]] = [[]]
-    size = 0
-    for entry in entries:
-        if shards[-1] and size + entry.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry.nbytes
-    return shards
-
-
-def shard_file_names(n: int, prefix: str = "model") -> list[str]:
-    if n == 1:
-        return [f"{prefix}.safetensors"]
-    return [f"{prefix}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+from model.checkpoint import TensorPlan, shard_file_names, shard_index
+from model.config import SAFETENSORS_DTYPES
 
 
 class _Slot:
@@ -93,7 +66,7 @@ class ShardWriter:
         offset = 0
         for entry in shard:
             header[entry.name] = {
-                "dtype": ST_DTYPES[self.dtype],
+                "dtype": SAFETENSORS_DTYPES[self.dtype],
                 "shape": list(entry.shape),
                 "data_offsets": [offset, offset + entry.nbytes],
             }
@@ -151,10 +124,7 @@ class ShardWriter:
             raise RuntimeError(
                 f"ShardWriter: {len(self.order) - self.position} planned tensors were never written"
             )
-        return {
-            "metadata": {"total_size": sum(e.nbytes for _, e in self.order)},
-            "weight_map": {e.name: self.files[k] for k, e in self.order},
-        }
+        return shard_index(self.shards, self.files)
 
     def close(self) -> None:
         """Stop the threads (queued writes and fsyncs are dropped) and close every file. Idempotent."""
