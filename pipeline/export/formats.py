@@ -1,4 +1,5 @@
-"""Output layouts of merged weights: HF (per-expert, sharded) and mistral-inference consolidated."""
+"""Output layouts beside the HF one (whose plan, index and configs are model/checkpoint.py's): the
+mistral-inference consolidated names, RoPE row order and params.json."""
 
 from __future__ import annotations
 
