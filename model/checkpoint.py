@@ -7,6 +7,9 @@ Written: the per-expert layout, sharded, with `model.safetensors.index.json`.
     model = load_pretrained(path, dtype=torch.bfloat16)   # or load_weights(model, path) into one built here
     save_pretrained(model, out_dir, max_shard_size="5GB")
 
+The shard plan (`hf_plan`, `plan_shards`, `shard_index`), `generation_config` and `write_json` are
+also what pipeline/export writes with: one definition of the files a checkpoint and an export share.
+
 This module reads and writes a `Mixtral` it is given (or builds one on the meta device); the model
 never imports it.
 """
@@ -26,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.config import MixtralConfig
+from model.config import DTYPE_NAMES, MixtralConfig
 from model.transformer import Mixtral
 
 
@@ -340,7 +343,7 @@ def _shape_error(hf_name: str, file: Path, expected, got) -> None:
     )
 
 
-# ---- saving ------------------------------------------------------------------------------
+# ---- shard plans and the files beside them (shared with pipeline/export) ---------------------
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
@@ -354,7 +357,68 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+@dataclass
+class TensorPlan:
+    """One tensor as it will be written: name, shape and bytes in the written dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def hf_plan(model_or_state_dict, dtype: torch.dtype) -> list[TensorPlan]:
+    """Every HF tensor (per-expert layout, `hf_tensors` order) as written in `dtype`, from shapes
+    alone: a model or state dict on the meta device plans as well as a real one."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [TensorPlan(n, tuple(t.shape), t.numel() * itemsize) for n, t in hf_tensors(model_or_state_dict)]
+
+
+def plan_shards(entries: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+    """Greedy, in order: a new shard when the next tensor would pass the limit (as transformers does)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def shard_file_names(n: int, prefix: str = "model") -> list[str]:
+    if n == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+def shard_index(shards: list[list[TensorPlan]], file_names: list[str]) -> dict:
+    """The content of model.safetensors.index.json for these shards (written when there are two or more)."""
+    return {
+        "metadata": {"total_size": sum(e.nbytes for shard in shards for e in shard)},
+        "weight_map": {e.name: file_names[k] for k, shard in enumerate(shards) for e in shard},
+    }
+
+
+def generation_config(config: MixtralConfig, transformers_version: str | None = None) -> dict:
+    """generation_config.json: the special tokens; the export also names the transformers version
+    of the released file it reproduces."""
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+    if transformers_version is not None:
+        generation["transformers_version"] = transformers_version
+    return generation
+
+
+def write_json(path: Path, data: dict, *, sort_keys: bool = False) -> None:
+    """Every JSON file a checkpoint or export ships: 2-space indent, UTF-8 text, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n", encoding="utf-8")
+
+
+# ---- saving ------------------------------------------------------------------------------
 
 
 def save_pretrained(
@@ -379,45 +443,24 @@ def save_pretrained(
             "save_pretrained: this model holds only some experts; gather all experts before saving"
         )
     dtype = dtype or next(model.parameters()).dtype
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"save_pretrained: dtype {dtype} is not one of {list(_DTYPE_NAMES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"save_pretrained: dtype {dtype} is not one of {list(DTYPE_NAMES)}")
 
     # Plan the shards from shapes alone, so only one shard's tensors are ever copied at a time.
-    entries = [(name, tensor.shape) for name, tensor in hf_tensors(model)]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for name, shape in entries:
-        size = shape.numel() * itemsize
-        if shards[-1] and shard_bytes + size > limit:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(name)
-        shard_bytes += size
-    total_size = sum(shape.numel() for _, shape in entries) * itemsize
+    shards = plan_shards(hf_plan(model, dtype), limit)
+    file_names = shard_file_names(len(shards))
 
     tmp = new_temp_dir(path)
     try:
         config = model.config.to_hf()
-        config["torch_dtype"] = _DTYPE_NAMES[dtype]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {
-            "_from_model_config": True,
-            "bos_token_id": model.config.bos_token_id,
-            "eos_token_id": model.config.eos_token_id,
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        names = {name: i for i, shard in enumerate(shards) for name in shard}
-        file_names = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-        )
+        config["torch_dtype"] = DTYPE_NAMES[dtype]
+        write_json(tmp / "config.json", config, sort_keys=True)
+        write_json(tmp / "generation_config.json", generation_config(model.config))
         if native_tensors is None:
             pieces = hf_tensors(model)
         else:
             pieces = (piece for name, tensor in native_tensors for piece in hf_tensors({name: tensor}))
-        order = iter([(k, name) for k, shard in enumerate(shards) for name in shard])
+        order = iter([(k, entry.name) for k, shard in enumerate(shards) for entry in shard])
         data: dict[str, torch.Tensor] = {}
         for name, tensor in pieces:
             k, planned = next(order, (None, None))
@@ -432,11 +475,7 @@ def save_pretrained(
         if missing is not None:
             raise ValueError(f"save_pretrained: no tensor arrived for {missing[1]}")
         if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total_size},
-                "weight_map": {name: file_names[k] for name, k in names.items()},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            write_json(tmp / "model.safetensors.index.json", shard_index(shards, file_names))
         make_readable(tmp)  # safetensors writes 0600
         publish_dir(tmp, path)
     except BaseException:

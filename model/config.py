@@ -14,7 +14,17 @@ from typing import Any
 
 import torch
 
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The weight dtypes configs, checkpoints and exports are written in, one row each: the name
+# (config.json's torch_dtype, the recipes), the torch dtype, the safetensors header code. The three
+# lookups below are views of this one table.
+WEIGHT_DTYPES: tuple[tuple[str, torch.dtype, str], ...] = (
+    ("float32", torch.float32, "F32"),
+    ("bfloat16", torch.bfloat16, "BF16"),
+    ("float16", torch.float16, "F16"),
+)
+DTYPES = {name: dtype for name, dtype, _ in WEIGHT_DTYPES}  # "bfloat16" -> torch.bfloat16
+DTYPE_NAMES = {dtype: name for name, dtype, _ in WEIGHT_DTYPES}  # torch.bfloat16 -> "bfloat16"
+SAFETENSORS_DTYPES = {dtype: code for _, dtype, code in WEIGHT_DTYPES}  # torch.bfloat16 -> "BF16"
 
 
 @dataclass
@@ -101,14 +111,14 @@ class MixtralConfig:
             )
         if self.attention_dropout != 0.0:
             raise ValueError("MixtralConfig.attention_dropout must be 0.0 (fine-tuning here uses no dropout)")
-        if self.torch_dtype not in _DTYPE_NAMES:
+        if self.torch_dtype not in DTYPES:
             raise ValueError(
-                f"MixtralConfig.torch_dtype={self.torch_dtype!r}: want one of {sorted(_DTYPE_NAMES)}"
+                f"MixtralConfig.torch_dtype={self.torch_dtype!r}: want one of {sorted(DTYPES)}"
             )
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPE_NAMES[self.torch_dtype]
+        return DTYPES[self.torch_dtype]
 
     # ---- presets ---------------------------------------------------------------------------
 

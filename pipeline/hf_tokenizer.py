@@ -31,6 +31,8 @@ import sentencepiece as spm
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from model.checkpoint import write_json
+
 DEFAULT_SPM_PATH = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
@@ -207,10 +209,8 @@ def save_tokenizer_files(
     # transformers >= 4.43 reads chat_template.jinja; older loaders (and the hub's Mixtral files)
     # keep the template in tokenizer_config.json. Both hold the same text.
     config["chat_template"] = CHAT_TEMPLATE
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": UNK}, indent=2) + "\n"
-    )
+    write_json(config_path, config)
+    write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
     shutil.copyfile(spm_path, out_dir / "tokenizer.model")
     written = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     # save_pretrained may also write chat_template.jinja; keep whatever it wrote in the list.

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-# safetensors dtype names; the base checkpoint may hold any of these, the export writes the first three.
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-ST_READ_DTYPES = {**{v: k for k, v in ST_DTYPES.items()}, "F64": torch.float64}
+from model.config import SAFETENSORS_DTYPES
+
+# safetensors dtype codes read: those checkpoints and exports are written in (model/config.py's
+# WEIGHT_DTYPES), and float64.
+ST_READ_DTYPES = {**{code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}, "F64": torch.float64}
 # Conversion chunk when a stored dtype differs from fp32: small enough to stay cheap, large enough that
 # each chunk is one read syscall of many MB.
 READ_CHUNK_BYTES = 16 << 20
