@@ -52,6 +52,7 @@ from pipeline.dpo_loss import (
     reward_sums,
     split_pairs,
 )
+from pipeline.model_setup import build_model, save_final
 from pipeline.preflight import LaunchSpec, preflight
 from pipeline.recipe import (
     SPEED_ONLY_KEYS,
@@ -443,7 +444,7 @@ def load_sft_model(
 ) -> nn.Module:
     """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
 
-    ``load(path)``: how to read a checkpoint instead of whole (``sft.build_model`` passes its own:
+    ``load(path)``: how to read a checkpoint instead of whole (``model_setup.build_model`` passes its own:
     EP experts or ZeRO-3 partitions). The SFT adapter is merged in fp32 and then cast to ``dtype``,
     as export merges it, so DPO trains on the weights export writes.
     """
@@ -460,7 +461,7 @@ def load_sft_model(
     adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
     # An adapter trained on a 4-bit base merges into that base dequantized (QLoRA's merge, as
     # export does); one trained on the full-precision base merges into it, and a 4-bit DPO run
-    # quantizes the merged model afterwards (sft.build_model).
+    # quantizes the merged model afterwards (model_setup.build_model).
     base = load(base_dir, quantize=manifest.get("quantization") is not None)
     merged = merge_adapter_fp32(base, adapter_dir)
     if getattr(merged, "quantization", None) is None:
@@ -472,8 +473,6 @@ def load_sft_model(
 def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | None]:
     """(policy, frozen reference or None): SFT model -> the SFT stage's build order (checkpointing,
     router freezing, a fresh LoRA adapter placed independently of EP) -> full or LoRA."""
-    from pipeline.sft import build_model
-
     sft_dir = recipe.model.sft_dir
     model = build_model(
         recipe,
@@ -545,8 +544,6 @@ def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, m
 def run(recipe: DPORecipe) -> Path:
     """The whole stage; returns the output directory."""
     from accelerate.utils import set_seed
-
-    from pipeline.sft import save_final
 
     out = Path(recipe.output_dir)
     # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from model.losses import IGNORE_INDEX, masked_ce, shift_labels
 from pipeline import parallel, report
 from pipeline import passkey as pk
+from pipeline.batches import collate_rows as collate
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
 from pipeline.expert_parallel import ExpertPlacement, install_dispatch, load_local_experts, shard_experts
 from pipeline.passkey import greedy_generate
@@ -49,7 +50,6 @@ from pipeline.routing import (
     total_variation,
 )
 from pipeline.rundir import on_main_for_all, owned_output, record
-from pipeline.sft import collate_rows as collate
 from pipeline.sharded_load import merge_adapter_fp32
 
 COLUMNS = ("input_ids", "labels")

@@ -472,13 +472,13 @@ def _eval_model_config(path: Path) -> Path | None:
 
 
 def build_meta_model(p: Pairing):
-    """The training model as rank 0 of the launch sets it up (`pipeline.sft.configure_for_training`:
+    """The training model as rank 0 of the launch sets it up (`pipeline.model_setup.configure_for_training`:
     its experts, LoRA, router freezing) on a base on the meta device: no weight anywhere."""
     import torch
 
     from model import Mixtral
     from pipeline.expert_parallel import shard_experts
-    from pipeline.sft import configure_for_training
+    from pipeline.model_setup import configure_for_training
 
     place = p.placement(0)
     base = Mixtral(model_config(p), device="meta", dtype=getattr(torch, p.recipe.model.dtype))

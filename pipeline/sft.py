@@ -18,54 +18,24 @@ global batch, plus ``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_lo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from data_prep.dataset import load_prepared, no_eval_note
-from model.checkpoint import save_pretrained
 from model.losses import IGNORE_INDEX, shift_labels
 from pipeline import parallel, sharded_load
+from pipeline.batches import collate_rows
 from pipeline.checkpointing import latest_checkpoint, write_json
 from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
-from pipeline.expert_parallel import ExpertPlacement, shard_experts
-from pipeline.optim import freeze_router
-from pipeline.parallel import placement_independent_lora_init
+from pipeline.model_setup import build_model, save_final
 from pipeline.preflight import LaunchSpec, preflight
 from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe, quantization_record
-from pipeline.rundir import record, start_training_run
+from pipeline.rundir import start_training_run
 from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
-
-# Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
-PAD_ID = 0
-
-
-def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Packed rows of different lengths -> right-padded [B, S] tensors; padding: document id -1 (the
-    model's one padding encoding), label IGNORE_INDEX.
-
-    Rows without position_ids / document_ids (one conversation per row) get 0..n-1 and document 0.
-    """
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), width), PAD_ID, dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-        "document_ids": torch.full((len(rows), width), -1, dtype=torch.long),
-    }
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-        batch["labels"][i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
-        batch["position_ids"][i, :n] = torch.as_tensor(row.get("position_ids") or range(n), dtype=torch.long)
-        batch["document_ids"][i, :n] = torch.as_tensor(row.get("document_ids") or [0] * n, dtype=torch.long)
-    return batch
 
 
 class SFTTask:
@@ -127,106 +97,6 @@ def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
         "train_rows": len(train),
         "eval_rows": len(eval_set) if eval_set is not None else 0,
     }
-
-
-def build_model(recipe: SFTRecipe, output_dir: Path, is_main: bool,
-                place: ExpertPlacement | None = None,
-                load_base: Callable[[Callable[[str], nn.Module]], nn.Module] | None = None) -> nn.Module:
-    """Base weights (this rank's experts only under EP, this rank's partitions only under ZeRO-3)
-    -> `configure_for_training`: the one place a model is set up.
-    `parallel.apply` comes after (run()).
-
-    ``load_base(load)`` replaces ``model.checkpoint``/``model.preset`` as the source of the base
-    weights (the DPO stage loads the SFT model with it); ``load(path)`` reads a checkpoint the way
-    this run holds it (pipeline/sharded_load.py). The rest of the order is shared.
-    """
-    from model import MixtralConfig
-
-    m = recipe.model
-    dtype = getattr(torch, m.dtype)
-    sharded_experts = place is not None and place.ep_size > 1
-    zero3 = sharded_load.zero3_config() if recipe.parallel.zero_stage == 3 else None
-    load = sharded_load.checkpoint_loader(dtype, place, zero3, m.quantization)
-    if load_base is not None:
-        model = load_base(load)
-    elif m.checkpoint is not None:
-        model = load(m.checkpoint)
-    else:
-        # Every rank draws the same full init (same seed), the main process saves it as the base,
-        # then each rank keeps its experts (EP) or its partitions (ZeRO-3).
-        model = sharded_load.random_init(MixtralConfig.preset(m.preset), dtype, zero3,
-                                         save_to=output_dir / "base" if is_main else None)
-        if sharded_experts:
-            shard_experts(model, place)
-    if m.quantization is not None and getattr(model, "quantization", None) is None:
-        from model.quant import quantize_model
-
-        # A preset (drawn whole, then quantized: presets are small) or a base that load_base merged.
-        model = quantize_model(model, m.quantization, sharded_load.quantization_device())
-    model = configure_for_training(model, recipe, place)
-    if zero3 is not None:
-        sharded_load.match_engine_dtype(model, zero3)
-    return model
-
-
-def configure_for_training(model: nn.Module, recipe: SFTRecipe, place: ExpertPlacement | None) -> nn.Module:
-    """A loaded base -> activation checkpointing -> router freezing or LoRA (fp32 adapters whose A
-    do not depend on the expert placement). The preflight runs it on a meta-device base."""
-    m = recipe.model
-    model.gradient_checkpointing = m.gradient_checkpointing
-    if recipe.lora.enabled:
-        from model.lora import apply_lora
-
-        for param in model.parameters():
-            param.requires_grad_(False)
-        model = apply_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout,
-                           recipe.lora.target_modules, train_router=recipe.lora.train_router)
-        # The same adapters whatever the expert placement, so ep=N trains what ep=1 trains.
-        placement_independent_lora_init(
-            model, place or ExpertPlacement(model.get_base_model().config.num_local_experts, 1, 0),
-            recipe.train.seed)
-        # Adapters train in fp32 even over a bf16 base: bf16 updates of small LoRA deltas round away.
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    elif m.freeze_router:
-        freeze_router(model)
-    if m.compile:
-        # After LoRA, whose layers are then compiled with the rest; a deepcopy (DPO's frozen
-        # reference) drops the compiled call and runs eager.
-        (model.get_base_model() if recipe.lora.enabled else model).compile_blocks()
-    return model
-
-
-def save_final(model: nn.Module, output_dir: Path, lora: bool,
-               state_dict: dict[str, torch.Tensor] | None = None) -> list[str]:
-    """Adapter (PEFT format) or full model into ``output_dir``: written aside, then renamed in.
-
-    ``state_dict``: the consolidated tensors when ``model`` holds only a shard (EP, ZeRO-3), named
-    as ``model.named_parameters()`` names them but with every expert (pipeline.parallel).
-    """
-    tmp = output_dir / ".tmp-final"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if lora:
-        model.save_pretrained(tmp, state_dict=state_dict)  # PEFT's adapter files
-    elif state_dict is None:
-        save_pretrained(model, tmp)
-    else:
-        from model import Mixtral
-
-        full = Mixtral(model.config, device="meta")
-        full.load_state_dict(state_dict, strict=False, assign=True)
-        missing = [n for n, p in full.named_parameters() if p.is_meta]
-        if missing:
-            raise ValueError(f"save_final: the consolidated state dict lacks {missing[:3]}")
-        save_pretrained(full, tmp)
-    names = sorted(p.name for p in tmp.iterdir())
-    record(output_dir, names)  # listed before they land: starting over deletes them, and only them
-    for name in names:
-        os.replace(tmp / name, output_dir / name)
-    tmp.rmdir()
-    return names
 
 
 def write_manifest(recipe: SFTRecipe, output_dir: Path, *, files: list[str], data: dict,
