@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +41,9 @@ from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared, no_eval_note
 from model.losses import IGNORE_INDEX, shift_labels
 from pipeline import parallel, sharded_load
-from pipeline.checkpointing import latest_checkpoint, write_json
+from pipeline.checkpointing import latest_checkpoint
 from pipeline.comm import group_device
-from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
+from pipeline.config import build, load_recipe_dict, save_recipe, to_dict
 from pipeline.dpo_loss import (
     SMOOTHED_LOSS_TYPES,
     chosen_nll,
@@ -63,9 +62,10 @@ from pipeline.recipe import (
     check_quantization_recipe,
     quantization_record,
 )
+from pipeline.run_record import SFT_DIR_HINT, RunRecord, write_training_record
 from pipeline.rundir import start_training_run
 from pipeline.sharded_load import merge_adapter_fp32
-from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
+from pipeline.tracking import Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -422,20 +422,8 @@ def attach_reference_log_probs(
 # ----------------------------------------------------------------------------------------------
 
 
-def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
-    path = Path(sft_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: model.sft_dir must be a finished SFT output directory (make sft writes "
-            f"outputs/tiny/sft)"
-        )
-    manifest = json.loads(path.read_text())
-    for key in ("kind", "base"):
-        if key not in manifest:
-            raise ValueError(f"{path}: field '{key}' missing; was it written by pipeline.sft?")
-    if manifest["kind"] not in ("lora", "full"):
-        raise ValueError(f"{path}: field 'kind' must be 'lora' or 'full', got {manifest['kind']!r}")
-    return manifest
+def read_sft_manifest(sft_dir: str | os.PathLike) -> RunRecord:
+    return RunRecord.read(sft_dir, missing_hint=SFT_DIR_HINT)
 
 
 def load_sft_model(
@@ -454,15 +442,15 @@ def load_sft_model(
         def load(path, quantize=True):
             return load_pretrained(path, dtype=dtype)
 
-    manifest = read_sft_manifest(sft_dir)
-    if manifest["kind"] == "full":
-        return load(manifest.get("model_dir") or str(Path(sft_dir).resolve()))
-    base_dir = manifest["base"]["checkpoint"]
-    adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
+    record = read_sft_manifest(sft_dir)
+    if record.kind == "full":
+        return load(str(record.model_dir))
+    base_dir = str(record.base_checkpoint)
+    adapter_dir = str(record.adapter_dir)
     # An adapter trained on a 4-bit base merges into that base dequantized (QLoRA's merge, as
     # export does); one trained on the full-precision base merges into it, and a 4-bit DPO run
     # quantizes the merged model afterwards (model_setup.build_model).
-    base = load(base_dir, quantize=manifest.get("quantization") is not None)
+    base = load(base_dir, quantize=record.quantization is not None)
     merged = merge_adapter_fp32(base, adapter_dir)
     if getattr(merged, "quantization", None) is None:
         # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
@@ -499,46 +487,15 @@ def load_datasets(recipe: DPORecipe):
 
 
 def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, model_config) -> None:
-    import peft
-    import transformers
-
-    manifest = {
-        "stage": "dpo",
-        "kind": "lora" if recipe.lora.enabled else "full",
-        # The SFT output dir: its manifest names the base and the SFT adapter (merged into the
+    write_training_record(
+        out, stage="dpo", lora=recipe.lora, quantization=quantization_record(recipe.model),
+        # The SFT output dir: its record names the base and the SFT adapter (merged into the
         # weights this stage trained on); export follows it, then merges adapter_dir on top.
-        "base": {"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
-        "reference": "the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
-        "quantization": quantization_record(recipe.model),
-        "adapter_dir" if recipe.lora.enabled else "model_dir": str(out.resolve()),
-        "files": files,
-        "lora": {
-            "r": recipe.lora.r,
-            "alpha": recipe.lora.alpha,
-            "target_modules": recipe.lora.target_modules,
-            "train_router": recipe.lora.train_router,
-        }
-        if recipe.lora.enabled
-        else None,
-        "dpo": {
-            "beta": recipe.dpo.beta,
-            "loss_type": recipe.dpo.loss_type,
-            "label_smoothing": recipe.dpo.label_smoothing,
-            "nll_coef": recipe.dpo.nll_coef,
-        },
-        "data": data,
-        "steps": steps,
-        "final_metrics": {k: v for k, v in final.items() if not k.startswith("expert_load/")},
-        "recipe": "recipe.yaml",
-        "metrics": METRICS_FILE,
-        "versions": {
-            "torch": torch.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-        },
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(out / "manifest.json", json.loads(redact_env_secrets(json.dumps(manifest))))
+        base={"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
+        reference="the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
+        dpo={"beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type,
+             "label_smoothing": recipe.dpo.label_smoothing, "nll_coef": recipe.dpo.nll_coef},
+        files=files, data=data, final=final, steps=steps)
 
 
 def run(recipe: DPORecipe) -> Path:
@@ -693,12 +650,7 @@ def run(recipe: DPORecipe) -> Path:
 
 def _num_experts(sft_dir: str) -> int:
     """Experts of the SFT model, from the config its manifest recorded (before any weight is read)."""
-    manifest = read_sft_manifest(sft_dir)
-    config = manifest["base"].get("config")
-    if config is None:
-        path = Path(manifest.get("model_dir") or manifest["base"]["checkpoint"]) / "config.json"
-        config = json.loads(path.read_text())
-    return int(config["num_local_experts"])
+    return int(read_sft_manifest(sft_dir).model_config()["num_local_experts"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ global batch, plus ``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_lo
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -28,13 +27,14 @@ from data_prep.dataset import load_prepared, no_eval_note
 from model.losses import IGNORE_INDEX, shift_labels
 from pipeline import parallel, sharded_load
 from pipeline.batches import collate_rows
-from pipeline.checkpointing import latest_checkpoint, write_json
-from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
+from pipeline.checkpointing import latest_checkpoint
+from pipeline.config import build, load_recipe_dict, save_recipe, to_dict
 from pipeline.model_setup import build_model, save_final
 from pipeline.preflight import LaunchSpec, preflight
 from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe, quantization_record
+from pipeline.run_record import write_training_record
 from pipeline.rundir import start_training_run
-from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
+from pipeline.tracking import Tracker, redacted_config
 from pipeline.trainer import TaskOutput, Trainer, stage_main
 
 
@@ -101,29 +101,11 @@ def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
 
 def write_manifest(recipe: SFTRecipe, output_dir: Path, *, files: list[str], data: dict,
                    final: dict[str, float], steps: int, model_config: dict) -> None:
-    import peft
-    import transformers
-
     base_dir = recipe.model.checkpoint or str((output_dir / "base").resolve())
-    manifest = {
-        "stage": "sft",
-        "kind": "lora" if recipe.lora.enabled else "full",
-        "base": {"checkpoint": base_dir, "preset": recipe.model.preset, "config": model_config},
-        "adapter_dir" if recipe.lora.enabled else "model_dir": str(output_dir.resolve()),
-        "files": files,
-        "quantization": quantization_record(recipe.model),
-        "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target_modules": recipe.lora.target_modules,
-                 "train_router": recipe.lora.train_router} if recipe.lora.enabled else None,
-        "data": data,
-        "steps": steps,
-        "final_metrics": {k: v for k, v in final.items() if not k.startswith("expert_load/")},
-        "recipe": "recipe.yaml",
-        "metrics": METRICS_FILE,
-        "versions": {"torch": torch.__version__, "peft": peft.__version__,
-                     "transformers": transformers.__version__},
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(output_dir / "manifest.json", json.loads(redact_env_secrets(json.dumps(manifest))))
+    write_training_record(
+        output_dir, stage="sft", lora=recipe.lora, quantization=quantization_record(recipe.model),
+        base={"checkpoint": base_dir, "preset": recipe.model.preset, "config": model_config},
+        files=files, data=data, final=final, steps=steps)
 
 
 def run(recipe: SFTRecipe) -> Path:
