@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,12 +37,11 @@ import torch
 from torch import nn
 
 from data_prep.config import DataConfig
-from data_prep.dataset import load_prepared, no_eval_note
+from data_prep.dataset import load_prepared
 from model.losses import IGNORE_INDEX, shift_labels
-from pipeline import parallel, sharded_load
-from pipeline.checkpointing import latest_checkpoint
+from pipeline import sharded_load
 from pipeline.comm import group_device
-from pipeline.config import build, load_recipe_dict, save_recipe, to_dict
+from pipeline.config import build, load_recipe_dict
 from pipeline.dpo_loss import (
     SMOOTHED_LOSS_TYPES,
     chosen_nll,
@@ -51,10 +49,8 @@ from pipeline.dpo_loss import (
     reward_sums,
     split_pairs,
 )
-from pipeline.model_setup import build_model, save_final
-from pipeline.preflight import LaunchSpec, preflight
+from pipeline.model_setup import build_model
 from pipeline.recipe import (
-    SPEED_ONLY_KEYS,
     LoraSection,
     ParallelSection,
     TrackingSection,
@@ -63,10 +59,9 @@ from pipeline.recipe import (
     quantization_record,
 )
 from pipeline.run_record import SFT_DIR_HINT, RunRecord, write_training_record
-from pipeline.rundir import start_training_run
 from pipeline.sharded_load import merge_adapter_fp32
-from pipeline.tracking import Tracker, redacted_config
-from pipeline.trainer import TaskOutput, Trainer, stage_main
+from pipeline.stage import StageState, TrainingStage, run_training_stage
+from pipeline.trainer import TaskOutput, stage_main
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
@@ -498,154 +493,70 @@ def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, m
         files=files, data=data, final=final, steps=steps)
 
 
-def run(recipe: DPORecipe) -> Path:
-    """The whole stage; returns the output directory."""
-    from accelerate.utils import set_seed
+class DPOStage(TrainingStage):
+    """DPO's parts of the shared order (pipeline/stage.py): the policy from the SFT output, its
+    reference (adapters disabled, a frozen copy, or log-probs computed once before training)."""
 
-    out = Path(recipe.output_dir)
-    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
-    preflight(recipe, LaunchSpec.from_env())
-    # 1. Where we start: the run dir (pipeline/rundir.py): resume a checkpoint, or start over.
-    accelerator = parallel.make_accelerator(
-        recipe.parallel,
-        micro_batch_size=recipe.train.micro_batch_size,
-        grad_accum_steps=recipe.train.grad_accum_steps,
-        max_grad_norm=recipe.train.max_grad_norm,
-        mixed_precision=recipe.train.mixed_precision,
-        log_with="wandb" if recipe.tracking.report_to == "wandb" else None,
-        project_dir=str(out),
-    )
-    start = start_training_run(
-        out, "dpo", resume=recipe.train.resume, overwrite=recipe.train.overwrite_output_dir,
-        recipe=to_dict(recipe), compare=("data", "model", "lora", "dpo"), ignore=SPEED_ONLY_KEYS,
-        is_main=accelerator.is_main_process, latest_checkpoint=latest_checkpoint,
-    )
-    resume_from = start.resume_from
-    if start.note:
-        accelerator.print(f"dpo: {start.note}")
-    if accelerator.is_main_process:
-        save_recipe(recipe, out / "recipe.yaml")
-    parallel.require_shared_directory(out, "output_dir")
-    if recipe.dpo.precompute_ref_log_probs:
+    name = "dpo"
+    compare = ("data", "model", "lora", "dpo")
+    summary_keys = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+
+    def shared_directories(self) -> list[tuple[str, str]]:
         # Rank 0 writes the reference log-probs cache there and every rank reads it back.
-        parallel.require_shared_directory(recipe.data.output_dir, "data.output_dir")
-    set_seed(recipe.train.seed)
+        return [(self.recipe.data.output_dir, "data.output_dir")] if self.recipe.dpo.precompute_ref_log_probs else []
 
-    # 2. Data, policy and reference.
-    train, eval_set = load_datasets(recipe)
-    if eval_set is None:
-        accelerator.print(f"dpo: {no_eval_note(recipe.data)}")
-    place = parallel.placement(recipe.parallel, _num_experts(recipe.model.sft_dir))
-    model, frozen = build_policy(recipe, place)
-    ep_stats = parallel.apply(model, recipe.parallel, place)
-    model.to(accelerator.device)
-    if frozen is not None:
-        frozen.to(accelerator.device)
-    elif not recipe.lora.enabled:
-        # Full DPO with precomputed log-probs: before the first update the policy is the reference.
-        frozen = model
-    chunk = recipe.model.logits_chunk_size
-    reference = Reference(frozen, accelerator.unwrap_model, chunk)
-    base = model.get_base_model() if recipe.lora.enabled else model
-    model_config = base.config.to_hf()
+    def load_data(self):
+        return load_datasets(self.recipe)
 
-    # 3. Reference log-probs once, before any update: the policy still equals the reference here.
-    if recipe.dpo.precompute_ref_log_probs:
-        # Under EP each rank holds other experts: the main process's hash names the cache for all.
-        model_key = from_main_process(reference_fingerprint(model, accelerator), accelerator)
-        kw = dict(
-            policy=model,
-            reference=reference,
-            data_dir=recipe.data.output_dir,
-            model_key=model_key,
-            batch_size=recipe.dpo.ref_batch_size,
-            accelerator=accelerator,
-        )
-        # ZeRO-3: before `prepare` no DeepSpeed hooks gather the partitioned weights; these do.
-        with sharded_load.forward_gathers(model):
-            train = attach_reference_log_probs(train, "train", **kw)
-            if eval_set is not None:
-                eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
-        reference = None
-    n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
-    n_all = sharded_load.model_parameter_count(model)
-    accelerator.print(
-        f"dpo: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train pairs, "
-        f"{len(eval_set) if eval_set is not None else 0} eval pairs; reference: "
-        f"{'precomputed' if reference is None else 'adapters disabled' if frozen is None else 'frozen copy'}; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}"
-    )
+    def num_experts(self) -> int:
+        return _num_experts(self.recipe.model.sft_dir)
 
-    # 4. Train.
-    tracker = Tracker(
-        accelerator,
-        out,
-        report_to=recipe.tracking.report_to,
-        project=recipe.tracking.project,
-        run_name=recipe.tracking.run_name,
-        tags=recipe.tracking.tags,
-        config=redacted_config(recipe),
-        resume_step=None
-        if resume_from is None
-        else json.loads((resume_from / "state.json").read_text())["step"],
-    )
-    task = DPOTask(
-        recipe.dpo,
-        aux_coef=recipe.model.router_aux_loss_coef,
-        z_coef=recipe.model.router_z_loss_coef,
-        reference=reference,
-        logits_chunk_size=chunk,
-    )
-    trainer = Trainer(
-        accelerator=accelerator,
-        model=model,
-        task=task,
-        train_data=train,
-        eval_data=eval_set,
-        config=recipe.train,
-        output_dir=out,
-        tracker=tracker,
-        resume_from=resume_from,
-        progress_bar=recipe.tracking.progress_bar,
-        log_expert_load=recipe.tracking.log_expert_load,
-        step_metrics=None
-        if ep_stats is None
-        else (lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
-    )
-    final = trainer.train()
+    def build_model(self, out: Path, is_main: bool, place) -> nn.Module:
+        model, self.frozen = build_policy(self.recipe, place)
+        return model
 
-    # 5. Artifacts for export: rank 0 writes the whole adapter/model, gathered from EP/ZeRO-3 shards,
-    # trained tensors from DeepSpeed's fp32 master copy.
-    state_dict = None
-    if recipe.parallel.deepspeed:
-        state_dict = parallel.consolidated_state_dict(
-            accelerator, trainer.model, recipe.parallel, place, trainable_only=recipe.lora.enabled,
-            dtypes=trainer.param_dtypes,
-        )
-    if accelerator.is_main_process:
-        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
-        data = {
-            "output_dir": recipe.data.output_dir,
-            "train_fingerprint": train._fingerprint,
-            "train_rows": len(train),
-            "eval_rows": len(eval_set) if eval_set is not None else 0,
-        }
-        write_manifest(
-            recipe,
-            out,
-            files=files,
-            data=data,
-            final=final,
-            steps=trainer.step,
-            model_config=model_config,
-        )
-        keys = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
-        summary = ", ".join(f"{k} {final[k]:.4f}" for k in keys if k in final)
-        accelerator.print(f"dpo: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
-    accelerator.wait_for_everyone()
-    tracker.finish()
-    start.release()
-    return out
+    def make_task(self, state: StageState) -> DPOTask:
+        recipe, accelerator, model, frozen = self.recipe, state.accelerator, state.model, self.frozen
+        model.to(accelerator.device)
+        if frozen is not None:
+            frozen.to(accelerator.device)
+        elif not recipe.lora.enabled:
+            # Full DPO with precomputed log-probs: before the first update the policy is the reference.
+            frozen = model
+        chunk = recipe.model.logits_chunk_size
+        reference = Reference(frozen, accelerator.unwrap_model, chunk)
+        # Reference log-probs once, before any update: the policy still equals the reference here.
+        if recipe.dpo.precompute_ref_log_probs:
+            # Under EP each rank holds other experts: the main process's hash names the cache for all.
+            model_key = from_main_process(reference_fingerprint(model, accelerator), accelerator)
+            kw = dict(policy=model, reference=reference, data_dir=recipe.data.output_dir, model_key=model_key,
+                      batch_size=recipe.dpo.ref_batch_size, accelerator=accelerator)
+            # ZeRO-3: before `prepare` no DeepSpeed hooks gather the partitioned weights; these do.
+            with sharded_load.forward_gathers(model):
+                state.train = attach_reference_log_probs(state.train, "train", **kw)
+                if state.eval_set is not None:
+                    state.eval_set = attach_reference_log_probs(state.eval_set, "eval", **kw)
+            reference = None
+        self.reference_kind = ("precomputed" if reference is None else "adapters disabled" if frozen is None
+                               else "frozen copy")
+        return DPOTask(recipe.dpo, aux_coef=recipe.model.router_aux_loss_coef,
+                       z_coef=recipe.model.router_z_loss_coef, reference=reference, logits_chunk_size=chunk)
+
+    def describe(self, state: StageState) -> str:
+        n_eval = len(state.eval_set) if state.eval_set is not None else 0
+        return f"{len(state.train)} train pairs, {n_eval} eval pairs; reference: {self.reference_kind}"
+
+    def data_record(self, train, eval_set) -> dict:
+        return {"output_dir": self.recipe.data.output_dir, "train_fingerprint": train._fingerprint,
+                "train_rows": len(train), "eval_rows": len(eval_set) if eval_set is not None else 0}
+
+    def write_record(self, out: Path, **fields) -> None:
+        write_manifest(self.recipe, out, **fields)
+
+
+def run(recipe: DPORecipe) -> Path:
+    """The whole stage (pipeline/stage.py's order); returns the output directory."""
+    return run_training_stage(recipe, DPOStage(recipe))
 
 
 def _num_experts(sft_dir: str) -> int:

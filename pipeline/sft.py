@@ -23,19 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.dataset import load_prepared, no_eval_note
+from data_prep.dataset import load_prepared
 from model.losses import IGNORE_INDEX, shift_labels
-from pipeline import parallel, sharded_load
 from pipeline.batches import collate_rows
-from pipeline.checkpointing import latest_checkpoint
-from pipeline.config import build, load_recipe_dict, save_recipe, to_dict
-from pipeline.model_setup import build_model, save_final
-from pipeline.preflight import LaunchSpec, preflight
-from pipeline.recipe import SPEED_ONLY_KEYS, SFTRecipe, quantization_record
+from pipeline.config import build, load_recipe_dict
+from pipeline.model_setup import build_model
+from pipeline.recipe import SFTRecipe, quantization_record
 from pipeline.run_record import write_training_record
-from pipeline.rundir import start_training_run
-from pipeline.tracking import Tracker, redacted_config
-from pipeline.trainer import TaskOutput, Trainer, stage_main
+from pipeline.stage import StageState, TrainingStage, run_training_stage
+from pipeline.trainer import TaskOutput, stage_main
 
 
 class SFTTask:
@@ -108,83 +104,35 @@ def write_manifest(recipe: SFTRecipe, output_dir: Path, *, files: list[str], dat
         files=files, data=data, final=final, steps=steps)
 
 
+class SFTStage(TrainingStage):
+    """SFT's parts of the shared order (pipeline/stage.py)."""
+
+    name = "sft"
+
+    def load_data(self):
+        return load_datasets(self.recipe)
+
+    def num_experts(self) -> int:
+        return _num_experts(self.recipe)
+
+    def build_model(self, out: Path, is_main: bool, place) -> nn.Module:
+        return build_model(self.recipe, out, is_main, place)
+
+    def make_task(self, state: StageState) -> SFTTask:
+        m = self.recipe.model
+        return SFTTask(aux_coef=m.router_aux_loss_coef, z_coef=m.router_z_loss_coef,
+                       logits_chunk_size=m.logits_chunk_size)
+
+    def data_record(self, train, eval_set) -> dict:
+        return data_fingerprint(self.recipe, train, eval_set)
+
+    def write_record(self, out: Path, **fields) -> None:
+        write_manifest(self.recipe, out, **fields)
+
+
 def run(recipe: SFTRecipe) -> Path:
-    """The whole stage; returns the output directory."""
-    from accelerate.utils import set_seed
-
-    out = Path(recipe.output_dir)
-    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs); they
-    #    need no process group, so a wrong size is one clear error on every rank.
-    preflight(recipe, LaunchSpec.from_env())
-    # 1. Where we start: the main process locks and claims the output dir and decides: resume a
-    #    checkpoint, or start over (pipeline/rundir.py).
-    accelerator = parallel.make_accelerator(
-        recipe.parallel, micro_batch_size=recipe.train.micro_batch_size,
-        grad_accum_steps=recipe.train.grad_accum_steps, max_grad_norm=recipe.train.max_grad_norm,
-        mixed_precision=recipe.train.mixed_precision,
-        log_with="wandb" if recipe.tracking.report_to == "wandb" else None, project_dir=str(out),
-    )
-    start = start_training_run(
-        out, "sft", resume=recipe.train.resume, overwrite=recipe.train.overwrite_output_dir,
-        recipe=to_dict(recipe), ignore=SPEED_ONLY_KEYS, is_main=accelerator.is_main_process,
-        latest_checkpoint=latest_checkpoint)
-    resume_from = start.resume_from
-    if start.note:
-        accelerator.print(f"sft: {start.note}")
-    if accelerator.is_main_process:
-        save_recipe(recipe, out / "recipe.yaml")
-    parallel.require_shared_directory(out, "output_dir")
-    set_seed(recipe.train.seed)
-
-    # 2. Data and model.
-    train, eval_set = load_datasets(recipe)
-    if eval_set is None:
-        accelerator.print(f"sft: {no_eval_note(recipe.data)}")
-    place = parallel.placement(recipe.parallel, _num_experts(recipe))
-    model = build_model(recipe, out, accelerator.is_main_process, place)
-    ep_stats = parallel.apply(model, recipe.parallel, place)
-    model_config = (model.get_base_model() if recipe.lora.enabled else model).config.to_hf()
-    n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
-    n_all = sharded_load.model_parameter_count(model)
-    accelerator.print(f"sft: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train rows, "
-                      f"{len(eval_set) if eval_set is not None else 0} eval rows; "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}")
-
-    # 3. Train.
-    tracker = Tracker(
-        accelerator, out, report_to=recipe.tracking.report_to, project=recipe.tracking.project,
-        run_name=recipe.tracking.run_name, tags=recipe.tracking.tags, config=redacted_config(recipe),
-        resume_step=_checkpoint_step(resume_from),
-    )
-    trainer = Trainer(
-        accelerator=accelerator, model=model, task=SFTTask(
-            aux_coef=recipe.model.router_aux_loss_coef, z_coef=recipe.model.router_z_loss_coef,
-            logits_chunk_size=recipe.model.logits_chunk_size),
-        train_data=train, eval_data=eval_set, config=recipe.train, output_dir=out, tracker=tracker,
-        resume_from=resume_from, progress_bar=recipe.tracking.progress_bar,
-        log_expert_load=recipe.tracking.log_expert_load,
-        step_metrics=None if ep_stats is None else (
-            lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
-    )
-    final = trainer.train()
-
-    # 4. Artifacts for the next stage: rank 0 writes the whole model, gathered from EP/ZeRO-3 shards,
-    # trained tensors from DeepSpeed's fp32 master copy.
-    state_dict = None
-    if recipe.parallel.deepspeed:
-        state_dict = parallel.consolidated_state_dict(accelerator, trainer.model, recipe.parallel, place,
-                                                      trainable_only=recipe.lora.enabled,
-                                                      dtypes=trainer.param_dtypes)
-    if accelerator.is_main_process:
-        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
-        write_manifest(recipe, out, files=files, data=data_fingerprint(recipe, train, eval_set),
-                       final=final, steps=trainer.step, model_config=model_config)
-        summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss") if k in final)
-        accelerator.print(f"sft: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
-    accelerator.wait_for_everyone()
-    tracker.finish()
-    start.release()
-    return out
+    """The whole stage (pipeline/stage.py's order); returns the output directory."""
+    return run_training_stage(recipe, SFTStage(recipe))
 
 
 def _num_experts(recipe: SFTRecipe) -> int:
@@ -196,12 +144,6 @@ def _num_experts(recipe: SFTRecipe) -> int:
             raise FileNotFoundError(f"model.checkpoint={recipe.model.checkpoint}: no config.json there")
         return int(json.loads(config.read_text())["num_local_experts"])
     return MixtralConfig.preset(recipe.model.preset).num_local_experts
-
-
-def _checkpoint_step(path: Path | None) -> int | None:
-    if path is None:
-        return None
-    return json.loads((path / "state.json").read_text())["step"]
 
 
 def main(argv: list[str] | None = None) -> int:
