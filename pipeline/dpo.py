@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +37,11 @@ import torch
 from torch import nn
 
 from data_prep.config import DataConfig
-from data_prep.dataset import load_prepared, no_eval_note
+from data_prep.dataset import load_prepared
 from model.losses import IGNORE_INDEX, shift_labels
-from pipeline import parallel, sharded_load
-from pipeline.checkpointing import latest_checkpoint, write_json
+from pipeline import sharded_load
 from pipeline.comm import group_device
-from pipeline.config import build, load_recipe_dict, redact_env_secrets, save_recipe, to_dict
+from pipeline.config import build, load_recipe_dict
 from pipeline.dpo_loss import (
     SMOOTHED_LOSS_TYPES,
     chosen_nll,
@@ -52,9 +49,8 @@ from pipeline.dpo_loss import (
     reward_sums,
     split_pairs,
 )
-from pipeline.preflight import LaunchSpec, preflight
+from pipeline.model_setup import build_model
 from pipeline.recipe import (
-    SPEED_ONLY_KEYS,
     LoraSection,
     ParallelSection,
     TrackingSection,
@@ -62,10 +58,10 @@ from pipeline.recipe import (
     check_quantization_recipe,
     quantization_record,
 )
-from pipeline.rundir import start_training_run
+from pipeline.run_record import SFT_DIR_HINT, RunRecord, write_training_record
 from pipeline.sharded_load import merge_adapter_fp32
-from pipeline.tracking import METRICS_FILE, Tracker, redacted_config
-from pipeline.trainer import TaskOutput, Trainer, stage_main
+from pipeline.stage import StageState, TrainingStage, run_training_stage
+from pipeline.trainer import TaskOutput, stage_main
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
@@ -421,20 +417,8 @@ def attach_reference_log_probs(
 # ----------------------------------------------------------------------------------------------
 
 
-def read_sft_manifest(sft_dir: str | os.PathLike) -> dict:
-    path = Path(sft_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: model.sft_dir must be a finished SFT output directory (make sft writes "
-            f"outputs/tiny/sft)"
-        )
-    manifest = json.loads(path.read_text())
-    for key in ("kind", "base"):
-        if key not in manifest:
-            raise ValueError(f"{path}: field '{key}' missing; was it written by pipeline.sft?")
-    if manifest["kind"] not in ("lora", "full"):
-        raise ValueError(f"{path}: field 'kind' must be 'lora' or 'full', got {manifest['kind']!r}")
-    return manifest
+def read_sft_manifest(sft_dir: str | os.PathLike) -> RunRecord:
+    return RunRecord.read(sft_dir, missing_hint=SFT_DIR_HINT)
 
 
 def load_sft_model(
@@ -443,7 +427,7 @@ def load_sft_model(
 ) -> nn.Module:
     """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
 
-    ``load(path)``: how to read a checkpoint instead of whole (``sft.build_model`` passes its own:
+    ``load(path)``: how to read a checkpoint instead of whole (``model_setup.build_model`` passes its own:
     EP experts or ZeRO-3 partitions). The SFT adapter is merged in fp32 and then cast to ``dtype``,
     as export merges it, so DPO trains on the weights export writes.
     """
@@ -453,15 +437,15 @@ def load_sft_model(
         def load(path, quantize=True):
             return load_pretrained(path, dtype=dtype)
 
-    manifest = read_sft_manifest(sft_dir)
-    if manifest["kind"] == "full":
-        return load(manifest.get("model_dir") or str(Path(sft_dir).resolve()))
-    base_dir = manifest["base"]["checkpoint"]
-    adapter_dir = manifest.get("adapter_dir") or str(Path(sft_dir).resolve())
+    record = read_sft_manifest(sft_dir)
+    if record.kind == "full":
+        return load(str(record.model_dir))
+    base_dir = str(record.base_checkpoint)
+    adapter_dir = str(record.adapter_dir)
     # An adapter trained on a 4-bit base merges into that base dequantized (QLoRA's merge, as
     # export does); one trained on the full-precision base merges into it, and a 4-bit DPO run
-    # quantizes the merged model afterwards (sft.build_model).
-    base = load(base_dir, quantize=manifest.get("quantization") is not None)
+    # quantizes the merged model afterwards (model_setup.build_model).
+    base = load(base_dir, quantize=record.quantization is not None)
     merged = merge_adapter_fp32(base, adapter_dir)
     if getattr(merged, "quantization", None) is None:
         # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
@@ -472,8 +456,6 @@ def load_sft_model(
 def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | None]:
     """(policy, frozen reference or None): SFT model -> the SFT stage's build order (checkpointing,
     router freezing, a fresh LoRA adapter placed independently of EP) -> full or LoRA."""
-    from pipeline.sft import build_model
-
     sft_dir = recipe.model.sft_dir
     model = build_model(
         recipe,
@@ -500,208 +482,86 @@ def load_datasets(recipe: DPORecipe):
 
 
 def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, model_config) -> None:
-    import peft
-    import transformers
-
-    manifest = {
-        "stage": "dpo",
-        "kind": "lora" if recipe.lora.enabled else "full",
-        # The SFT output dir: its manifest names the base and the SFT adapter (merged into the
+    write_training_record(
+        out, stage="dpo", lora=recipe.lora, quantization=quantization_record(recipe.model),
+        # The SFT output dir: its record names the base and the SFT adapter (merged into the
         # weights this stage trained on); export follows it, then merges adapter_dir on top.
-        "base": {"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
-        "reference": "the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
-        "quantization": quantization_record(recipe.model),
-        "adapter_dir" if recipe.lora.enabled else "model_dir": str(out.resolve()),
-        "files": files,
-        "lora": {
-            "r": recipe.lora.r,
-            "alpha": recipe.lora.alpha,
-            "target_modules": recipe.lora.target_modules,
-            "train_router": recipe.lora.train_router,
-        }
-        if recipe.lora.enabled
-        else None,
-        "dpo": {
-            "beta": recipe.dpo.beta,
-            "loss_type": recipe.dpo.loss_type,
-            "label_smoothing": recipe.dpo.label_smoothing,
-            "nll_coef": recipe.dpo.nll_coef,
-        },
-        "data": data,
-        "steps": steps,
-        "final_metrics": {k: v for k, v in final.items() if not k.startswith("expert_load/")},
-        "recipe": "recipe.yaml",
-        "metrics": METRICS_FILE,
-        "versions": {
-            "torch": torch.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-        },
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(out / "manifest.json", json.loads(redact_env_secrets(json.dumps(manifest))))
+        base={"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
+        reference="the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
+        dpo={"beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type,
+             "label_smoothing": recipe.dpo.label_smoothing, "nll_coef": recipe.dpo.nll_coef},
+        files=files, data=data, final=final, steps=steps)
+
+
+class DPOStage(TrainingStage):
+    """DPO's parts of the shared order (pipeline/stage.py): the policy from the SFT output, its
+    reference (adapters disabled, a frozen copy, or log-probs computed once before training)."""
+
+    name = "dpo"
+    compare = ("data", "model", "lora", "dpo")
+    summary_keys = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+
+    def shared_directories(self) -> list[tuple[str, str]]:
+        # Rank 0 writes the reference log-probs cache there and every rank reads it back.
+        return [(self.recipe.data.output_dir, "data.output_dir")] if self.recipe.dpo.precompute_ref_log_probs else []
+
+    def load_data(self):
+        return load_datasets(self.recipe)
+
+    def num_experts(self) -> int:
+        return _num_experts(self.recipe.model.sft_dir)
+
+    def build_model(self, out: Path, is_main: bool, place) -> nn.Module:
+        model, self.frozen = build_policy(self.recipe, place)
+        return model
+
+    def make_task(self, state: StageState) -> DPOTask:
+        recipe, accelerator, model, frozen = self.recipe, state.accelerator, state.model, self.frozen
+        model.to(accelerator.device)
+        if frozen is not None:
+            frozen.to(accelerator.device)
+        elif not recipe.lora.enabled:
+            # Full DPO with precomputed log-probs: before the first update the policy is the reference.
+            frozen = model
+        chunk = recipe.model.logits_chunk_size
+        reference = Reference(frozen, accelerator.unwrap_model, chunk)
+        # Reference log-probs once, before any update: the policy still equals the reference here.
+        if recipe.dpo.precompute_ref_log_probs:
+            # Under EP each rank holds other experts: the main process's hash names the cache for all.
+            model_key = from_main_process(reference_fingerprint(model, accelerator), accelerator)
+            kw = dict(policy=model, reference=reference, data_dir=recipe.data.output_dir, model_key=model_key,
+                      batch_size=recipe.dpo.ref_batch_size, accelerator=accelerator)
+            # ZeRO-3: before `prepare` no DeepSpeed hooks gather the partitioned weights; these do.
+            with sharded_load.forward_gathers(model):
+                state.train = attach_reference_log_probs(state.train, "train", **kw)
+                if state.eval_set is not None:
+                    state.eval_set = attach_reference_log_probs(state.eval_set, "eval", **kw)
+            reference = None
+        self.reference_kind = ("precomputed" if reference is None else "adapters disabled" if frozen is None
+                               else "frozen copy")
+        return DPOTask(recipe.dpo, aux_coef=recipe.model.router_aux_loss_coef,
+                       z_coef=recipe.model.router_z_loss_coef, reference=reference, logits_chunk_size=chunk)
+
+    def describe(self, state: StageState) -> str:
+        n_eval = len(state.eval_set) if state.eval_set is not None else 0
+        return f"{len(state.train)} train pairs, {n_eval} eval pairs; reference: {self.reference_kind}"
+
+    def data_record(self, train, eval_set) -> dict:
+        return {"output_dir": self.recipe.data.output_dir, "train_fingerprint": train._fingerprint,
+                "train_rows": len(train), "eval_rows": len(eval_set) if eval_set is not None else 0}
+
+    def write_record(self, out: Path, **fields) -> None:
+        write_manifest(self.recipe, out, **fields)
 
 
 def run(recipe: DPORecipe) -> Path:
-    """The whole stage; returns the output directory."""
-    from accelerate.utils import set_seed
-
-    from pipeline.sft import save_final
-
-    out = Path(recipe.output_dir)
-    # 0. Every startup check of this recipe under this launch (the ones `make plan` runs).
-    preflight(recipe, LaunchSpec.from_env())
-    # 1. Where we start: the run dir (pipeline/rundir.py): resume a checkpoint, or start over.
-    accelerator = parallel.make_accelerator(
-        recipe.parallel,
-        micro_batch_size=recipe.train.micro_batch_size,
-        grad_accum_steps=recipe.train.grad_accum_steps,
-        max_grad_norm=recipe.train.max_grad_norm,
-        mixed_precision=recipe.train.mixed_precision,
-        log_with="wandb" if recipe.tracking.report_to == "wandb" else None,
-        project_dir=str(out),
-    )
-    start = start_training_run(
-        out, "dpo", resume=recipe.train.resume, overwrite=recipe.train.overwrite_output_dir,
-        recipe=to_dict(recipe), compare=("data", "model", "lora", "dpo"), ignore=SPEED_ONLY_KEYS,
-        is_main=accelerator.is_main_process, latest_checkpoint=latest_checkpoint,
-    )
-    resume_from = start.resume_from
-    if start.note:
-        accelerator.print(f"dpo: {start.note}")
-    if accelerator.is_main_process:
-        save_recipe(recipe, out / "recipe.yaml")
-    parallel.require_shared_directory(out, "output_dir")
-    if recipe.dpo.precompute_ref_log_probs:
-        # Rank 0 writes the reference log-probs cache there and every rank reads it back.
-        parallel.require_shared_directory(recipe.data.output_dir, "data.output_dir")
-    set_seed(recipe.train.seed)
-
-    # 2. Data, policy and reference.
-    train, eval_set = load_datasets(recipe)
-    if eval_set is None:
-        accelerator.print(f"dpo: {no_eval_note(recipe.data)}")
-    place = parallel.placement(recipe.parallel, _num_experts(recipe.model.sft_dir))
-    model, frozen = build_policy(recipe, place)
-    ep_stats = parallel.apply(model, recipe.parallel, place)
-    model.to(accelerator.device)
-    if frozen is not None:
-        frozen.to(accelerator.device)
-    elif not recipe.lora.enabled:
-        # Full DPO with precomputed log-probs: before the first update the policy is the reference.
-        frozen = model
-    chunk = recipe.model.logits_chunk_size
-    reference = Reference(frozen, accelerator.unwrap_model, chunk)
-    base = model.get_base_model() if recipe.lora.enabled else model
-    model_config = base.config.to_hf()
-
-    # 3. Reference log-probs once, before any update: the policy still equals the reference here.
-    if recipe.dpo.precompute_ref_log_probs:
-        # Under EP each rank holds other experts: the main process's hash names the cache for all.
-        model_key = from_main_process(reference_fingerprint(model, accelerator), accelerator)
-        kw = dict(
-            policy=model,
-            reference=reference,
-            data_dir=recipe.data.output_dir,
-            model_key=model_key,
-            batch_size=recipe.dpo.ref_batch_size,
-            accelerator=accelerator,
-        )
-        # ZeRO-3: before `prepare` no DeepSpeed hooks gather the partitioned weights; these do.
-        with sharded_load.forward_gathers(model):
-            train = attach_reference_log_probs(train, "train", **kw)
-            if eval_set is not None:
-                eval_set = attach_reference_log_probs(eval_set, "eval", **kw)
-        reference = None
-    n_train = sharded_load.parameter_count(p for p in model.parameters() if p.requires_grad)
-    n_all = sharded_load.model_parameter_count(model)
-    accelerator.print(
-        f"dpo: {n_train:,} trainable of {n_all:,} parameters; {len(train)} train pairs, "
-        f"{len(eval_set) if eval_set is not None else 0} eval pairs; reference: "
-        f"{'precomputed' if reference is None else 'adapters disabled' if frozen is None else 'frozen copy'}; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}"
-    )
-
-    # 4. Train.
-    tracker = Tracker(
-        accelerator,
-        out,
-        report_to=recipe.tracking.report_to,
-        project=recipe.tracking.project,
-        run_name=recipe.tracking.run_name,
-        tags=recipe.tracking.tags,
-        config=redacted_config(recipe),
-        resume_step=None
-        if resume_from is None
-        else json.loads((resume_from / "state.json").read_text())["step"],
-    )
-    task = DPOTask(
-        recipe.dpo,
-        aux_coef=recipe.model.router_aux_loss_coef,
-        z_coef=recipe.model.router_z_loss_coef,
-        reference=reference,
-        logits_chunk_size=chunk,
-    )
-    trainer = Trainer(
-        accelerator=accelerator,
-        model=model,
-        task=task,
-        train_data=train,
-        eval_data=eval_set,
-        config=recipe.train,
-        output_dir=out,
-        tracker=tracker,
-        resume_from=resume_from,
-        progress_bar=recipe.tracking.progress_bar,
-        log_expert_load=recipe.tracking.log_expert_load,
-        step_metrics=None
-        if ep_stats is None
-        else (lambda: parallel.expert_load_imbalance(ep_stats, parallel.expert_groups(place.ep_size)[0])),
-    )
-    final = trainer.train()
-
-    # 5. Artifacts for export: rank 0 writes the whole adapter/model, gathered from EP/ZeRO-3 shards,
-    # trained tensors from DeepSpeed's fp32 master copy.
-    state_dict = None
-    if recipe.parallel.deepspeed:
-        state_dict = parallel.consolidated_state_dict(
-            accelerator, trainer.model, recipe.parallel, place, trainable_only=recipe.lora.enabled,
-            dtypes=trainer.param_dtypes,
-        )
-    if accelerator.is_main_process:
-        files = save_final(accelerator.unwrap_model(trainer.model), out, recipe.lora.enabled, state_dict)
-        data = {
-            "output_dir": recipe.data.output_dir,
-            "train_fingerprint": train._fingerprint,
-            "train_rows": len(train),
-            "eval_rows": len(eval_set) if eval_set is not None else 0,
-        }
-        write_manifest(
-            recipe,
-            out,
-            files=files,
-            data=data,
-            final=final,
-            steps=trainer.step,
-            model_config=model_config,
-        )
-        keys = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
-        summary = ", ".join(f"{k} {final[k]:.4f}" for k in keys if k in final)
-        accelerator.print(f"dpo: done after {trainer.step} steps ({summary}); output in {out.resolve()}")
-    accelerator.wait_for_everyone()
-    tracker.finish()
-    start.release()
-    return out
+    """The whole stage (pipeline/stage.py's order); returns the output directory."""
+    return run_training_stage(recipe, DPOStage(recipe))
 
 
 def _num_experts(sft_dir: str) -> int:
     """Experts of the SFT model, from the config its manifest recorded (before any weight is read)."""
-    manifest = read_sft_manifest(sft_dir)
-    config = manifest["base"].get("config")
-    if config is None:
-        path = Path(manifest.get("model_dir") or manifest["base"]["checkpoint"]) / "config.json"
-        config = json.loads(path.read_text())
-    return int(config["num_local_experts"])
+    return int(read_sft_manifest(sft_dir).model_config()["num_local_experts"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from model.losses import IGNORE_INDEX, masked_ce, shift_labels
 from pipeline import parallel, report
 from pipeline import passkey as pk
+from pipeline.batches import collate_rows as collate
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
 from pipeline.expert_parallel import ExpertPlacement, install_dispatch, load_local_experts, shard_experts
 from pipeline.passkey import greedy_generate
@@ -48,8 +49,8 @@ from pipeline.routing import (
     top_k_experts,
     total_variation,
 )
+from pipeline.run_record import RunRecord, hf_checkpoint_behind
 from pipeline.rundir import on_main_for_all, owned_output, record
-from pipeline.sft import collate_rows as collate
 from pipeline.sharded_load import merge_adapter_fp32
 
 COLUMNS = ("input_ids", "labels")
@@ -184,24 +185,17 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     from model.checkpoint import load_pretrained
 
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        kind = manifest.get("kind")
-        if kind == "lora":
-            base_dir = (manifest.get("base") or {}).get("checkpoint")
-            if not base_dir:
-                raise ValueError(f"{manifest_path}: a LoRA run must name its base in base.checkpoint")
-            base = load_model_dir(base_dir, dtype, place, device)
-            if manifest.get("quantization"):
+    if RunRecord.exists(path):
+        record = RunRecord.read(path)
+        if record.kind == "lora":
+            base = load_model_dir(record.base_checkpoint, dtype, place, device)
+            if record.quantization:
                 # QLoRA: the adapter trained on the 4-bit base; it merges into that base's numbers (as export)
                 from model.quant import hold_as_4bit_base
 
-                hold_as_4bit_base(base, getattr(torch, manifest["quantization"]["dtype"]))
-            return merge_adapter_fp32(base, manifest.get("adapter_dir") or str(path))
-        if kind != "full":
-            raise ValueError(f"{manifest_path}: kind must be 'lora' or 'full', got {kind!r}")
-        path = Path(manifest.get("model_dir") or path)
+                hold_as_4bit_base(base, getattr(torch, record.quantization["dtype"]))
+            return merge_adapter_fp32(base, str(record.adapter_dir))
+        path = record.model_dir
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: neither a stage output (manifest.json) nor an HF checkpoint (config.json)")
@@ -215,7 +209,7 @@ def resolve_models(recipe: EvalRecipe, log=print) -> list[tuple[str, str | None]
     found = []
     for name, directory in recipe.models.items():
         path = Path(directory)
-        if (path / "manifest.json").is_file() or (path / "config.json").is_file():
+        if RunRecord.exists(path) or (path / "config.json").is_file():
             found.append((name, directory))
             continue
         # A run still in progress has its directory but no manifest yet.
@@ -259,14 +253,7 @@ def _num_experts(directory: str | None, recipe: EvalRecipe) -> int:
 
     if directory is None:
         return MixtralConfig.preset(recipe.fallback_preset).num_local_experts
-    path = Path(directory)
-    while (path / "manifest.json").is_file():
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("kind") == "full":
-            path = Path(manifest.get("model_dir") or path)
-            break
-        path = Path((manifest.get("base") or {}).get("checkpoint") or path / "missing-base")
-    return MixtralConfig.from_hf(path / "config.json").num_local_experts
+    return MixtralConfig.from_hf(hf_checkpoint_behind(directory) / "config.json").num_local_experts
 
 
 class Processes:

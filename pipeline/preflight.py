@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RecipeError
+from pipeline.run_record import RECORD_FILE, SFT_DIR_HINT, RunRecord, hf_checkpoint_behind
 
 
 class PreflightError(RecipeError):
@@ -278,11 +279,12 @@ def check_quantization(p: Pairing) -> None:
             "zero2_ep2_2gpu.yaml on 2 GPUs), or one GPU (recipes/mixtral-8x7b/sft_qlora.yaml)")
     if p.stage != "dpo":
         return
-    manifest = Path(p.recipe.model.sft_dir) / "manifest.json"
-    if not manifest.is_file():
-        p.skipped.append(f"quantization vs the SFT run: {manifest} does not exist yet")
+    if not RunRecord.exists(p.recipe.model.sft_dir):
+        p.skipped.append(f"quantization vs the SFT run: {Path(p.recipe.model.sft_dir) / RECORD_FILE} "
+                         "does not exist yet")
         return
-    sft = json.loads(manifest.read_text()).get("quantization")
+    record = RunRecord.read(p.recipe.model.sft_dir)
+    manifest, sft = record.path, record.quantization
     if sft is not None and (quantization != sft["type"] or p.recipe.model.dtype != sft["dtype"]):
         raise PreflightError(
             f"{manifest}: the SFT adapter trained on a {sft['type']} base in {sft['dtype']}; set "
@@ -440,14 +442,10 @@ def read_model_config(recipe, stage: str):
             raise FileNotFoundError(f"model.checkpoint={recipe.model.checkpoint}: no config.json there")
         return MixtralConfig.from_hf(path), str(path)
     if stage == "dpo":
-        from pipeline.dpo import read_sft_manifest
-
-        manifest = read_sft_manifest(recipe.model.sft_dir)
-        config = manifest["base"].get("config")
-        if config is not None:
-            return MixtralConfig.from_hf(config), f"{recipe.model.sft_dir}/manifest.json"
-        path = Path(manifest.get("model_dir") or manifest["base"]["checkpoint"]) / "config.json"
-        return MixtralConfig.from_hf(path), str(path)
+        record = RunRecord.read(recipe.model.sft_dir, missing_hint=SFT_DIR_HINT)
+        if record.base_config is not None:
+            return MixtralConfig.from_hf(record.base_config), str(record.path)
+        return MixtralConfig.from_hf(record.config_file()), str(record.config_file())
     for name, directory in recipe.models.items():
         found = _eval_model_config(Path(directory))
         if found is not None:
@@ -458,27 +456,19 @@ def read_model_config(recipe, stage: str):
 
 
 def _eval_model_config(path: Path) -> Path | None:
-    """The config.json behind an eval model directory (a run dir's manifest leads to its base)."""
-    for _ in range(8):  # DPO -> SFT -> base: a short chain
-        if (path / "manifest.json").is_file():
-            manifest = json.loads((path / "manifest.json").read_text())
-            if manifest.get("kind") == "full":
-                path = Path(manifest.get("model_dir") or path)
-            else:
-                path = Path((manifest.get("base") or {}).get("checkpoint") or "")
-            continue
-        return path / "config.json" if (path / "config.json").is_file() else None
-    return None
+    """The config.json behind an eval model directory (a run dir's record leads to its base)."""
+    config = hf_checkpoint_behind(path) / "config.json"
+    return config if config.is_file() else None
 
 
 def build_meta_model(p: Pairing):
-    """The training model as rank 0 of the launch sets it up (`pipeline.sft.configure_for_training`:
+    """The training model as rank 0 of the launch sets it up (`pipeline.model_setup.configure_for_training`:
     its experts, LoRA, router freezing) on a base on the meta device: no weight anywhere."""
     import torch
 
     from model import Mixtral
     from pipeline.expert_parallel import shard_experts
-    from pipeline.sft import configure_for_training
+    from pipeline.model_setup import configure_for_training
 
     place = p.placement(0)
     base = Mixtral(model_config(p), device="meta", dtype=getattr(torch, p.recipe.model.dtype))

@@ -3,7 +3,6 @@ adapters to merge on the way, and `BaseReader`, which reads the base's native pa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -15,6 +14,7 @@ import torch
 from model.checkpoint import hf_to_native, weight_files
 from model.config import MixtralConfig
 from pipeline.export.recipe import SourceSection
+from pipeline.run_record import RunRecord
 from pipeline.safetensors_io import (
     READ_CHUNK_BYTES,
     StoredTensor,
@@ -38,13 +38,6 @@ def _is_hf_checkpoint(path: Path) -> bool:
     )
 
 
-def _manifest_path(value: str, manifest_dir: Path) -> Path:
-    path = Path(value)
-    if path.is_absolute() or path.exists():
-        return path
-    return manifest_dir / path
-
-
 def resolve_source(path: str | os.PathLike) -> Source:
     """Follow manifests back to an HF checkpoint; collect the adapters to merge on the way.
 
@@ -52,8 +45,7 @@ def resolve_source(path: str | os.PathLike) -> Source:
     ``base.adapters`` (adapters already under the base, optional), ``adapter_dir`` / ``model_dir``.
     """
     path = Path(path)
-    manifest_file = path / "manifest.json"
-    if not manifest_file.is_file():
+    if not RunRecord.exists(path):
         if _is_hf_checkpoint(path):
             return Source(path, [], [])
         if any(path.glob("model-rank*.safetensors")):
@@ -70,33 +62,20 @@ def resolve_source(path: str | os.PathLike) -> Source:
             f"{path}: neither a stage output dir (manifest.json) nor an HF checkpoint (config.json + "
             "model*.safetensors); set source.run_dir or source.checkpoint"
         )
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_file}: not valid JSON ({err})") from None
-    kind = manifest.get("kind")
-    if kind == "full":
-        model_dir = _manifest_path(manifest.get("model_dir", str(path)), path)
-        if not _is_hf_checkpoint(model_dir):
-            raise FileNotFoundError(f"{manifest_file}: kind 'full' but {model_dir} holds no HF checkpoint")
-        return Source(model_dir, [], [manifest])
-    if kind != "lora":
-        raise ValueError(f"{manifest_file}: field 'kind' must be 'lora' or 'full', got {kind!r}")
-    base = manifest.get("base")
-    base_dir = base.get("checkpoint") if isinstance(base, dict) else base
-    if not base_dir:
-        raise ValueError(
-            f"{manifest_file}: field 'base.checkpoint' (the model the adapter was trained on) is missing"
-        )
-    parent = resolve_source(_manifest_path(base_dir, path))
-    extra = [_manifest_path(a, path) for a in (base.get("adapters") or [])] if isinstance(base, dict) else []
-    adapter = _manifest_path(manifest.get("adapter_dir", str(path)), path)
+    record = RunRecord.read(path)
+    if record.kind == "full":
+        if not _is_hf_checkpoint(record.model_dir):
+            raise FileNotFoundError(f"{record.path}: kind 'full' but {record.model_dir} holds no HF checkpoint")
+        return Source(record.model_dir, [], [record.fields])
+    parent = resolve_source(record.base_checkpoint)
+    adapter = record.adapter_dir
     if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{manifest_file}: adapter dir {adapter} has no adapter_config.json")
+        raise FileNotFoundError(f"{record.path}: adapter dir {adapter} has no adapter_config.json")
     quantized = dict(parent.quantized)
-    if manifest.get("quantization"):
-        quantized[str(adapter)] = manifest["quantization"]
-    return Source(parent.checkpoint, parent.adapters + extra + [adapter], parent.manifests + [manifest], quantized)
+    if record.quantization:
+        quantized[str(adapter)] = record.quantization
+    return Source(parent.checkpoint, parent.adapters + record.base_adapters + [adapter],
+                  parent.manifests + [record.fields], quantized)
 
 
 def source_from_recipe(section: SourceSection) -> Source:

@@ -306,7 +306,7 @@ def _full_and_rank1_of_ep2(sft_dir):
 
 
 def test_expert_parallel_build_holds_this_ranks_slice_of_the_same_policy(sft_dir):
-    # SFT weights merged per expert, every LoRA A drawn placement-independently (sft.build_model's
+    # SFT weights merged per expert, every LoRA A drawn placement-independently (model_setup.build_model's
     # order): rank 1 of ep=2 holds exactly experts 4..7 of the ep=1 policy.
     for name, p, want in _full_and_rank1_of_ep2(sft_dir):
         torch.testing.assert_close(p, want, rtol=0, atol=0, msg=name)

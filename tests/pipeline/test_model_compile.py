@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from pipeline.sft import build_model, load_recipe
+from pipeline.model_setup import build_model
+from pipeline.sft import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
