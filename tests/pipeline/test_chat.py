@@ -10,7 +10,8 @@ from pipeline.config import build
 from pipeline.export import ExportRecipe, export
 
 
-def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
+def export_tiny(tmp_path):
+    """A random tiny Mixtral (seed 0) exported in fp32 without verification; its directory."""
     torch.manual_seed(0)
     save_pretrained(Mixtral(MixtralConfig.preset("tiny")), tmp_path / "base")
     raw = {
@@ -19,7 +20,11 @@ def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
         "export": {"dtype": "float32", "progress_bar": False},
         "verify": {"enabled": False},
     }
-    out = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    return export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+
+
+def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
+    out = export_tiny(tmp_path)
 
     tokenizer, model = load(out)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
@@ -84,15 +89,7 @@ def test_chat_over_a_model_split_across_devices_gives_the_same_answer(tmp_path):
     # 8 x 80 GB: `--device-map auto` splits the layers over the GPUs and accelerate's hooks move the
     # hidden states between them. A CPU host has one device, so the same hooks are exercised by a
     # map over the CPU and the disk (weights of layer 1 and lm_head loaded for each forward).
-    torch.manual_seed(0)
-    save_pretrained(Mixtral(MixtralConfig.preset("tiny")), tmp_path / "base")
-    raw = {
-        "source": {"checkpoint": str(tmp_path / "base")},
-        "output_dir": str(tmp_path / "export"),
-        "export": {"dtype": "float32", "progress_bar": False},
-        "verify": {"enabled": False},
-    }
-    out = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    out = export_tiny(tmp_path)
     messages = [{"role": "user", "content": "Name a prime."}]
     tokenizer, whole = load(out)
     _, want, _ = answer(tokenizer, whole, messages, max_new_tokens=8)
