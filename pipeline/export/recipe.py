@@ -26,11 +26,14 @@ class SourceSection:
 
 @dataclass
 class ExportSection:
-    format: Literal["hf", "consolidated", "adapter"] = "hf"
+    format: Literal["hf", "consolidated", "adapter", "gguf"] = "hf"
     # Weights are merged in float32, then cast to this dtype. format=adapter keeps the LoRA factors
     # in float32 (they are small, and PEFT casts the delta to the base weights' dtype itself).
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     max_shard_size: str = "5GB"
+    # format=gguf: the file type llama.cpp loads (one model-<gguf_type>.gguf; export.dtype is not used).
+    # Norms and the router are float32 in every type, as llama.cpp's own converter writes them.
+    gguf_type: Literal["f32", "f16", "bf16"] = "f16"
     # A non-empty output_dir is refused unless this is true (it is then replaced atomically). A
     # directory holding anything the export does not write is refused either way.
     overwrite: bool = False

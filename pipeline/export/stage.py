@@ -59,6 +59,7 @@ from pipeline.export.formats import (
     consolidated_tensor,
     params_json,
 )
+from pipeline.export.gguf import write_gguf
 from pipeline.export.merge import Adapter, merged_native_params, meta_state
 from pipeline.export.recipe import ExportRecipe
 from pipeline.export.source import BaseReader, Source, source_from_recipe
@@ -114,6 +115,8 @@ def _export_locked(recipe: ExportRecipe, out: Path, log: Callable[[str], None]) 
     try:
         if recipe.export.format == "adapter":
             report = write_adapter(recipe, source, adapters, config, tmp, log)
+        elif recipe.export.format == "gguf":
+            report = write_gguf(recipe, source, config, adapters, tmp, log)
         else:
             report = _write_weights(recipe, source, config, adapters, tmp, log)
         save_recipe(portable(to_dict(recipe)), tmp / "recipe.yaml")

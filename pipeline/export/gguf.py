@@ -1,0 +1,249 @@
+"""format=gguf: one llama.cpp GGUF file (architecture "llama", which llama.cpp runs Mixtral as),
+written with the `gguf` library tensor by tensor.
+
+Names come from model/checkpoint.py's NAME_TABLE (its ``gguf`` column). The experts are stored as
+llama.cpp stores them, one [experts, ...] tensor per projection: our fused gate_up_proj [E, 2F, H] is
+split into ffn_gate_exps (rows [:F], w1) and ffn_up_exps (rows [F:], w3), down_proj [E, H, F] is
+ffn_down_exps as it is. llama.cpp's "llama" RoPE rotates interleaved pairs (2j, 2j + 1), so q/k rows
+go back from HF's rotate_half order (as in the consolidated export). Norms and the router stay float32
+in every file type (llama.cpp's kernels take 1-D tensors in f32, and its quantizer keeps the router
+f32 too); every other matrix is written in the chosen type.
+
+Memory: one native parameter in fp32 (the merge) plus its converted copy; the file is written with
+the tensor infos planned from shapes alone (header first), then tensor data in plan order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import export_rules
+from model.config import MixtralConfig
+from pipeline.export.formats import hf_to_interleaved_rope
+
+# export.gguf_type -> (GGML tensor type of the matrices, llama.cpp file type, torch dtype written).
+GGUF_TYPES: dict[str, tuple[str, str, torch.dtype]] = {
+    "f32": ("F32", "ALL_F32", torch.float32),
+    "f16": ("F16", "MOSTLY_F16", torch.float16),
+    "bf16": ("BF16", "MOSTLY_BF16", torch.bfloat16),
+}
+# The numpy dtype a tensor's bytes are handed to the gguf library as (bf16 as raw 16-bit words).
+_NUMPY_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+ARCH = "llama"  # llama.cpp runs Mixtral as "llama" with expert_count > 0
+GGUF_FILE = "model-{gguf_type}.gguf"
+
+
+def gguf_file_name(gguf_type: str) -> str:
+    return GGUF_FILE.format(gguf_type=gguf_type)
+
+
+def gguf_tensors(
+    state: dict[str, torch.Tensor], config: MixtralConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) for each native parameter of ``state``, in its order: views, except q/k,
+    whose rows are permuted to interleaved RoPE pairs (a copy; on meta tensors, no memory)."""
+    for native, tensor in state.items():
+        for rule, layer in export_rules(native, "gguf_tensors"):
+            name = rule.gguf.format(i=layer)
+            if rule.piece == "all":
+                if native.endswith("self_attn.q_proj.weight"):
+                    tensor = hf_to_interleaved_rope(tensor, config.num_attention_heads)
+                elif native.endswith("self_attn.k_proj.weight"):
+                    tensor = hf_to_interleaved_rope(tensor, config.num_key_value_heads)
+                yield name, tensor
+                continue
+            ffn = tensor.shape[1] // 2
+            yield name, {"w1": tensor[:, :ffn], "w3": tensor[:, ffn:], "w2": tensor}[rule.piece]
+
+
+def stored_dtype(name: str, tensor: torch.Tensor, gguf_type: str) -> torch.dtype:
+    """The dtype ``name`` is stored in: f32 for 1-D tensors, norms and the router, else the file type's."""
+    if tensor.dim() <= 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight"):
+        return torch.float32
+    return GGUF_TYPES[gguf_type][2]
+
+
+def _ggml_type(dtype: torch.dtype):
+    import gguf
+
+    return {
+        torch.float32: gguf.GGMLQuantizationType.F32,
+        torch.float16: gguf.GGMLQuantizationType.F16,
+        torch.bfloat16: gguf.GGMLQuantizationType.BF16,
+    }[dtype]
+
+
+def spm_vocab_metadata(spm_path: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int], dict]:
+    """Tokens, scores and llama.cpp token types of a SentencePiece model, padded to ``vocab_size``
+    with unused [PAD{i}] entries (an embedding larger than the tokenizer); the special token ids."""
+    import gguf
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    n = sp.get_piece_size()
+    if n > vocab_size:
+        raise ValueError(
+            f"{spm_path}: the tokenizer has {n} pieces, the model's vocab_size is {vocab_size}; "
+            "tokenizer.spm_path must be the tokenizer the model was trained with"
+        )
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for i in range(n):
+        tokens[i] = sp.id_to_piece(i).encode("utf-8")
+        scores[i] = sp.get_score(i)
+        if sp.is_unknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            kind = gguf.TokenType.CONTROL
+        elif sp.is_unused(i):
+            kind = gguf.TokenType.UNUSED
+        elif sp.is_byte(i):
+            kind = gguf.TokenType.BYTE
+        else:
+            kind = gguf.TokenType.NORMAL
+        types[i] = int(kind)
+    special = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    missing = [k for k, v in special.items() if v < 0]
+    if missing:
+        raise ValueError(f"{spm_path}: the tokenizer defines no {'/'.join(missing)} token; Mixtral needs them")
+    return tokens, scores, types, special
+
+
+def add_metadata(writer, config: MixtralConfig, gguf_type: str, name: str, spm_path: Path) -> None:
+    """Hyper-parameters, file type, tokenizer and chat template, as llama.cpp reads them for "llama"."""
+    import gguf
+
+    from pipeline.hf_tokenizer import PLAIN_CHAT_TEMPLATE
+
+    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
+        raise ValueError(
+            f"export.format=gguf: sliding_window={config.sliding_window} is not expressible for llama.cpp's "
+            "llama architecture (Mixtral-8x7B uses full attention: sliding_window null)"
+        )
+    writer.add_name(name)
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, GGUF_TYPES[gguf_type][1])))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+
+    tokens, scores, types, special = spm_vocab_metadata(spm_path, config.vocab_size)
+    writer.add_tokenizer_model("llama")  # SentencePiece BPE with byte fallback
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(special["bos"])
+    writer.add_eos_token_id(special["eos"])
+    writer.add_unk_token_id(special["unk"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(PLAIN_CHAT_TEMPLATE)
+
+
+class GGUFStream:
+    """One .gguf file written tensor by tensor: every tensor's name, shape and type is planned first
+    (the header holds them), then ``write`` takes the tensors in that order. Context manager: the
+    file is closed on error (the caller removes the temporary dir it is in)."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        import gguf
+
+        self.path, self.plan, self.position = path, plan, 0
+        self.writer = gguf.GGUFWriter(path, ARCH)
+
+    def __enter__(self) -> GGUFStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+    def start(self) -> None:
+        """Header, metadata and tensor infos (call after the metadata is added)."""
+        for name, shape, dtype in self.plan:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            self.writer.add_tensor_info(
+                name, shape, np.dtype(_NUMPY_VIEW[dtype]), nbytes, raw_dtype=_ggml_type(dtype)
+            )
+        self.writer.write_header_to_file(self.path)
+        self.writer.write_kv_data_to_file()
+        self.writer.write_ti_data_to_file()
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Append ``tensor`` (any float dtype) as planned; returns the bytes written."""
+        if self.position >= len(self.plan):
+            raise RuntimeError(f"GGUFStream: {name} arrives after every planned tensor was written")
+        planned, shape, dtype = self.plan[self.position]
+        if planned != name or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"GGUFStream: expected {planned} {list(shape)}, got {name} {list(tensor.shape)}")
+        data = tensor.detach().to(dtype).contiguous()
+        if dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        self.writer.write_tensor_data(data.numpy().view(_NUMPY_VIEW[dtype]))
+        self.position += 1
+        return data.numel() * dtype.itemsize
+
+    def finish(self) -> None:
+        if self.position != len(self.plan):
+            raise RuntimeError(f"GGUFStream: {len(self.plan) - self.position} planned tensors were never written")
+        for handle in self.writer.fout or []:
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.writer.close()
+
+
+def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) -> list[str]:
+    """format=gguf: merge and stream every tensor into tmp/model-<gguf_type>.gguf; copy tokenizer.model."""
+    import shutil
+
+    from tqdm import tqdm
+
+    from pipeline.export.merge import merged_native_params, meta_state
+    from pipeline.export.source import BaseReader
+    from pipeline.hf_tokenizer import DEFAULT_SPM_PATH
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "export.format=gguf needs the gguf library (llama.cpp's GGUF writer): pip install gguf"
+        ) from None
+    gguf_type = recipe.export.gguf_type
+    spm_path = Path(recipe.tokenizer.spm_path) if recipe.tokenizer.spm_path else DEFAULT_SPM_PATH
+    shapes = meta_state(config)
+    plan = [
+        (name, tuple(t.shape), stored_dtype(name, t, gguf_type)) for name, t in gguf_tensors(shapes, config)
+    ]
+    total = sum(int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in plan)
+    path = tmp / gguf_file_name(gguf_type)
+    log(f"export: {len(plan)} tensors, {total / 1e9:.3f} GB of tensor data ({gguf_type}) into {path.name}")
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not recipe.export.progress_bar)
+    with BaseReader(source.checkpoint, config) as reader, GGUFStream(path, plan) as stream, torch.no_grad():
+        add_metadata(stream.writer, config, gguf_type, recipe.model_name, spm_path)
+        stream.start()
+        for native, weight in merged_native_params(reader, adapters, shapes):
+            for name, tensor in gguf_tensors({native: weight}, config):
+                bar.update(stream.write(name, tensor))
+            del weight
+        stream.finish()
+    bar.close()
+    shutil.copyfile(spm_path, tmp / "tokenizer.model")
+    return [f"{path.name}: {len(plan)} tensors, {path.stat().st_size} bytes ({gguf_type}; norms and router f32)"]
