@@ -23,15 +23,17 @@ import numpy as np
 import torch
 
 from model.checkpoint import export_rules
-from model.config import MixtralConfig
+from model.config import DTYPES, MixtralConfig
 from pipeline.export.formats import hf_to_interleaved_rope
 
-# export.gguf_type -> (GGML tensor type of the matrices, llama.cpp file type, torch dtype written).
-GGUF_TYPES: dict[str, tuple[str, str, torch.dtype]] = {
-    "f32": ("F32", "ALL_F32", torch.float32),
-    "f16": ("F16", "MOSTLY_F16", torch.float16),
-    "bf16": ("BF16", "MOSTLY_BF16", torch.bfloat16),
+# export.gguf_type -> (its weight dtype's name in model/config.py's table, GGML tensor type, llama.cpp
+# file type); norms and the router are float32 whatever the type.
+GGUF_TYPES: dict[str, tuple[str, str, str]] = {
+    "f32": ("float32", "F32", "ALL_F32"),
+    "f16": ("float16", "F16", "MOSTLY_F16"),
+    "bf16": ("bfloat16", "BF16", "MOSTLY_BF16"),
 }
+_GGML_TYPE = {DTYPES[name]: ggml for name, ggml, _ in GGUF_TYPES.values()}  # torch.float16 -> "F16"
 # The numpy dtype a tensor's bytes are handed to the gguf library as (bf16 as raw 16-bit words).
 _NUMPY_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -66,17 +68,7 @@ def stored_dtype(name: str, tensor: torch.Tensor, gguf_type: str) -> torch.dtype
     """The dtype ``name`` is stored in: f32 for 1-D tensors, norms and the router, else the file type's."""
     if tensor.dim() <= 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight"):
         return torch.float32
-    return GGUF_TYPES[gguf_type][2]
-
-
-def _ggml_type(dtype: torch.dtype):
-    import gguf
-
-    return {
-        torch.float32: gguf.GGMLQuantizationType.F32,
-        torch.float16: gguf.GGMLQuantizationType.F16,
-        torch.bfloat16: gguf.GGMLQuantizationType.BF16,
-    }[dtype]
+    return DTYPES[GGUF_TYPES[gguf_type][0]]
 
 
 def spm_vocab_metadata(spm_path: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int], dict]:
@@ -128,7 +120,7 @@ def add_metadata(writer, config: MixtralConfig, gguf_type: str, name: str, spm_p
             "llama architecture (Mixtral-8x7B uses full attention: sliding_window null)"
         )
     writer.add_name(name)
-    writer.add_file_type(int(getattr(gguf.LlamaFileType, GGUF_TYPES[gguf_type][1])))
+    writer.add_file_type(int(gguf.LlamaFileType[GGUF_TYPES[gguf_type][2]]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
@@ -178,10 +170,12 @@ class GGUFStream:
 
     def start(self) -> None:
         """Header, metadata and tensor infos (call after the metadata is added)."""
+        import gguf
+
         for name, shape, dtype in self.plan:
             nbytes = int(np.prod(shape)) * dtype.itemsize
             self.writer.add_tensor_info(
-                name, shape, np.dtype(_NUMPY_VIEW[dtype]), nbytes, raw_dtype=_ggml_type(dtype)
+                name, shape, np.dtype(_NUMPY_VIEW[dtype]), nbytes, raw_dtype=gguf.GGMLQuantizationType[_GGML_TYPE[dtype]]
             )
         self.writer.write_header_to_file(self.path)
         self.writer.write_kv_data_to_file()

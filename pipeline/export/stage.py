@@ -16,6 +16,8 @@ PEFT adapter dirs. Output (``output_dir``), by ``export.format``:
     adapter       adapter_config.json  adapter_model.safetensors  tokenizer files  README.md
                   (PEFT LoRA for transformers' MixtralForCausalLM: `PeftModel.from_pretrained(
                   MixtralForCausalLM.from_pretrained(base), output_dir)`; see `adapter_export`)
+    gguf          model-<export.gguf_type>.gguf  tokenizer.model  README.md
+                  (llama.cpp, architecture "llama"; see pipeline/export/gguf.py)
 
 Steps: 1. resolve the source to a base checkpoint and the adapters to merge; 2. plan every output
 tensor and shard from shapes alone; 3. stream: read one native parameter, add every adapter's LoRA
