@@ -240,4 +240,13 @@ def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) 
         stream.finish()
     bar.close()
     shutil.copyfile(spm_path, tmp / "tokenizer.model")
-    return [f"{path.name}: {len(plan)} tensors, {path.stat().st_size} bytes ({gguf_type}; norms and router f32)"]
+    report = [f"{path.name}: {len(plan)} tensors, {path.stat().st_size} bytes ({gguf_type}; norms and router f32)"]
+    if recipe.verify.enabled:
+        from pipeline.export.gguf_verify import verify_gguf
+
+        stored = {native: stored_dtype(name, t, gguf_type)
+                  for native, meta in shapes.items() for name, t in gguf_tensors({native: meta}, config)}
+        report += verify_gguf(path, source, config, stored, gguf_type, recipe.verify, spm_path)
+        for line in report[1:]:
+            log(f"export: {line}")
+    return report
