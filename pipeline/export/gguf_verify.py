@@ -14,9 +14,12 @@ from model.config import MixtralConfig
 from pipeline.export.recipe import VerifySection
 from pipeline.export.source import Source
 
-# llama.cpp computes in f32 with its own kernels (fused RMSNorm, RoPE tables, softmax): measured on
-# the tiny model (largest |logit| ~13) its f32 logits differ from ours by ~3e-3.
+# llama.cpp computes in f32 with its own kernels (fused RMSNorm, RoPE tables, softmax): its f32
+# logits differ from ours by ~3e-3 on the trained tiny model (largest |logit| ~13), 3.6e-4 on a
+# random one. In f16 / bf16 files it also rounds the activations to the weights' type before each
+# matrix product, so only the greedy choice is held to a bound there.
 F32_ATOL = 1e-2
+MIN_ARGMAX_AGREEMENT = 0.95
 
 
 def llama_cpp_available() -> bool:
@@ -92,6 +95,8 @@ def verify_gguf(
             f"max |diff| {worst:.2e}, argmax equal on {agree}/{total} positions")
     if gguf_type == "f32" and worst > F32_ATOL:
         raise RuntimeError(line + f" > {F32_ATOL}")
+    if agree < MIN_ARGMAX_AGREEMENT * total:
+        raise RuntimeError(line + f" < {MIN_ARGMAX_AGREEMENT:.0%}")
     report.append(line)
     return report
 

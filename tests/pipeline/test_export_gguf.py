@@ -187,3 +187,29 @@ def test_rope_rows_in_the_gguf_are_the_consolidated_order(run, f32_export):
     want = hf_to_interleaved_rope(merged.state_dict()["layers.1.self_attn.k_proj.weight"],
                                   merged.config.num_key_value_heads)
     assert torch.equal(torch.as_tensor(np.array(k.data)), want)
+
+
+PROMPT = [1, 733, 16289, 28793, 13702, 426, 13253, 17504, 298, 733, 28748, 16289, 28793, 5, 99]
+
+
+def _llama_cpp():
+    return pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: llama.cpp's own check of the GGUF export"
+    )
+
+
+def test_llama_cpp_loads_the_f32_export_with_our_logits(run, f32_export):
+    _llama_cpp()
+    from pipeline.export.gguf_verify import llama_cpp_logits, load_llama
+
+    _, merged = run
+    llm = load_llama(f32_export / "model-f32.gguf")
+    theirs = llama_cpp_logits(llm, PROMPT)
+    with torch.no_grad():
+        ours = merged(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-2
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    # The export's own verification ran llama.cpp too and wrote its numbers into the model card.
+    card = (f32_export / "README.md").read_text()
+    assert "verify: logits of llama.cpp (f32) vs our merged model" in card
+    assert "llama-cpp-python 0.3" in card
