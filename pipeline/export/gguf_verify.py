@@ -81,6 +81,7 @@ def verify_gguf(
             raise RuntimeError(f"verify: llama.cpp tokenizes {prompt!r} as {got}, SentencePiece as {want}")
         rows.append(want)
     report.append(f"verify: llama.cpp tokenizes {len(rows)} prompts like SentencePiece")
+    report.append(check_chat_template(llm, spm_path, section.prompts))
 
     reference = rounded_reference(source, stored)
     worst, agree, total = 0.0, 0, 0
@@ -99,6 +100,28 @@ def verify_gguf(
         raise RuntimeError(line + f" < {MIN_ARGMAX_AGREEMENT:.0%}")
     report.append(line)
     return report
+
+
+def check_chat_template(llm, spm_path: Path, prompts: list[str]) -> str:
+    """The file's chat template, rendered as llama-cpp-python's chat completion renders it and tokenized
+    by llama.cpp, gives mistral-common v1's ids."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from pipeline.export.verify import chat_conversations, mistral_common_ids
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise RuntimeError("verify: llama.cpp reads no tokenizer.chat_template from the file")
+    formatter = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
+    conversations = chat_conversations(prompts)
+    for conversation, want in zip(conversations, mistral_common_ids(spm_path, conversations), strict=True):
+        rendered = formatter(messages=conversation)
+        got = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        if got != want:
+            raise RuntimeError(
+                f"verify: llama.cpp's chat prompt for {conversation} is {got}, mistral-common v1's {want}"
+            )
+    return f"verify: chat template in llama.cpp == mistral-common v1 on {len(conversations)} conversations"
 
 
 def _native_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:

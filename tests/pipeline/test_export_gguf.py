@@ -213,3 +213,4 @@ def test_llama_cpp_loads_the_f32_export_with_our_logits(run, f32_export):
     card = (f32_export / "README.md").read_text()
     assert "verify: logits of llama.cpp (f32) vs our merged model" in card
     assert "llama-cpp-python 0.3" in card
+    assert "verify: chat template in llama.cpp == mistral-common v1 on 4 conversations" in card
