@@ -71,86 +71,6 @@ def stored_dtype(name: str, tensor: torch.Tensor, gguf_type: str) -> torch.dtype
     return DTYPES[GGUF_TYPES[gguf_type][0]]
 
 
-def spm_vocab_metadata(spm_path: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int], dict]:
-    """Tokens, scores and llama.cpp token types of a SentencePiece model, padded to ``vocab_size``
-    with unused [PAD{i}] entries (an embedding larger than the tokenizer); the special token ids."""
-    import gguf
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
-    n = sp.get_piece_size()
-    if n > vocab_size:
-        raise ValueError(
-            f"{spm_path}: the tokenizer has {n} pieces, the model's vocab_size is {vocab_size}; "
-            "tokenizer.spm_path must be the tokenizer the model was trained with"
-        )
-    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [-10000.0] * vocab_size
-    types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    for i in range(n):
-        tokens[i] = sp.id_to_piece(i).encode("utf-8")
-        scores[i] = sp.get_score(i)
-        if sp.is_unknown(i):
-            kind = gguf.TokenType.UNKNOWN
-        elif sp.is_control(i):
-            kind = gguf.TokenType.CONTROL
-        elif sp.is_unused(i):
-            kind = gguf.TokenType.UNUSED
-        elif sp.is_byte(i):
-            kind = gguf.TokenType.BYTE
-        else:
-            kind = gguf.TokenType.NORMAL
-        types[i] = int(kind)
-    special = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
-    missing = [k for k, v in special.items() if v < 0]
-    if missing:
-        raise ValueError(f"{spm_path}: the tokenizer defines no {'/'.join(missing)} token; Mixtral needs them")
-    return tokens, scores, types, special
-
-
-def add_metadata(writer, config: MixtralConfig, gguf_type: str, name: str, spm_path: Path) -> None:
-    """Hyper-parameters, file type, tokenizer and chat template, as llama.cpp reads them for "llama"."""
-    import gguf
-
-    from pipeline.hf_tokenizer import PLAIN_CHAT_TEMPLATE
-
-    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
-        raise ValueError(
-            f"export.format=gguf: sliding_window={config.sliding_window} is not expressible for llama.cpp's "
-            "llama architecture (Mixtral-8x7B uses full attention: sliding_window null)"
-        )
-    writer.add_name(name)
-    writer.add_file_type(int(gguf.LlamaFileType[GGUF_TYPES[gguf_type][2]]))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(float(config.rope_theta))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_expert_count(config.num_local_experts)
-    writer.add_expert_used_count(config.num_experts_per_tok)
-
-    tokens, scores, types, special = spm_vocab_metadata(spm_path, config.vocab_size)
-    writer.add_tokenizer_model("llama")  # SentencePiece BPE with byte fallback
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(special["bos"])
-    writer.add_eos_token_id(special["eos"])
-    writer.add_unk_token_id(special["unk"])
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_chat_template(PLAIN_CHAT_TEMPLATE)
-
-
 class GGUFStream:
     """One .gguf file written tensor by tensor: every tensor's name, shape and type is planned first
     (the header holds them), then ``write`` takes the tensors in that order. Context manager: the
@@ -205,11 +125,14 @@ class GGUFStream:
 
 
 def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) -> list[str]:
-    """format=gguf: merge and stream every tensor into tmp/model-<gguf_type>.gguf; copy tokenizer.model."""
+    """format=gguf: merge and stream every tensor into tmp/model-<gguf_type>.gguf (quantized types:
+    into an f16 file that llama.cpp then quantizes); copy tokenizer.model; verify with llama.cpp."""
     import shutil
 
     from tqdm import tqdm
 
+    from pipeline.export.gguf_metadata import add_metadata
+    from pipeline.export.gguf_quantize import QUANTIZE_FROM, QUANTIZED_TYPES, quantize, require_llama_cpp
     from pipeline.export.merge import merged_native_params, meta_state
     from pipeline.export.source import BaseReader
     from pipeline.hf_tokenizer import DEFAULT_SPM_PATH
@@ -221,17 +144,22 @@ def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) 
             "export.format=gguf needs the gguf library (llama.cpp's GGUF writer): pip install gguf"
         ) from None
     gguf_type = recipe.export.gguf_type
+    quantized = gguf_type in QUANTIZED_TYPES
+    if quantized:
+        require_llama_cpp(gguf_type)
+    streamed_type = QUANTIZE_FROM if quantized else gguf_type
     spm_path = Path(recipe.tokenizer.spm_path) if recipe.tokenizer.spm_path else DEFAULT_SPM_PATH
     shapes = meta_state(config)
     plan = [
-        (name, tuple(t.shape), stored_dtype(name, t, gguf_type)) for name, t in gguf_tensors(shapes, config)
+        (name, tuple(t.shape), stored_dtype(name, t, streamed_type)) for name, t in gguf_tensors(shapes, config)
     ]
     total = sum(int(np.prod(shape)) * dtype.itemsize for _, shape, dtype in plan)
     path = tmp / gguf_file_name(gguf_type)
-    log(f"export: {len(plan)} tensors, {total / 1e9:.3f} GB of tensor data ({gguf_type}) into {path.name}")
+    streamed = tmp / f".{gguf_file_name(streamed_type)}.unquantized" if quantized else path
+    log(f"export: {len(plan)} tensors, {total / 1e9:.3f} GB of tensor data ({streamed_type}) into {streamed.name}")
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not recipe.export.progress_bar)
-    with BaseReader(source.checkpoint, config) as reader, GGUFStream(path, plan) as stream, torch.no_grad():
-        add_metadata(stream.writer, config, gguf_type, recipe.model_name, spm_path)
+    with BaseReader(source.checkpoint, config) as reader, GGUFStream(streamed, plan) as stream, torch.no_grad():
+        add_metadata(stream.writer, config, streamed_type, recipe.model_name, spm_path)
         stream.start()
         for native, weight in merged_native_params(reader, adapters, shapes):
             for name, tensor in gguf_tensors({native: weight}, config):
@@ -239,12 +167,18 @@ def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) 
             del weight
         stream.finish()
     bar.close()
+    report = []
+    if quantized:
+        log(f"export: llama.cpp quantizes {streamed.name} ({streamed.stat().st_size} bytes) to {gguf_type}")
+        quantize(streamed, path, gguf_type)
+        report.append(f"quantized by llama.cpp from {streamed_type} ({streamed.stat().st_size} bytes)")
+        streamed.unlink()
     shutil.copyfile(spm_path, tmp / "tokenizer.model")
-    report = [f"{path.name}: {len(plan)} tensors, {path.stat().st_size} bytes ({gguf_type}; norms and router f32)"]
+    report.insert(0, f"{path.name}: {len(plan)} tensors, {path.stat().st_size} bytes ({gguf_type})")
     if recipe.verify.enabled:
         from pipeline.export.gguf_verify import verify_gguf
 
-        stored = {native: stored_dtype(name, t, gguf_type)
+        stored = {native: stored_dtype(name, t, streamed_type)
                   for native, meta in shapes.items() for name, t in gguf_tensors({native: meta}, config)}
         report += verify_gguf(path, source, config, stored, gguf_type, recipe.verify, spm_path)
         for line in report[1:]:

@@ -214,3 +214,33 @@ def test_llama_cpp_loads_the_f32_export_with_our_logits(run, f32_export):
     assert "verify: logits of llama.cpp (f32) vs our merged model" in card
     assert "llama-cpp-python 0.3" in card
     assert "verify: chat template in llama.cpp == mistral-common v1 on 4 conversations" in card
+
+
+def test_q8_0_is_quantized_by_llama_cpp_and_keeps_the_greedy_choice(run):
+    _llama_cpp()
+    from pipeline.export.gguf_verify import llama_cpp_logits, load_llama
+
+    root, merged = run
+    out = _export(root, "export-q8_0", "q8_0")
+    # The f16 file llama.cpp quantized from is gone; nothing else was added.
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model-q8_0.gguf", "recipe.yaml", "tokenizer.model"]
+    reader = gguf.GGUFReader(out / "model-q8_0.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q8_0" and types["blk.1.attn_q.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert _field(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert _field(reader, "tokenizer.chat_template") == PLAIN_CHAT_TEMPLATE  # metadata survives quantization
+    theirs = llama_cpp_logits(load_llama(out / "model-q8_0.gguf"), PROMPT)
+    with torch.no_grad():
+        ours = merged(torch.tensor([PROMPT])).logits[0].numpy()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+    assert "verify: logits of llama.cpp (q8_0)" in (out / "README.md").read_text()
+
+
+def test_quantized_types_without_llama_cpp_are_a_clear_error(monkeypatch, run, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    with pytest.raises(ValueError, match="gguf_type=q4_k_m is quantized by llama.cpp's own quantizer"):
+        _export(tmp_path, "o", "q4_k_m", run_dir=str(run[0] / "sft"))
+    assert list(tmp_path.iterdir()) == []
