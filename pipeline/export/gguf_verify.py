@@ -103,24 +103,73 @@ def verify_gguf(
     if gguf_type not in UNBOUNDED_ARGMAX and agree < MIN_ARGMAX_AGREEMENT * total:
         raise RuntimeError(line + f" < {MIN_ARGMAX_AGREEMENT:.0%}")
     report.append(line)
+    report.append(check_chat_answer(llm, reference, gguf_type))
     return report
+
+
+def chat_prompt_ids(llm, messages: list[dict]) -> list[int]:
+    """The prompt llama-cpp-python's chat completion feeds llama.cpp: the file's template, rendered and
+    tokenized with special tokens."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise RuntimeError("verify: llama.cpp reads no tokenizer.chat_template from the file")
+    rendered = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")(messages=messages)
+    return llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+
+
+def llama_cpp_greedy(llm, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """llama.cpp's greedy answer, decoded token by token through its KV cache."""
+    llm.reset()
+    llm.eval(prompt)
+    generated = []
+    while len(generated) < max_new_tokens:
+        generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        if generated[-1] == eos:
+            break
+        llm.eval(generated[-1:])
+    return generated
+
+
+def our_greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """Our model's greedy answer, the whole sequence recomputed for each token (no cache to trust)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        while len(ids) - len(prompt) < max_new_tokens:
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == eos:
+                break
+    return ids[len(prompt):]
+
+
+def check_chat_answer(llm, reference, gguf_type: str, max_new_tokens: int = 16) -> str:
+    """make chat's bundled question answered greedily by llama.cpp and by our model: equal for f32."""
+    from pipeline.chat import PROMPT, SYSTEM_PROMPT
+
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": PROMPT}]
+    prompt = chat_prompt_ids(llm, messages)
+    eos = llm.token_eos()
+    theirs = llama_cpp_greedy(llm, prompt, max_new_tokens, eos)
+    ours = our_greedy(reference, prompt, max_new_tokens, eos)
+    pairs = zip(theirs, ours, strict=False)  # either may stop early at EOS
+    same = next((k for k, (a, b) in enumerate(pairs) if a != b), min(len(theirs), len(ours)))
+    line = (f"verify: greedy answer to make chat's prompt ({len(prompt)} tokens): llama.cpp ({gguf_type}) and our "
+            f"model agree on {same} of {len(ours)} tokens{'' if theirs == ours else ' (then differ)'}: "
+            f"{llm.detokenize(theirs).decode('utf-8', errors='replace')!r}")
+    if gguf_type == "f32" and theirs != ours:
+        raise RuntimeError(line + f"; ours {ours}, llama.cpp's {theirs}")
+    return line
 
 
 def check_chat_template(llm, spm_path: Path, prompts: list[str]) -> str:
     """The file's chat template, rendered as llama-cpp-python's chat completion renders it and tokenized
     by llama.cpp, gives mistral-common v1's ids."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     from pipeline.export.verify import chat_conversations, mistral_common_ids
 
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise RuntimeError("verify: llama.cpp reads no tokenizer.chat_template from the file")
-    formatter = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
     conversations = chat_conversations(prompts)
     for conversation, want in zip(conversations, mistral_common_ids(spm_path, conversations), strict=True):
-        rendered = formatter(messages=conversation)
-        got = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        got = chat_prompt_ids(llm, conversation)
         if got != want:
             raise RuntimeError(
                 f"verify: llama.cpp's chat prompt for {conversation} is {got}, mistral-common v1's {want}"

@@ -214,6 +214,7 @@ def test_llama_cpp_loads_the_f32_export_with_our_logits(run, f32_export):
     assert "verify: logits of llama.cpp (f32) vs our merged model" in card
     assert "llama-cpp-python 0.3" in card
     assert "verify: chat template in llama.cpp == mistral-common v1 on 4 conversations" in card
+    assert "llama.cpp (f32) and our model agree on 16 of 16 tokens" in card  # make chat's prompt, greedy
 
 
 def test_q8_0_is_quantized_by_llama_cpp_and_keeps_the_greedy_choice(run):
