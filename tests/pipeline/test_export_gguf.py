@@ -245,3 +245,52 @@ def test_quantized_types_without_llama_cpp_are_a_clear_error(monkeypatch, run, t
     with pytest.raises(ValueError, match="gguf_type=q4_k_m is quantized by llama.cpp's own quantizer"):
         _export(tmp_path, "o", "q4_k_m", run_dir=str(run[0] / "sft"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_llama_cpp_agrees_on_an_uneven_model(tmp_path):
+    # 6 experts, 3 layers, hidden 48, 6 heads over 2 kv heads, rope theta 1e4: no size that happens to
+    # match llama.cpp's defaults. The export's own llama.cpp check (f32 atol 1e-2, greedy answer equal)
+    # passes or raises.
+    _llama_cpp()
+    torch.manual_seed(3)
+    save_pretrained(Mixtral(MixtralConfig.preset("tiny-odd")), tmp_path / "base")
+    out = _export(tmp_path, "out", "f32", checkpoint=str(tmp_path / "base"))
+    card = (out / "README.md").read_text()
+    assert "verify: logits of llama.cpp (f32) vs our merged model" in card
+    reader = gguf.GGUFReader(out / "model-f32.gguf")
+    assert _field(reader, "llama.expert_count") == 6 and _field(reader, "llama.block_count") == 3
+
+
+@pytest.mark.slow
+def test_a_killed_gguf_export_leaves_no_output(run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = run
+    recipe = tmp_path / "export.yaml"
+    out = tmp_path / "killed"
+    recipe.write_text(
+        f"source: {{run_dir: {root / 'sft'}}}\noutput_dir: {out}\n"
+        "export: {format: gguf, gguf_type: f32, progress_bar: false}\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.export", str(recipe)],
+                            cwd=Path(__file__).resolve().parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        # Kill once the file exists in the temporary dir: its tensors are being written (or verified).
+        while not list(tmp_path.glob(".killed.tmp-*/model-f32.gguf")):
+            assert proc.poll() is None, "the export ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    # The next export of that output removes what the killed one left, and succeeds.
+    _export(tmp_path, "killed", "f16", run_dir=str(root / "sft"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".killed")) in ([], [".killed.lock"])
