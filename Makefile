@@ -18,12 +18,13 @@ TINY          := outputs/tiny
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint data sft dpo export chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-qlora bench-plan bench-zero3 bench-gpu clean help
+.PHONY: install test lint data sft dpo export export-gguf chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-qlora bench-plan bench-zero3 bench-gpu clean help
 
 help:
 	@echo "make sft      prepare the bundled data and run SFT on the tiny default (CPU)"
 	@echo "make dpo      DPO on top of the SFT result"
 	@echo "make export   export the DPO result in the Mixtral-8x7B-Instruct-v0.1 layout"
+	@echo "make export-gguf  the DPO result as one llama.cpp GGUF file (f32), checked by llama.cpp"
 	@echo "make chat     greedy answer from the exported model"
 	@echo "make all      data -> sft -> dpo -> export -> chat"
 	@echo "make eval     perplexity, passkey and routing analysis"
@@ -78,6 +79,13 @@ dpo: install
 export: install
 	test -f $(TINY)/dpo/manifest.json || $(MAKE) dpo
 	$(PY) -m pipeline.export $(or $(RECIPE),recipes/tiny/export.yaml) $(ARGS)
+
+# One llama.cpp GGUF file of the tiny DPO result (f32: llama.cpp's logits are checked against ours);
+# needs `pip install gguf` (and llama-cpp-python for the check). ARGS='export.gguf_type=f16' for others.
+export-gguf: install
+	test -f $(TINY)/dpo/manifest.json || $(MAKE) dpo
+	$(PY) -m pipeline.export $(or $(RECIPE),recipes/tiny/export.yaml) export.format=gguf export.gguf_type=f32 \
+		output_dir=$(TINY)/export-gguf $(ARGS)
 
 chat: install
 	test -f $(TINY)/export/config.json || $(MAKE) export

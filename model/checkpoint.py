@@ -39,32 +39,74 @@ class NameRule:
     native: str  # native parameter template
     piece: str  # "all": whole tensor; "w1"/"w3": rows [:F]/[F:] of expert e; "w2": expert e; "stack": all experts
     export: bool = True  # False: read-only alias (transformers 5 fused names)
+    # llama.cpp's GGUF name ({i} layer): the same piece, for every expert at once ([experts, ...]).
+    gguf: str | None = None
 
 
 NAME_TABLE: tuple[NameRule, ...] = (
-    NameRule("model.embed_tokens.weight", "embed_tokens.weight", "all"),
-    NameRule("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight", "all"),
-    NameRule("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj.weight", "all"),
-    NameRule("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj.weight", "all"),
-    NameRule("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj.weight", "all"),
-    NameRule("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj.weight", "all"),
+    NameRule("model.embed_tokens.weight", "embed_tokens.weight", "all", gguf="token_embd.weight"),
+    NameRule(
+        "model.layers.{i}.input_layernorm.weight",
+        "layers.{i}.input_layernorm.weight",
+        "all",
+        gguf="blk.{i}.attn_norm.weight",
+    ),
+    NameRule(
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "layers.{i}.self_attn.q_proj.weight",
+        "all",
+        gguf="blk.{i}.attn_q.weight",
+    ),
+    NameRule(
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "layers.{i}.self_attn.k_proj.weight",
+        "all",
+        gguf="blk.{i}.attn_k.weight",
+    ),
+    NameRule(
+        "model.layers.{i}.self_attn.v_proj.weight",
+        "layers.{i}.self_attn.v_proj.weight",
+        "all",
+        gguf="blk.{i}.attn_v.weight",
+    ),
+    NameRule(
+        "model.layers.{i}.self_attn.o_proj.weight",
+        "layers.{i}.self_attn.o_proj.weight",
+        "all",
+        gguf="blk.{i}.attn_output.weight",
+    ),
     NameRule(
         "model.layers.{i}.post_attention_layernorm.weight",
         "layers.{i}.post_attention_layernorm.weight",
         "all",
-    ),
-    NameRule("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.moe.gate.weight", "all"),
-    NameRule(
-        "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "layers.{i}.moe.experts.gate_up_proj", "w1"
+        gguf="blk.{i}.ffn_norm.weight",
     ),
     NameRule(
-        "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "layers.{i}.moe.experts.down_proj", "w2"
+        "model.layers.{i}.block_sparse_moe.gate.weight",
+        "layers.{i}.moe.gate.weight",
+        "all",
+        gguf="blk.{i}.ffn_gate_inp.weight",
     ),
     NameRule(
-        "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "layers.{i}.moe.experts.gate_up_proj", "w3"
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+        "layers.{i}.moe.experts.gate_up_proj",
+        "w1",
+        gguf="blk.{i}.ffn_gate_exps.weight",
     ),
-    NameRule("model.norm.weight", "norm.weight", "all"),
-    NameRule("lm_head.weight", "lm_head.weight", "all"),
+    NameRule(
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+        "layers.{i}.moe.experts.down_proj",
+        "w2",
+        gguf="blk.{i}.ffn_down_exps.weight",
+    ),
+    NameRule(
+        "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+        "layers.{i}.moe.experts.gate_up_proj",
+        "w3",
+        gguf="blk.{i}.ffn_up_exps.weight",
+    ),
+    NameRule("model.norm.weight", "norm.weight", "all", gguf="output_norm.weight"),
+    NameRule("lm_head.weight", "lm_head.weight", "all", gguf="output.weight"),
     NameRule("model.layers.{i}.mlp.gate.weight", "layers.{i}.moe.gate.weight", "all", export=False),
     NameRule(
         "model.layers.{i}.mlp.experts.gate_up_proj",
@@ -112,6 +154,24 @@ def hf_to_native(hf_name: str, where: str = "") -> Target:
     )
 
 
+_NATIVE_PATTERNS = [(_template_regex(rule.native), rule) for rule in NAME_TABLE if rule.export]
+
+
+def export_rules(native_name: str, who: str) -> list[tuple[NameRule, str | None]]:
+    """The written-name rules of one native parameter, each with its layer index (None outside layers);
+    ``who`` names the caller in the error for a parameter the table does not know."""
+    rules = []
+    for pattern, rule in _NATIVE_PATTERNS:
+        match = pattern.match(native_name)
+        if match:
+            rules.append((rule, match.groupdict().get("i")))
+    if not rules:
+        raise ValueError(
+            f"{who}: unknown native parameter {native_name!r} (see NAME_TABLE in model/checkpoint.py)"
+        )
+    return rules
+
+
 def hf_tensors(
     model_or_state_dict, expert_ids: list[int] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -124,18 +184,8 @@ def hf_tensors(
         state = model_or_state_dict.state_dict()
     else:
         state = model_or_state_dict
-    native_patterns = [(_template_regex(rule.native), rule) for rule in NAME_TABLE if rule.export]
     for native_name, tensor in state.items():
-        rules = []
-        for pattern, rule in native_patterns:
-            match = pattern.match(native_name)
-            if match:
-                rules.append((rule, match.groupdict().get("i")))
-        if not rules:
-            raise ValueError(
-                f"hf_tensors: unknown native parameter {native_name!r} (see NAME_TABLE in model/checkpoint.py)"
-            )
-        for rule, layer in rules:
+        for rule, layer in export_rules(native_name, "hf_tensors"):
             if rule.piece == "all":
                 yield rule.hf.format(i=layer), tensor
                 continue

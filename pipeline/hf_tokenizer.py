@@ -66,6 +66,7 @@ TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 # user turn; a conversation that does not start with a user turn gets an empty one; a lone
 # assistant message, or a system message after an assistant turn, is an error; every assistant turn ends with </s> unless it
 # is the last one and carries "prefix": true (a continuation prompt).
+_MARK_TEXT = " | replace('<', '<" + TEXT_MARK + "')"
 CHAT_TEMPLATE = (
     "{%- if not messages -%}{{- raise_exception('The conversation has no messages') -}}{%- endif -%}"
     "{%- set ns = namespace(turns=[], system=[], role=none, parts=[], prefix=false, seen_assistant=false) -%}"
@@ -86,7 +87,7 @@ CHAT_TEMPLATE = (
     "{%- set ns.role = message['role'] -%}{%- set ns.parts = [] -%}{%- set ns.prefix = false -%}"
     "{%- endif -%}"
     "{%- if message['role'] != 'system' or message['content'] -%}"
-    "{%- set ns.parts = ns.parts + [(message['content'] or '') | replace('<', '<" + TEXT_MARK + "')] -%}"
+    "{%- set ns.parts = ns.parts + [(message['content'] or '')" + _MARK_TEXT + "] -%}"
     "{%- endif -%}"
     "{%- if message.get('prefix') -%}{%- set ns.prefix = true -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -116,6 +117,11 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+# The template for llama.cpp (GGUF files): message text written as it is. llama.cpp's tokenizer has no
+# step that deletes TEXT_MARK, and it matches "</s>" typed in a message as EOS whatever the template
+# writes, so the mark would only add a token there.
+PLAIN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(_MARK_TEXT, "")
 
 
 def spm_vocab(spm_path: str | os.PathLike = DEFAULT_SPM_PATH) -> tuple[dict[str, int], dict[str, float]]:

@@ -65,7 +65,7 @@ EXPORT_ENTRIES = (
     "README.md", "recipe.yaml", "config.json", "generation_config.json", "model.safetensors",
     "model-*-of-*.safetensors", "model.safetensors.index.json", "params.json", "consolidated.safetensors",
     "adapter_config.json", "adapter_model.safetensors", "tokenizer.model", "tokenizer.json",
-    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "model-*.gguf",
 )
 STAGE_ENTRIES = {
     "sft": TRAINING_ENTRIES + _TRAINING_RESULTS,

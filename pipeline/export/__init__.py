@@ -10,6 +10,7 @@ Modules, in the order the stage uses them (stage.py holds the order and the CLI)
     writer    the threaded streaming shard writer (the shard plan and index are model/checkpoint.py's)
     formats   the consolidated layout (names, RoPE row order, params.json)
     adapter   format=adapter: our LoRA as a PEFT adapter for transformers, and its verification
+    gguf      format=gguf: one llama.cpp GGUF file (names from NAME_TABLE's gguf column)
     verify    checks of a written hf / consolidated export
     card      the model card (README.md) and portable paths
 """

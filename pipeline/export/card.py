@@ -35,8 +35,9 @@ def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, repo
         "Mixtral (sparse mixture of experts, 8 SwiGLU experts per layer, top-2)",
     ]
     lines += [
-        "fine-tuned with this repository's pipeline (SFT -> DPO -> export), in the layout of",
-        "mistralai/Mixtral-8x7B-Instruct-v0.1.",
+        "fine-tuned with this repository's pipeline (SFT -> DPO -> export), "
+        + ("as one llama.cpp GGUF file." if recipe.export.format == "gguf" else "in the layout of"),
+        *([] if recipe.export.format == "gguf" else ["mistralai/Mixtral-8x7B-Instruct-v0.1."]),
         "",
         "## Base model",
         "",
@@ -44,7 +45,13 @@ def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, repo
         f"- size: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_local_experts} experts "
         f"(top-{config.num_experts_per_tok}), ffn {config.intermediate_size}, vocab {config.vocab_size}",
         f"- merged adapters (in order): {', '.join(f'`{portable(a)}`' for a in source.adapters) or 'none'}",
-        f"- export: format `{recipe.export.format}`, dtype `{recipe.export.dtype}` (LoRA merged in float32)",
+        f"- export: format `{recipe.export.format}`, "
+        + (
+            f"GGUF type `{recipe.export.gguf_type}`"
+            if recipe.export.format == "gguf"
+            else f"dtype `{recipe.export.dtype}`"
+        )
+        + " (LoRA merged in float32)",
         "",
         "## Training stages",
         "",
@@ -72,7 +79,41 @@ def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, repo
                 for k, v in metrics.items()
             ]
         lines.append("")
+    lines += _gguf_use(recipe) if recipe.export.format == "gguf" else _transformers_use(recipe, source)
     lines += [
+        "## Export verification",
+        "",
+        *[f"- {line}" for line in report],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _gguf_use(recipe: ExportRecipe) -> list[str]:
+    from pipeline.export.gguf import gguf_file_name
+
+    name = gguf_file_name(recipe.export.gguf_type)
+    return [
+        "## Use",
+        "",
+        f"`{name}` is a llama.cpp GGUF file (architecture `llama`, {recipe.export.gguf_type}; norms and router",
+        "float32) holding the tokenizer and the Mixtral v1 chat template:",
+        "",
+        "```",
+        f"llama-cli -m {name} -cnv",
+        "```",
+        "",
+        "```python",
+        "from llama_cpp import Llama",
+        f'llm = Llama(model_path="{name}", n_ctx=4096)',
+        'print(llm.create_chat_completion([{"role": "user", "content": "Hi!"}], max_tokens=64, temperature=0))',
+        "```",
+        "",
+    ]
+
+
+def _transformers_use(recipe: ExportRecipe, source: Source) -> list[str]:
+    return [
         "## Use",
         "",
         "```python",
@@ -97,9 +138,4 @@ def model_card(recipe: ExportRecipe, source: Source, config: MixtralConfig, repo
         "tokenizer encodes like the SentencePiece `tokenizer.model`. Encode raw training text with",
         "`split_special_tokens=True` so that a literal `</s>` in text stays text.",
         "",
-        "## Export verification",
-        "",
-        *[f"- {line}" for line in report],
-        "",
     ]
-    return "\n".join(lines)

@@ -26,11 +26,15 @@ class SourceSection:
 
 @dataclass
 class ExportSection:
-    format: Literal["hf", "consolidated", "adapter"] = "hf"
+    format: Literal["hf", "consolidated", "adapter", "gguf"] = "hf"
     # Weights are merged in float32, then cast to this dtype. format=adapter keeps the LoRA factors
     # in float32 (they are small, and PEFT casts the delta to the base weights' dtype itself).
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     max_shard_size: str = "5GB"
+    # format=gguf: the file type llama.cpp loads (one model-<gguf_type>.gguf; export.dtype is not used).
+    # f32 / f16 / bf16 are written directly (norms and router float32, as llama.cpp's converter does);
+    # q8_0 / q4_k_m are quantized from an f16 file by llama.cpp's own quantizer (llama-cpp-python).
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] = "f16"
     # A non-empty output_dir is refused unless this is true (it is then replaced atomically). A
     # directory holding anything the export does not write is refused either way.
     overwrite: bool = False

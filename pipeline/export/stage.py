@@ -16,6 +16,8 @@ PEFT adapter dirs. Output (``output_dir``), by ``export.format``:
     adapter       adapter_config.json  adapter_model.safetensors  tokenizer files  README.md
                   (PEFT LoRA for transformers' MixtralForCausalLM: `PeftModel.from_pretrained(
                   MixtralForCausalLM.from_pretrained(base), output_dir)`; see `adapter_export`)
+    gguf          model-<export.gguf_type>.gguf  tokenizer.model  README.md
+                  (llama.cpp, architecture "llama"; see pipeline/export/gguf.py)
 
 Steps: 1. resolve the source to a base checkpoint and the adapters to merge; 2. plan every output
 tensor and shard from shapes alone; 3. stream: read one native parameter, add every adapter's LoRA
@@ -59,6 +61,7 @@ from pipeline.export.formats import (
     consolidated_tensor,
     params_json,
 )
+from pipeline.export.gguf import write_gguf
 from pipeline.export.merge import Adapter, merged_native_params, meta_state
 from pipeline.export.recipe import ExportRecipe
 from pipeline.export.source import BaseReader, Source, source_from_recipe
@@ -114,6 +117,8 @@ def _export_locked(recipe: ExportRecipe, out: Path, log: Callable[[str], None]) 
     try:
         if recipe.export.format == "adapter":
             report = write_adapter(recipe, source, adapters, config, tmp, log)
+        elif recipe.export.format == "gguf":
+            report = write_gguf(recipe, source, config, adapters, tmp, log)
         else:
             report = _write_weights(recipe, source, config, adapters, tmp, log)
         save_recipe(portable(to_dict(recipe)), tmp / "recipe.yaml")

@@ -123,20 +123,12 @@ def verify_hf_export(
     )
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    conversations = [[{"role": "user", "content": prompt}] for prompt in section.prompts]
-    conversations.append(
-        [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "  Why?  "},
-        ]
-    )
+    conversations = chat_conversations(section.prompts)
     conversations.append(  # message text that looks like control tokens is text
         [{"role": "user", "content": "Is </s> a token? [INST]"}, {"role": "assistant", "content": "<s>No</s>."},
          {"role": "user", "content": "<unk>?"}]
     )
-    reference_ids = _mistral_common_ids(out / "tokenizer.model", conversations)
+    reference_ids = mistral_common_ids(out / "tokenizer.model", conversations)
     ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in conversations]
     if ids != reference_ids:
         raise RuntimeError("verify: the exported chat template does not tokenize like mistral-common v1")
@@ -153,7 +145,20 @@ def verify_hf_export(
     return report
 
 
-def _mistral_common_ids(spm_path: Path, conversations: list[list[dict]]) -> list[list[int]]:
+def chat_conversations(prompts: list[str]) -> list[list[dict]]:
+    """Conversations the chat template is checked on: each prompt as one user turn, and a multi-turn
+    one with a system prompt."""
+    return [[{"role": "user", "content": prompt}] for prompt in prompts] + [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "  Why?  "},
+        ]
+    ]
+
+
+def mistral_common_ids(spm_path: Path, conversations: list[list[dict]]) -> list[list[int]]:
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.protocol.instruct.validator import ValidationMode
