@@ -69,7 +69,7 @@ def build(device, preset: str):
     model.gradient_checkpointing = True
     model = apply_lora(model, RANK, ALPHA, DROPOUT, TARGETS)
     for param in model.parameters():
-        if param.requires_grad:  # fp32 adapters over the bf16 base, as pipeline.model_setup.build_model
+        if param.requires_grad:  # fp32 adapters over the bf16 base, as pipeline.training.model_setup.build_model
             param.data = param.data.float()
     return model, config
 

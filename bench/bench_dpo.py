@@ -86,11 +86,11 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
 
     from model.checkpoint import load_pretrained
     from model.lora import apply_lora
+    from pipeline.distributed.parallel import ParallelSection, make_accelerator
     from pipeline.dpo import DPOSection, DPOTask, Reference, compute_reference_log_probs
-    from pipeline.parallel import ParallelSection, make_accelerator
     from pipeline.recipe import TrainSection
-    from pipeline.tracking import Tracker
-    from pipeline.trainer import Trainer
+    from pipeline.training.tracking import Tracker
+    from pipeline.training.trainer import Trainer
 
     rows = []
     for p in pairs:

@@ -9,7 +9,7 @@ Mixtral-8x7B's layers, hidden 4096, ffn 14336, 32 heads, 8 kv heads, 2 of them),
 alpha 32 on q/k/v/o and on the experts, the same packed SFT rows (the bundled chats prepared at --seq tokens, answer-only
 labels), AdamW, router aux loss 0.02.
 
-- ours: the real pipeline step: `pipeline.model_setup.build_model` from the tiny recipe with the bench
+- ours: the real pipeline step: `pipeline.training.model_setup.build_model` from the tiny recipe with the bench
   overrides, `Trainer.train_step` (global-token CE + aux, clipping, AdamW, schedule), chunked
   LM loss on the labelled tokens only, grouped expert LoRA.
 - peer: `MixtralForCausalLM` + PEFT `LoraConfig(target_modules=q/k/v/o,
@@ -251,11 +251,11 @@ def run_ours(args, rows: list[dict], extra: tuple[str, ...] = ()) -> dict:
     """`extra`: more recipe overrides (bench/bench_qlora.py: the 4-bit base)."""
     import torch
 
-    from pipeline import parallel
-    from pipeline.model_setup import build_model
+    from pipeline.distributed import parallel
     from pipeline.sft import SFTTask, load_recipe
-    from pipeline.tracking import Tracker
-    from pipeline.trainer import Trainer
+    from pipeline.training.model_setup import build_model
+    from pipeline.training.tracking import Tracker
+    from pipeline.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(str(RECIPE), [

@@ -55,7 +55,8 @@ def child(out: Path, sft_args: list[str]) -> None:
     import peft  # noqa: F401
 
     import model.lora  # noqa: F401
-    from pipeline import sft, trainer
+    from pipeline import sft
+    from pipeline.training import trainer
 
     phases: dict[str, int] = {}
 

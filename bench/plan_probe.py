@@ -101,7 +101,7 @@ def mark_phases(phases: Phases) -> None:
     """Enter `prepare` at the first Accelerator.prepare, `train` after it, `final` after Trainer.train."""
     import accelerate
 
-    from pipeline import trainer
+    from pipeline.training import trainer
 
     prepare = accelerate.Accelerator.prepare
     train = trainer.Trainer.train

@@ -251,7 +251,7 @@ def load_pretrained(
     allocated once on `device`, then filled shard by shard (`load_weights`).
 
     `on_meta(model)`: applied to the model on the meta device before anything is allocated, e.g.
-    `pipeline.expert_parallel.shard_experts` keeping one rank's experts: only those are then
+    `pipeline.distributed.expert_parallel.shard_experts` keeping one rank's experts: only those are then
     allocated and read. `dtype`: config.json's torch_dtype when None. `quantization`,
     `quantize_device`: see `load_weights`.
     """

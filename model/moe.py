@@ -260,7 +260,7 @@ class MoEBlock(nn.Module):
     """Router + experts. forward(h [B, S, H], real_tokens [T_real] long) -> (out [B, S, H], router_logits [T, E]).
 
     Built with all E experts. Expert parallelism keeps only some of them from outside the model
-    (pipeline/expert_parallel.py); the router still scores all E, and dispatch to other ranks is
+    (pipeline/distributed/expert_parallel.py); the router still scores all E, and dispatch to other ranks is
     applied from outside too (hooks on `experts`, which set `expert_parallel = True`); without them
     a block holding only some experts refuses to run.
     """
@@ -293,7 +293,7 @@ class MoEBlock(nn.Module):
         if self.experts.num_experts != self.num_experts and not self.expert_parallel:
             raise RuntimeError(
                 f"MoEBlock holds {self.experts.num_experts} of {self.num_experts} experts: "
-                "run it under the expert-parallel dispatch (pipeline/parallel.py)"
+                "run it under the expert-parallel dispatch (pipeline/distributed/parallel.py)"
             )
         B, S, H = h.shape
         x = h.reshape(B * S, H)  # [T, H]

@@ -78,7 +78,7 @@ class Mixtral(nn.Module):
         self.config = config
         # The experts this model holds, in the order its expert tensors store them: all of them.
         # Expert parallelism keeps a rank's block from outside the model
-        # (pipeline.expert_parallel.shard_experts, which updates this); model/checkpoint reads it.
+        # (pipeline.distributed.expert_parallel.shard_experts, which updates this); model/checkpoint reads it.
         self.expert_ids = list(range(config.num_local_experts))
         self.gradient_checkpointing = False
         # Attention kernel for packed / padded rows (model.attention): "auto" = "varlen" on CUDA in

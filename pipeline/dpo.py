@@ -39,17 +39,10 @@ from torch import nn
 from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared
 from model.losses import IGNORE_INDEX, shift_labels
-from pipeline import sharded_load
-from pipeline.comm import group_device
 from pipeline.config import build, load_recipe_dict
-from pipeline.dpo_loss import (
-    SMOOTHED_LOSS_TYPES,
-    chosen_nll,
-    preference_loss,
-    reward_sums,
-    split_pairs,
-)
-from pipeline.model_setup import build_model
+from pipeline.distributed import sharded_load
+from pipeline.distributed.comm import group_device
+from pipeline.distributed.sharded_load import merge_adapter_fp32
 from pipeline.recipe import (
     LoraSection,
     ParallelSection,
@@ -59,9 +52,16 @@ from pipeline.recipe import (
     quantization_record,
 )
 from pipeline.run_record import SFT_DIR_HINT, RunRecord, write_training_record
-from pipeline.sharded_load import merge_adapter_fp32
 from pipeline.stage import StageState, TrainingStage, run_training_stage
-from pipeline.trainer import TaskOutput, stage_main
+from pipeline.training.dpo_loss import (
+    SMOOTHED_LOSS_TYPES,
+    chosen_nll,
+    preference_loss,
+    reward_sums,
+    split_pairs,
+)
+from pipeline.training.model_setup import build_model
+from pipeline.training.trainer import TaskOutput, stage_main
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.

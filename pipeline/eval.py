@@ -6,7 +6,7 @@
 
 Launched on several processes with ``parallel.expert_parallel_size`` = P, each process holds only
 its 1/P of every layer's experts (Mixtral-8x7B on 8 GPUs: ~14.5 GB of bf16 weights each) and every
-forward is a collective (pipeline/expert_parallel.py's dispatch): the held-out batches are dealt
+forward is a collective (pipeline/distributed/expert_parallel.py's dispatch): the held-out batches are dealt
 out over the processes, every process runs the same number of forwards, and the sums come back to
 the main process; routing text and passkey prompts run on every process alike, each generated
 token the main process's choice. The results are the one-process results; the main process writes.
@@ -35,23 +35,29 @@ import torch
 import torch.distributed as dist
 
 from model.losses import IGNORE_INDEX, masked_ce, shift_labels
-from pipeline import parallel, report
-from pipeline import passkey as pk
-from pipeline.batches import collate_rows as collate
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
-from pipeline.expert_parallel import ExpertPlacement, install_dispatch, load_local_experts, shard_experts
-from pipeline.passkey import greedy_generate
-from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
-from pipeline.routing import (
+from pipeline.distributed import parallel
+from pipeline.distributed.expert_parallel import (
+    ExpertPlacement,
+    install_dispatch,
+    load_local_experts,
+    shard_experts,
+)
+from pipeline.distributed.sharded_load import merge_adapter_fp32
+from pipeline.evaluation import passkey as pk
+from pipeline.evaluation import report
+from pipeline.evaluation.passkey import greedy_generate
+from pipeline.evaluation.routing import (
     RoutingStats,
     default_layers,
     document_keys,
     top_k_experts,
     total_variation,
 )
+from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
 from pipeline.run_record import RunRecord, hf_checkpoint_behind
 from pipeline.rundir import on_main_for_all, owned_output, record
-from pipeline.sharded_load import merge_adapter_fp32
+from pipeline.training.batches import collate_rows as collate
 
 COLUMNS = ("input_ids", "labels")
 
@@ -636,7 +642,7 @@ def log_wandb(recipe: EvalRecipe, out_dir: Path, summary: dict, pngs: list[Path]
     """Images, tables and headline numbers to W&B (offline when no API key is set)."""
     import wandb
 
-    from pipeline.tracking import redacted_config, wandb_offline_reason
+    from pipeline.training.tracking import redacted_config, wandb_offline_reason
 
     reason = wandb_offline_reason()
     run = wandb.init(project=recipe.tracking.project, name=recipe.tracking.run_name, tags=recipe.tracking.tags,

@@ -123,7 +123,7 @@ class Setup:
 
 
 def setup_of(p: Pairing, device: str) -> Setup:
-    from pipeline.parallel import deepspeed_config
+    from pipeline.distributed.parallel import deepspeed_config
 
     recipe, launch, section = p.recipe, p.launch, p.section
     if p.stage == "eval":
@@ -154,8 +154,8 @@ def setup_of(p: Pairing, device: str) -> Setup:
         if zero == 3:
             # The stages size ZeRO-3's buffers and gathers to the model (sharded_load.build_partitioned).
             from model import Mixtral
+            from pipeline.distributed.sharded_load import size_zero3_buffers
             from pipeline.preflight import model_config
-            from pipeline.sharded_load import size_zero3_buffers
 
             size_zero3_buffers(ds, Mixtral(model_config(p), device="meta"))
         zero_config = DeepSpeedZeroConfig(**ds["zero_optimization"])
@@ -211,7 +211,7 @@ class Counts:
 def count_parameters(p: Pairing, setup: Setup) -> Counts:
     """From the meta models: the whole one (all experts) and rank 0's (as the launch builds it)."""
     from model import Mixtral
-    from pipeline.optim import param_groups
+    from pipeline.training.optim import param_groups
 
     config = p.config
     whole = Mixtral(config, device="meta")
@@ -506,7 +506,7 @@ def training_moments(p: Pairing, setup: Setup, counts: Counts, *, routing: str, 
     backward_comm: list[Line] = []  # alive during backward only
     grad_transient = 0.0  # a parameter's gradient before DeepSpeed copies it into its bucket
     # torch's AdamW: its for-loop on the CPU, foreach on CUDA; offloaded state is stepped in place by
-    # DeepSpeed's CPU Adam (pipeline/optim.py, `Trainer._offloads_optimizer`).
+    # DeepSpeed's CPU Adam (pipeline/training/optim.py, `Trainer._offloads_optimizer`).
     adam_cpu = setup.device == "cpu"
     if setup.zero:
         master = Line("fp32 master weights (partition)", partition * 4,
@@ -744,7 +744,7 @@ def adapters_whole(setup: Setup, counts: Counts) -> Line:
 
 
 def zero3_load_moments(p: Pairing, setup: Setup, counts: Counts, weights: Line) -> list[Moment]:
-    """ZeRO-3 builds under deepspeed.zero.Init (pipeline/sharded_load.py): each module's parameters
+    """ZeRO-3 builds under deepspeed.zero.Init (pipeline/distributed/sharded_load.py): each module's parameters
     are partitioned as the module is made, so a rank holds its partitions (where the engine will
     keep them: the GPU, or the host with parameter offload) and, for a moment, one module whole."""
     on_cpu = setup.device == "cpu"

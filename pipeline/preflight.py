@@ -191,12 +191,12 @@ class Pairing:
     @property
     def section(self):
         """The recipe's `parallel:` section (eval's has no DeepSpeed: `eval.EvalParallelSection`)."""
-        from pipeline.parallel import ParallelSection
+        from pipeline.distributed.parallel import ParallelSection
 
         return getattr(self.recipe, "parallel", None) or ParallelSection()
 
     def placement(self, rank: int = 0):
-        from pipeline.expert_parallel import ExpertPlacement
+        from pipeline.distributed.expert_parallel import ExpertPlacement
 
         ep = self.section.expert_parallel_size
         return ExpertPlacement(num_experts=self.config.num_local_experts, ep_size=ep, ep_rank=rank % ep)
@@ -234,14 +234,14 @@ def check_parallel_launch(p: Pairing) -> None:
 
         check_eval_launch(p.launch)
         return
-    from pipeline.parallel import check_launch
+    from pipeline.distributed.parallel import check_launch
 
     check_launch(p.section, p.launch)
 
 
 def check_expert_parallel(p: Pairing) -> None:
     """expert_parallel_size divides the experts and the processes."""
-    from pipeline.parallel import validate
+    from pipeline.distributed.parallel import validate
 
     validate(p.section, num_experts=model_config(p).num_local_experts, world_size=p.launch.num_processes)
 
@@ -315,7 +315,7 @@ def check_data_fits_global_batch(p: Pairing) -> None:
     """The prepared training split holds at least one global batch (when it is prepared)."""
     if p.stage not in ("sft", "dpo"):
         return
-    from pipeline.trainer import check_global_batch
+    from pipeline.training.trainer import check_global_batch
 
     split = Path(p.recipe.data.output_dir) / "train"
     if not split.is_dir():
@@ -462,13 +462,13 @@ def _eval_model_config(path: Path) -> Path | None:
 
 
 def build_meta_model(p: Pairing):
-    """The training model as rank 0 of the launch sets it up (`pipeline.model_setup.configure_for_training`:
+    """The training model as rank 0 of the launch sets it up (`pipeline.training.model_setup.configure_for_training`:
     its experts, LoRA, router freezing) on a base on the meta device: no weight anywhere."""
     import torch
 
     from model import Mixtral
-    from pipeline.expert_parallel import shard_experts
-    from pipeline.model_setup import configure_for_training
+    from pipeline.distributed.expert_parallel import shard_experts
+    from pipeline.training.model_setup import configure_for_training
 
     place = p.placement(0)
     base = Mixtral(model_config(p), device="meta", dtype=getattr(torch, p.recipe.model.dtype))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_prep.config import DataConfig
-from pipeline.parallel import ParallelSection
+from pipeline.distributed.parallel import ParallelSection
 
 MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "bench-8x7b-2layers", "mixtral-8x7b")
 # Keys that change speed or memory, not what is trained: a resumed run may change them.

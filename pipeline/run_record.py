@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.checkpointing import write_json
 from pipeline.config import redact_env_secrets
+from pipeline.training.checkpointing import write_json
 
 RECORD_FILE = "manifest.json"
 KINDS = ("lora", "full")
@@ -120,7 +120,7 @@ def write_training_record(out: Path, *, stage: str, lora, quantization: dict | N
     import torch
     import transformers
 
-    from pipeline.tracking import METRICS_FILE
+    from pipeline.training.tracking import METRICS_FILE
 
     record = {
         "stage": stage,

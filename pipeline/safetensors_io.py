@@ -3,7 +3,7 @@
 
 A stored tensor is one contiguous byte range, so any contiguous run of its elements (in row-major
 order) is one too: ``StoredTensor.elements`` is that run, which is how a ZeRO-3 rank reads only its
-own partition of a parameter (pipeline/sharded_load.py). Export reads whole tensors the same way.
+own partition of a parameter (pipeline/distributed/sharded_load.py). Export reads whole tensors the same way.
 """
 
 from __future__ import annotations

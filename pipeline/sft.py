@@ -25,13 +25,13 @@ from torch import nn
 
 from data_prep.dataset import load_prepared
 from model.losses import IGNORE_INDEX, shift_labels
-from pipeline.batches import collate_rows
 from pipeline.config import build, load_recipe_dict
-from pipeline.model_setup import build_model
 from pipeline.recipe import SFTRecipe, quantization_record
 from pipeline.run_record import write_training_record
 from pipeline.stage import StageState, TrainingStage, run_training_stage
-from pipeline.trainer import TaskOutput, stage_main
+from pipeline.training.batches import collate_rows
+from pipeline.training.model_setup import build_model
+from pipeline.training.trainer import TaskOutput, stage_main
 
 
 class SFTTask:

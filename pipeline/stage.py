@@ -18,16 +18,16 @@ from pathlib import Path
 from torch import nn
 
 from data_prep.dataset import no_eval_note
-from pipeline import parallel, sharded_load
-from pipeline.checkpointing import latest_checkpoint
 from pipeline.config import save_recipe, to_dict
-from pipeline.expert_parallel import ExpertPlacement
-from pipeline.model_setup import save_final
+from pipeline.distributed import parallel, sharded_load
+from pipeline.distributed.expert_parallel import ExpertPlacement
 from pipeline.preflight import LaunchSpec, preflight
 from pipeline.recipe import SPEED_ONLY_KEYS
 from pipeline.rundir import start_training_run
-from pipeline.tracking import Tracker, redacted_config
-from pipeline.trainer import Trainer
+from pipeline.training.checkpointing import latest_checkpoint
+from pipeline.training.model_setup import save_final
+from pipeline.training.tracking import Tracker, redacted_config
+from pipeline.training.trainer import Trainer
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 NCCL refuses two ranks on one GPU, so one GPU runs an EP group of size 1 forced through the whole
 dispatch: the count exchange, the uneven all_to_all forward and back, the regrouping by local
-expert and the stats gather, all on the device `pipeline.comm.group_device` picks for NCCL. gloo
+expert and the stats gather, all on the device `pipeline.distributed.comm.group_device` picks for NCCL. gloo
 accepts CPU tensors where NCCL does not, so this is the check the CPU suite cannot make. It also
 counts the host syncs of one layer's dispatch with CUDA's sync debug mode: exactly one (the split
 sizes the uneven all_to_all needs), none in combine or backward.
@@ -18,15 +18,15 @@ import torch.distributed as dist
 from torch import nn
 
 from model.moe import MoEBlock
-from pipeline.comm import group_device
-from pipeline.expert_parallel import (
+from pipeline.distributed.comm import group_device
+from pipeline.distributed.expert_parallel import (
     ExpertParallelDispatch,
     ExpertParallelStats,
     ExpertPlacement,
     gather_expert_tensor,
     install_dispatch,
 )
-from pipeline.parallel import expert_load_imbalance
+from pipeline.distributed.parallel import expert_load_imbalance
 
 pytestmark = [
     pytest.mark.cuda,

@@ -115,7 +115,7 @@ def one_process_group():
 def test_expert_parallel_step_has_one_host_sync_per_layer(one_process_group):
     """Uneven all_to_all needs the exchanged counts on the host: exactly one read per MoE layer
     in forward, none in backward, on top of the step's PER_STEP."""
-    from pipeline.expert_parallel import ExpertPlacement, install_dispatch
+    from pipeline.distributed.expert_parallel import ExpertPlacement, install_dispatch
 
     per_layers = {}
     for layers in (2, 4):

@@ -18,7 +18,7 @@ from model.quant import (
     nf4_round_trip,
     quantize_model,
 )
-from pipeline.expert_parallel import ExpertPlacement, load_local_experts
+from pipeline.distributed.expert_parallel import ExpertPlacement, load_local_experts
 
 pytest.importorskip("bitsandbytes")
 

@@ -127,7 +127,7 @@ def test_expert_parallel_block_refuses_to_run_alone():
     cfg.vocab_size = 100
     partial = Mixtral(cfg)
     assert partial.expert_ids == list(range(8))
-    for layer in partial.layers:  # what expert parallelism does from outside (pipeline/expert_parallel.py)
+    for layer in partial.layers:  # what expert parallelism does from outside (pipeline/distributed/expert_parallel.py)
         layer.moe.experts.gate_up_proj = torch.nn.Parameter(layer.moe.experts.gate_up_proj[[1, 5]])
         layer.moe.experts.num_experts = 2
     with pytest.raises(RuntimeError, match="expert-parallel"):

@@ -1,4 +1,4 @@
-"""pipeline/comm.py: the one rule for the device a process group communicates on.
+"""pipeline/distributed/comm.py: the one rule for the device a process group communicates on.
 
 No NCCL here (CPU build of torch), so the NCCL case is tested on what makes NCCL different: a
 group whose backend is registered for CUDA only, as NCCL is in torch's capability table. Such a
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.comm import backend_device_type, backend_devices, group_device
+from pipeline.distributed.comm import backend_device_type, backend_devices, group_device
 
 
 def test_nccl_entry_of_torchs_capability_table_is_cuda_only():

@@ -25,7 +25,7 @@ from pipeline.dpo import (
     ref_cache_path,
     reference_fingerprint,
 )
-from pipeline.dpo_loss import preference_loss, split_pairs
+from pipeline.training.dpo_loss import preference_loss, split_pairs
 
 VOCAB = 32000
 
@@ -290,7 +290,7 @@ def test_sft_adapter_is_merged_in_fp32_then_cast(sft_dir):
 
 
 def _full_and_rank1_of_ep2(sft_dir):
-    from pipeline.expert_parallel import ExpertPlacement
+    from pipeline.distributed.expert_parallel import ExpertPlacement
 
     torch.manual_seed(0)
     full, _ = build_policy(_recipe(sft_dir))

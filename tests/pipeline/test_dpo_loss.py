@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model.losses import IGNORE_INDEX, masked_ce, shift_labels
-from pipeline.dpo_loss import (
+from pipeline.training.dpo_loss import (
     chosen_nll,
     hinge_loss,
     ipo_loss,

@@ -375,7 +375,7 @@ def test_bad_recipe_values_name_the_key(tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_gets_every_plot_and_table(tmp_path, monkeypatch):
     from pipeline.eval import log_wandb
-    from pipeline.report import plot_lines
+    from pipeline.evaluation.report import plot_lines
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -4,7 +4,7 @@ import re
 import pytest
 from matplotlib import image as mimage
 
-from pipeline.report import (
+from pipeline.evaluation.report import (
     display_token,
     expert_colours,
     image_html,

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from model.moe import MoEBlock
-from pipeline.expert_parallel import (
+from pipeline.distributed.expert_parallel import (
     ExpertPlacement,
     gather_expert_tensor,
     install_dispatch,

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pipeline.model_setup import build_model
 from pipeline.sft import load_recipe
+from pipeline.training.model_setup import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""pipeline/parallel.py: the `parallel:` section checks and the DeepSpeed config.
+"""pipeline/distributed/parallel.py: the `parallel:` section checks and the DeepSpeed config.
 
 Launched training (accelerate, 2 CPU processes) is tested through the real SFT entry point in
 test_parallel_sft.py.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.parallel import ParallelError, ParallelSection, deepspeed_config, validate
+from pipeline.distributed.parallel import ParallelError, ParallelSection, deepspeed_config, validate
 
 
 def test_ep3_with_8_experts_fails_fast():
@@ -54,8 +54,8 @@ def test_lora_init_is_the_same_whatever_the_expert_placement_and_global_rng():
 
     from model import Mixtral, MixtralConfig
     from model.lora import apply_lora
-    from pipeline.expert_parallel import ExpertPlacement, shard_experts
-    from pipeline.parallel import placement_independent_lora_init
+    from pipeline.distributed.expert_parallel import ExpertPlacement, shard_experts
+    from pipeline.distributed.parallel import placement_independent_lora_init
 
     def build(place: ExpertPlacement, rng_seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
@@ -83,7 +83,7 @@ def _shared_dir_worker(rank: int, world: int, tmp: str) -> None:
 
     import torch.distributed as dist
 
-    from pipeline.parallel import require_shared_directory
+    from pipeline.distributed.parallel import require_shared_directory
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
@@ -114,7 +114,7 @@ def test_cpu_adam_that_cannot_be_built_is_a_clear_error():
 
     # No ninja on PATH: DeepSpeed's builder cannot JIT-compile (or load) the op, whatever is cached.
     env = {k: v for k, v in launch_env().items() if k != "PATH"}
-    proc = subprocess.run([sys.executable, "-c", "from pipeline.parallel import require_cpu_adam; require_cpu_adam()"],
+    proc = subprocess.run([sys.executable, "-c", "from pipeline.distributed.parallel import require_cpu_adam; require_cpu_adam()"],
                           cwd=ROOT, env={**env, "PATH": "/nonexistent"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "ParallelError: parallel.offload_optimizer=true steps the optimizer with DeepSpeed's CPU Adam" in proc.stderr

@@ -23,7 +23,7 @@ import torch
 from launching import ROOT, accelerate_launch, assert_finished_with_wandb, run_command
 from safetensors.torch import load_file
 
-from pipeline.tracking import read_metrics
+from pipeline.training.tracking import read_metrics
 
 SFT_RECIPE = ROOT / "recipes/tiny/sft.yaml"
 DPO_RECIPE = ROOT / "recipes/tiny/dpo.yaml"
@@ -55,7 +55,7 @@ TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "
 EVAL_KEYS = tuple(f"eval_{k}" for k in TRAIN_KEYS if k != "grad_norm")
 EP2 = ["parallel.zero_stage=2", "parallel.expert_parallel_size=2"]
 # ZeRO-3: the SFT model built partitioned (adapter merged under gathered weights), the reference
-# log-probs precomputed before DeepSpeed's engine exists (pipeline/sharded_load.py forward_gathers).
+# log-probs precomputed before DeepSpeed's engine exists (pipeline/distributed/sharded_load.py forward_gathers).
 Z3 = ["parallel.zero_stage=3", "model.logits_chunk_size=null", "dpo.precompute_ref_log_probs=true"]
 LAUNCHED = {"ddp": ("cpu_ddp.yaml", []), "z2ep2": ("cpu_zero2_ep2.yaml", EP2), "z3": ("cpu_zero3.yaml", Z3)}
 

@@ -20,7 +20,7 @@ from launching import ROOT, accelerate_launch, assert_finished_with_wandb, run_c
 from safetensors.torch import load_file
 
 from model.checkpoint import load_pretrained
-from pipeline.tracking import read_metrics
+from pipeline.training.tracking import read_metrics
 
 RECIPE = ROOT / "recipes/tiny/sft.yaml"
 STEPS = 4
@@ -110,7 +110,7 @@ def test_launched_losses_match_single_process(runs, mode, ref):
 
 @pytest.mark.parametrize("mode, ref", [("z3_full", "ref_full"), ("z3_lora", "ref_lora")])
 def test_zero3_built_partitioned_logs_the_single_process_losses(runs, mode, ref):
-    # ZeRO-3 builds under zero.Init and each rank reads only its partitions (pipeline/sharded_load.py);
+    # ZeRO-3 builds under zero.Init and each rank reads only its partitions (pipeline/distributed/sharded_load.py);
     # the losses stay within 1e-6 of one process: measured at most 9.2e-7, one fp32 ulp of ~10.4.
     for step, (g, w) in enumerate(zip(_losses(runs[mode]), _losses(runs[ref]), strict=True), start=1):
         assert abs(g - w) <= 1e-6, f"{mode} step {step}: loss {g} vs single-process {w}"

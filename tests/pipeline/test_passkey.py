@@ -6,7 +6,7 @@ import mistral_common
 import pytest
 import sentencepiece as spm
 
-from pipeline.passkey import (
+from pipeline.evaluation.passkey import (
     FILLER,
     INTRO,
     KEY_LINE,
@@ -135,7 +135,7 @@ def test_greedy_generate_prefills_the_last_logits_only_and_decodes_without_a_mas
     from torch.overrides import TorchFunctionMode
 
     from model import Mixtral, MixtralConfig
-    from pipeline.passkey import greedy_generate
+    from pipeline.evaluation.passkey import greedy_generate
 
     torch.manual_seed(0)
     cfg = MixtralConfig.preset("tiny")

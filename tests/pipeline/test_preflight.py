@@ -11,7 +11,7 @@ import pytest
 from recipe_headers import PAIRINGS, ROOT, SHIPPED, pairing_params, preset_of
 
 from model import MixtralConfig
-from pipeline.parallel import ParallelError
+from pipeline.distributed.parallel import ParallelError
 from pipeline.preflight import CHECKS, LaunchSpec, PreflightError, load_stage_recipe, preflight
 
 LAUNCH_CONFIGS = sorted((ROOT / "recipes/accelerate").glob("*.yaml"))

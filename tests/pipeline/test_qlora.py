@@ -16,7 +16,7 @@ from launching import ROOT, accelerate_launch, assert_finished_with_wandb, run_c
 from pipeline.config import RecipeError, build
 from pipeline.export import ExportRecipe, export
 from pipeline.preflight import LaunchSpec, PreflightError, preflight
-from pipeline.tracking import read_metrics
+from pipeline.training.tracking import read_metrics
 
 pytest.importorskip("bitsandbytes")
 
@@ -118,8 +118,8 @@ def _dpo_model(sft_out: Path, dpo_out: Path):
     from peft import PeftModel
 
     from model import Mixtral
+    from pipeline.distributed.sharded_load import checkpoint_loader
     from pipeline.dpo import load_sft_model
-    from pipeline.sharded_load import checkpoint_loader
 
     sft_model = load_sft_model(sft_out, load=checkpoint_loader(torch.float32, None, None, "nf4"))
     assert sft_model.quantization == "nf4" and isinstance(sft_model, Mixtral)

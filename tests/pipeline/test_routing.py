@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.routing import (
+from pipeline.evaluation.routing import (
     RoutingStats,
     default_layers,
     document_keys,

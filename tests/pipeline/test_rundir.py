@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from pipeline import rundir
-from pipeline.checkpointing import latest_checkpoint
 from pipeline.rundir import LOCK_FILE, OWNER_FILE, RunDirError, acquire_lock, start_training_run
+from pipeline.training.checkpointing import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = {"data": {"max_seq_len": 256, "sources": [{"path": "a.jsonl"}]}, "model": {"preset": "tiny"},
@@ -181,9 +181,9 @@ LAUNCHED = """
 import os, sys, time
 from pathlib import Path
 from accelerate import PartialState
-from pipeline.checkpointing import latest_checkpoint
+from pipeline.training.checkpointing import latest_checkpoint
 from pipeline.rundir import start_training_run
-from pipeline.trainer import stage_main
+from pipeline.training.trainer import stage_main
 
 def run(out):
     state = PartialState(backend="gloo")

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from model.checkpoint import load_pretrained
-from pipeline.model_setup import build_model
 from pipeline.recipe import SFTRecipe
 from pipeline.sft import SFTTask, load_datasets, load_recipe
-from pipeline.tracking import read_metrics
+from pipeline.training.model_setup import build_model
+from pipeline.training.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes/tiny/sft.yaml"

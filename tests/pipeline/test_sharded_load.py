@@ -1,4 +1,4 @@
-"""ZeRO-3 building and loading (pipeline/sharded_load.py): 2 gloo processes against one.
+"""ZeRO-3 building and loading (pipeline/distributed/sharded_load.py): 2 gloo processes against one.
 
 The workers build the tiny model under `deepspeed.zero.Init`, fill it from a checkpoint whose
 tensors are split over several files, and check each rank's partition against the same slice of the
@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 
 from model import Mixtral, MixtralConfig
 from model.checkpoint import load_pretrained, save_pretrained
+from pipeline.distributed.sharded_load import _piece_range
 from pipeline.safetensors_io import read_into, read_safetensors_header
-from pipeline.sharded_load import _piece_range
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
              "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
@@ -67,16 +67,16 @@ def _worker(rank: int, world: int, root: str) -> None:
     try:
         import deepspeed
 
-        from pipeline import parallel
-        from pipeline.expert_parallel import ExpertPlacement
-        from pipeline.optim import param_groups
-        from pipeline.sharded_load import (
+        from pipeline.distributed import parallel
+        from pipeline.distributed.expert_parallel import ExpertPlacement
+        from pipeline.distributed.sharded_load import (
             checkpoint_loader,
             forward_gathers,
             is_partitioned,
             own_range,
             random_init,
         )
+        from pipeline.training.optim import param_groups
 
         torch.set_num_threads(1)
         ckpt = Path(root) / "ckpt"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpointing as ckpt
-from pipeline.optim import build_optimizer, freeze_router, lr_factor, param_group_name, param_groups
-from pipeline.tracking import Tracker, expert_load_metrics, read_metrics
-from pipeline.trainer import micro_batch_indices, steps_per_epoch
+from pipeline.training import checkpointing as ckpt
+from pipeline.training.optim import build_optimizer, freeze_router, lr_factor, param_group_name, param_groups
+from pipeline.training.tracking import Tracker, expert_load_metrics, read_metrics
+from pipeline.training.trainer import micro_batch_indices, steps_per_epoch
 
 
 def factor(step, schedule="cosine", warmup=3, total=11, min_ratio=0.1):

@@ -44,7 +44,7 @@ from torch import nn
 from model.checkpoint import NAME_TABLE, hf_to_native, load_pretrained, save_pretrained, weight_files
 from model.config import MixtralConfig
 from model.transformer import Mixtral, init_parameter
-from pipeline.expert_parallel import ExpertPlacement, load_local_experts
+from pipeline.distributed.expert_parallel import ExpertPlacement, load_local_experts
 from pipeline.safetensors_io import READ_CHUNK_BYTES, read_into, read_safetensors_header
 
 
@@ -448,7 +448,7 @@ def trainable_state_dict(model: nn.Module, dtypes: dict[str, torch.dtype] | None
     """
     import deepspeed
 
-    from pipeline.parallel import master_or_module_copy
+    from pipeline.distributed.parallel import master_or_module_copy
 
     out = {}
     for name, param in model.named_parameters():

@@ -32,16 +32,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import checkpointing as ckpt
-from pipeline.comm import group_device
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.parallel import (
+from pipeline.distributed.comm import group_device
+from pipeline.distributed.parallel import (
     ParallelError,
     load_rank_shard,
     moe_param_groups,
     save_rank_shard,
 )
-from pipeline.tracking import Tracker, expert_load_metrics
+from pipeline.training import checkpointing as ckpt
+from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.tracking import Tracker, expert_load_metrics
 
 if TYPE_CHECKING:
     from pipeline.recipe import TrainSection
@@ -136,7 +136,7 @@ class Trainer:
         self.step_metrics = step_metrics
         self.world = accelerator.num_processes
         # Under DeepSpeed the engine reduces, clips and steps inside `accelerator.backward`, and
-        # each process holds only its shard of the optimizer state (pipeline/parallel.py).
+        # each process holds only its shard of the optimizer state (pipeline/distributed/parallel.py).
         self.deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
         check_global_batch(len(train_data), config.micro_batch_size, config.grad_accum_steps, self.world)

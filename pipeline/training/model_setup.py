@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from model.checkpoint import save_pretrained
-from pipeline import sharded_load
-from pipeline.expert_parallel import ExpertPlacement, shard_experts
-from pipeline.optim import freeze_router
-from pipeline.parallel import ParallelSection, placement_independent_lora_init
+from pipeline.distributed import sharded_load
+from pipeline.distributed.expert_parallel import ExpertPlacement, shard_experts
+from pipeline.distributed.parallel import ParallelSection, placement_independent_lora_init
 from pipeline.recipe import LoraSection, TrainSection
 from pipeline.rundir import record
+from pipeline.training.optim import freeze_router
 
 
 class TrainingRecipe(Protocol):
@@ -47,7 +47,7 @@ def build_model(recipe: TrainingRecipe, output_dir: Path, is_main: bool,
 
     ``load_base(load)`` replaces ``model.checkpoint``/``model.preset`` as the source of the base
     weights (the DPO stage loads the SFT model with it); ``load(path)`` reads a checkpoint the way
-    this run holds it (pipeline/sharded_load.py). The rest of the order is shared.
+    this run holds it (pipeline/distributed/sharded_load.py). The rest of the order is shared.
     """
     from model import MixtralConfig
 
@@ -112,7 +112,7 @@ def save_final(model: nn.Module, output_dir: Path, lora: bool,
     """Adapter (PEFT format) or full model into ``output_dir``: written aside, then renamed in.
 
     ``state_dict``: the consolidated tensors when ``model`` holds only a shard (EP, ZeRO-3), named
-    as ``model.named_parameters()`` names them but with every expert (pipeline.parallel).
+    as ``model.named_parameters()`` names them but with every expert (pipeline.distributed.parallel).
     """
     tmp = output_dir / ".tmp-final"
     if tmp.exists():

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.checkpoint import load_pretrained
-from pipeline.comm import group_device
+from pipeline.distributed.comm import group_device
 
 # DeepSpeed's expert-parameter convention (deepspeed/moe/utils.py `is_moe_param`): params with
 # `allreduce = False` have their grads reduced over the expert-data-parallel group named `group_name`.

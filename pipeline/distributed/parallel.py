@@ -13,7 +13,7 @@ expert tags -> activation checkpointing -> ZeRO-3 leaf marking -> DeepSpeed (thr
     model, optimizer = acc.prepare(model, optimizer)
 
 Expert parallelism runs on DeepSpeed's classic MoE path (ZeRO 1/2): our own all_to_all dispatch
-(pipeline/expert_parallel.py) plus DeepSpeed's expert-parameter convention, so that DeepSpeed
+(pipeline/distributed/expert_parallel.py) plus DeepSpeed's expert-parameter convention, so that DeepSpeed
 broadcasts expert weights only inside an expert-data-parallel group and reduces expert grads only
 across ranks holding the same experts. Why not AutoEP: it replaces our MoE block with its own
 router and forward (no padding mask, no router logits, so no aux loss or expert counts from the
@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.comm import group_device
-from pipeline.expert_parallel import (
+from pipeline.distributed.comm import group_device
+from pipeline.distributed.expert_parallel import (
     EP_GROUP_NAME,
     ExpertParallelStats,
     ExpertPlacement,
@@ -610,7 +610,7 @@ def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSect
     """
     inner = accelerator.unwrap_model(model)
     if section.zero_stage == 3 and trainable_only:
-        from pipeline.sharded_load import trainable_state_dict
+        from pipeline.distributed.sharded_load import trainable_state_dict
 
         return trainable_state_dict(inner, dtypes)
     if section.zero_stage == 3:

@@ -1,0 +1,10 @@
+"""Training infrastructure shared by the training stages (pipeline.sft, pipeline.dpo).
+
+    trainer        the loop: global-batch loss normalisation, accumulation, eval, checkpoints, logging
+    optim          AdamW groups (no decay on norms/biases), warmup + cosine schedule, CPU Adam choice
+    checkpointing  atomic, pickle-free checkpoints that resume to the same loss trajectory
+    tracking       W&B / JSONL metrics, redacted config, one run per stage across resumes
+    batches        token rows -> model batch (the batch contract: document id -1 = padding)
+    model_setup    build the stage's model (checkpoint, preset, 4-bit base, LoRA) and save the result
+    dpo_loss       preference losses (sigmoid, robust, hinge, IPO) on summed completion log-probs
+"""
