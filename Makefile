@@ -9,6 +9,11 @@ TORCH_SPEC    ?= torch==2.13.0
 INSTALL_STAMP := $(VENV)/.installed
 # transformers 4.x beside the venv (never on its path): the test that the export loads in 4.x too.
 TRANSFORMERS4 := $(VENV)/transformers4
+# The gguf extra (format=gguf and llama.cpp's own check of it): llama-cpp-python builds llama.cpp from
+# source, the library only (no examples, tools, server or llava; portable code): about 3 min on 2 cores.
+GGUF_STAMP    := $(VENV)/.gguf-installed
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+                    -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
 RECIPE        ?=
 CONFIG        ?=
 ARGS          ?=
@@ -18,7 +23,7 @@ TINY          := outputs/tiny
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint data sft dpo export export-gguf chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-qlora bench-plan bench-zero3 bench-gpu clean help
+.PHONY: install install-gguf test lint data sft dpo export export-gguf chat eval all plan bench-moe bench-data bench-sft bench-dpo bench-qlora bench-plan bench-zero3 bench-gpu clean help
 
 help:
 	@echo "make sft      prepare the bundled data and run SFT on the tiny default (CPU)"
@@ -29,7 +34,8 @@ help:
 	@echo "make all      data -> sft -> dpo -> export -> chat"
 	@echo "make eval     perplexity, passkey and routing analysis"
 	@echo "make plan     startup checks + per-GPU / per-node memory of RECIPE under CONFIG (an accelerate config)"
-	@echo "make test     the test suite (what CI runs)"
+	@echo "make test     the test suite (what CI runs; installs the gguf extra first)"
+	@echo "make install-gguf  gguf + llama-cpp-python (llama.cpp built from source, about 3 min once)"
 	@echo "make bench-moe | bench-data | bench-sft | bench-dpo   benchmarks against the reference libraries"
 	@echo "make bench-qlora  4-bit base memory and QLoRA SFT step vs transformers + bitsandbytes + PEFT (CPU)"
 	@echo "make bench-plan   the plan's predicted peak memory vs the measured one (CPU runs)"
@@ -53,8 +59,18 @@ $(TRANSFORMERS4)/.installed: $(INSTALL_STAMP)
 	test -d $(TRANSFORMERS4)/transformers
 	touch $@
 
-test: install $(TRANSFORMERS4)/.installed
-	MIXTRAL_TUNE_TRANSFORMERS4=$(abspath $(TRANSFORMERS4)) $(PY) -m pytest -q
+install-gguf: $(GGUF_STAMP)
+
+$(GGUF_STAMP): $(INSTALL_STAMP)
+	@echo "install-gguf: gguf + llama-cpp-python (builds llama.cpp from source once: about 3 min on 2 cores; log in $(VENV)/gguf.log)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -q -c requirements/lock.txt -e ".[dev,gguf]" > $(VENV)/gguf.log 2>&1 \
+		|| (tail -40 $(VENV)/gguf.log; echo "install-gguf failed: needs cmake and a C++ compiler (see $(VENV)/gguf.log)"; exit 1)
+	touch $@
+
+# MIXTRAL_TUNE_REQUIRE_GGUF: the GGUF tests fail, not skip, when the gguf extra is missing.
+test: install $(TRANSFORMERS4)/.installed $(GGUF_STAMP)
+	MIXTRAL_TUNE_TRANSFORMERS4=$(abspath $(TRANSFORMERS4)) MIXTRAL_TUNE_REQUIRE_GGUF=1 $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check model data_prep pipeline tests bench
@@ -81,8 +97,8 @@ export: install
 	$(PY) -m pipeline.export $(or $(RECIPE),recipes/tiny/export.yaml) $(ARGS)
 
 # One llama.cpp GGUF file of the tiny DPO result (f32: llama.cpp's logits are checked against ours);
-# needs `pip install gguf` (and llama-cpp-python for the check). ARGS='export.gguf_type=f16' for others.
-export-gguf: install
+# installs the gguf extra first (make install-gguf). ARGS='export.gguf_type=q8_0' etc. for the other types.
+export-gguf: install $(GGUF_STAMP)
 	test -f $(TINY)/dpo/manifest.json || $(MAKE) dpo
 	$(PY) -m pipeline.export $(or $(RECIPE),recipes/tiny/export.yaml) export.format=gguf export.gguf_type=f32 \
 		output_dir=$(TINY)/export-gguf $(ARGS)
