@@ -37,19 +37,26 @@ class RecipeError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_recipe_dict(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> dict:
-    """Read a YAML recipe and apply ``key=value`` overrides (dot paths, list indices)."""
+def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[Exception] = RecipeError) -> dict:
+    """The mapping a YAML file holds ({} for an empty file). Anything else raises `error`, naming
+    the file (and the line of a syntax error); `what` says what the file is ("recipe")."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
+        raise error(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise RecipeError(f"{where}: invalid YAML: {err}") from err
+        raise error(f"{where}: invalid YAML: {err}") from err
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+        raise error(f"{path}: this {what} must be a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe_dict(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> dict:
+    """Read a YAML recipe and apply ``key=value`` overrides (dot paths, list indices)."""
+    raw = read_yaml_mapping(path, "recipe")
     for item in overrides:
         apply_override(raw, item)
     return raw

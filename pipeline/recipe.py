@@ -133,11 +133,19 @@ class LoraSection:
 
 
 @dataclass
-class TrackingSection:
+class RunTracking:
+    """Where a stage's W&B run goes: the whole `tracking:` of a stage that does not train (eval)."""
+
     report_to: Literal["wandb", "none"] = "wandb"
     project: str = "mixtral-tune"
     run_name: str | None = None
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackingSection(RunTracking):
+    """A training stage's `tracking:`: the run, and what the trainer logs to it."""
+
     # Per-layer expert load charts (E + 1 series per layer).
     log_expert_load: bool = True
     progress_bar: bool = True
@@ -156,11 +164,7 @@ class SFTRecipe:
     stage: Literal["sft"] = "sft"
 
     def __post_init__(self):
-        if self.data.kind != "sft":
-            raise ValueError(f"data.kind is {self.data.kind!r}; the SFT stage needs data.kind: sft")
-        if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
-            raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
-        check_quantization_recipe(self.model, self.lora)
+        check_training_recipe(self, "sft")
 
 
 def quantization_record(model) -> dict | None:
@@ -169,6 +173,16 @@ def quantization_record(model) -> dict | None:
     if model.quantization is None:
         return None
     return {"type": model.quantization, "dtype": model.dtype}
+
+
+def check_training_recipe(recipe, stage: Literal["sft", "dpo"]) -> None:
+    """What a training stage's recipe (SFT or DPO) asks of its sections together: data prepared for
+    this stage, the router trained one way at most, a 4-bit base only under LoRA."""
+    if recipe.data.kind != stage:
+        raise ValueError(f"data.kind is {recipe.data.kind!r}; the {stage.upper()} stage needs data.kind: {stage}")
+    if recipe.lora.enabled and recipe.model.freeze_router and recipe.lora.train_router:
+        raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
+    check_quantization_recipe(recipe.model, recipe.lora)
 
 
 def check_quantization_recipe(model, lora: LoraSection) -> None:
