@@ -174,3 +174,22 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
         "python_rng": state.pop("python_rng"),
         "state": state,
     }
+
+
+def copy_saved_tensors(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], where: str, hint: str) -> None:
+    """Copy a checkpoint's tensors into the run's tensors of the same names, in place (no autograd).
+
+    Refuses a checkpoint whose names or shapes are not the run's (`copy_` would broadcast some shapes
+    silently), naming `where` (the file) and what differs; `hint` says how to resume instead. The
+    plain trainer and the DeepSpeed rank shards (pipeline/distributed/parallel.py) load through it."""
+    missing, unexpected = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match this run's trainable tensors (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): {hint}")
+    for name, tensor in live.items():
+        if saved[name].shape != tensor.shape:
+            raise ValueError(f"{where}: {name} is {tuple(saved[name].shape)}, this run holds "
+                             f"{tuple(tensor.shape)}: {hint}")
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.copy_(saved[name])

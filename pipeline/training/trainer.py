@@ -402,17 +402,8 @@ class Trainer:
                 f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                 f"{self.world}: the data order would change; resume with the same launch configuration"
             )
-        params = self.trainable_state()
-        saved = data["model"]
-        if set(saved) != set(params):
-            missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-            raise ValueError(
-                f"checkpoint {path} does not match the model's trainable parameters (missing "
-                f"{missing[:3]}, unexpected {extra[:3]}): resume with the recipe that wrote it"
-            )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(saved[name])
+        ckpt.copy_saved_tensors(data["model"], self.trainable_state(), f"checkpoint {path}",
+                                "resume with the recipe that wrote it")
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_tensors(data["rng"])

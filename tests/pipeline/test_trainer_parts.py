@@ -160,6 +160,20 @@ def test_commit_is_atomic_and_keeps_last_k(tmp_path):
         ckpt.load_checkpoint(tmp_path / "step-000004")
 
 
+def test_saved_tensors_load_only_into_the_same_names_and_shapes():
+    live = {"a": nn.Parameter(torch.zeros(2, 3)), "b": nn.Parameter(torch.zeros(4))}
+    hint = "resume with the recipe that wrote it"
+    with pytest.raises(ValueError, match=r"ckpt does not match .*missing \['b'\], unexpected \['c'\]\): resume"):
+        ckpt.copy_saved_tensors({"a": torch.ones(2, 3), "c": torch.ones(4)}, live, "ckpt", hint)
+    # [1, 3] would broadcast into [2, 3] without the shape check
+    with pytest.raises(ValueError, match=r"ckpt: a is \(1, 3\), this run holds \(2, 3\): resume"):
+        ckpt.copy_saved_tensors({"a": torch.ones(1, 3), "b": torch.ones(4)}, live, "ckpt", hint)
+    assert not any(t.any() for t in live.values())  # nothing copied before the checks pass
+    ckpt.copy_saved_tensors({"a": torch.ones(2, 3), "b": torch.arange(4.0)}, live, "ckpt", hint)
+    assert torch.equal(live["a"], torch.ones(2, 3)) and torch.equal(live["b"], torch.arange(4.0))
+    assert live["a"].requires_grad and live["a"].grad_fn is None
+
+
 def test_expert_load_shares_ratio_and_dead_experts():
     counts = torch.tensor([[6, 2, 0, 0], [3, 3, 1, 1]])
     m = expert_load_metrics(counts)
