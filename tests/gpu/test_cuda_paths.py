@@ -10,6 +10,7 @@ compiled layers): test_cuda_step.py.
 
 import pytest
 import torch
+from packed_batches import packed_rows
 
 from model import KVCache, Mixtral, MixtralConfig
 from model.losses import chunked_lm_loss, masked_ce
@@ -20,16 +21,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 CUDA = torch.device("cuda")
-
-
-def packed_inputs(vocab: int, seed: int = 0):
-    """Two rows: three documents + padding, and one document filling the row."""
-    torch.manual_seed(seed)
-    ids = torch.randint(0, vocab, (2, 48))
-    docs = torch.tensor([[0] * 7 + [1] * 20 + [2] * 15 + [-1] * 6, [0] * 48])
-    positions = torch.cat([torch.arange(7), torch.arange(20), torch.arange(15), torch.zeros(6, dtype=torch.long)])
-    positions = torch.stack([positions, torch.arange(48)])
-    return ids, docs, positions
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
@@ -56,7 +47,7 @@ def test_model_on_cuda_equals_cpu_on_packed_rows_fp32():
     cpu_model = Mixtral(cfg)
     cuda_model = Mixtral(cfg, device=CUDA)
     cuda_model.load_state_dict(cpu_model.state_dict())
-    ids, docs, positions = packed_inputs(cfg.vocab_size)
+    ids, docs, positions, _ = packed_rows(cfg.vocab_size)
     labels = ids.clone()
     outs = []
     for model, device in ((cpu_model, "cpu"), (cuda_model, CUDA)):
@@ -113,7 +104,7 @@ def test_expert_lora_on_cuda_equals_cpu_fp32():
                 p.copy_(torch.linspace(-0.1, 0.1, p.numel()).view_as(p))
     cuda_model = apply_lora(Mixtral(cfg, device=CUDA), r=4, alpha=8)
     cuda_model.load_state_dict(cpu_model.state_dict())
-    ids, docs, positions = packed_inputs(cfg.vocab_size)
+    ids, docs, positions, _ = packed_rows(cfg.vocab_size)
     results = []
     for model, device in ((cpu_model, "cpu"), (cuda_model, CUDA)):
         out = model(input_ids=ids.to(device), position_ids=positions.to(device),

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from packed_batches import packed_rows, preference_rows
 
 from model import Mixtral, MixtralConfig
 from model.attention import build_attention_mask, rope_cos_sin, varlen_available
@@ -27,19 +28,6 @@ pytestmark = [
 ]
 CUDA = torch.device("cuda")
 BF16 = torch.bfloat16
-
-
-def packed_rows(vocab: int = 300):
-    """Two rows of 48 tokens on the GPU: three documents + padding, one document filling the row."""
-    torch.manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 48))
-    docs = torch.tensor([[0] * 7 + [1] * 20 + [2] * 15 + [-1] * 6, [0] * 48])
-    positions = torch.stack([
-        torch.cat([torch.arange(7), torch.arange(20), torch.arange(15), torch.zeros(6, dtype=torch.long)]),
-        torch.arange(48),
-    ])
-    labels = torch.where(docs >= 0, ids, -100)
-    return ids.to(CUDA), docs.to(CUDA), positions.to(CUDA), labels.to(CUDA)
 
 
 def lora_model(num_layers: int = 2, lora: bool = True):
@@ -88,7 +76,7 @@ def counted_syncs():
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_layers_forward_and_backward_never_sync(lora):
     model = lora_model(2, lora)
-    ids, docs, positions, _ = packed_rows()
+    ids, docs, positions, _ = packed_rows(device=CUDA)
     layout = base_of(model).batch_layout(ids, docs)  # the batch's one read, outside
     grad = torch.randn(2, 48, 300, device=CUDA)
     with torch.autocast("cuda", dtype=BF16), sync_debug("error"):
@@ -106,7 +94,7 @@ def sft_step(model, rows):
 
 def test_sft_step_syncs_a_fixed_number_of_times():
     """The batch layout (one read) and the labelled tokens of the loss (one nonzero), whatever the depth."""
-    rows = packed_rows()
+    rows = packed_rows(device=CUDA)
     counts = {}
     for layers in (2, 4):
         model = lora_model(layers)
@@ -120,12 +108,7 @@ def test_sft_step_syncs_a_fixed_number_of_times():
 def test_dpo_step_syncs_a_fixed_number_of_times():
     from pipeline.dpo import DPOSection, DPOTask, Reference, collate_pairs
 
-    rows = []
-    for length in (9, 14, 6):
-        prompt, chosen, rejected = [1, 5, 6, 7], list(range(10, 10 + length)), list(range(40, 45))
-        rows.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * 4 + chosen,
-                     "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * 4 + rejected})
-    batch = {k: v.to(CUDA) for k, v in collate_pairs(rows).items()}
+    batch = {k: v.to(CUDA) for k, v in collate_pairs(preference_rows()).items()}
     counts = {}
     for layers in (2, 4):
         model = lora_model(layers)
@@ -148,7 +131,7 @@ def test_attention_kernels_on_cuda_equal_the_mask_path(backend):
     cfg = MixtralConfig.preset("tiny-odd")  # kv heads < heads
     torch.manual_seed(0)
     attn = Attention(cfg, device=CUDA, dtype=BF16)
-    _, docs, positions, _ = packed_rows()
+    _, docs, positions, _ = packed_rows(device=CUDA)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, BF16)
     x = torch.randn(2, 48, cfg.hidden_size, device=CUDA, dtype=BF16)
     real = docs >= 0
@@ -205,7 +188,7 @@ def test_an_expert_without_rows_on_cuda_bf16(lora):
 
 
 def test_compiled_layers_on_cuda_train_like_eager_without_graph_breaks():
-    rows = packed_rows()
+    rows = packed_rows(device=CUDA)
     ids, docs, positions, _ = rows
     model = lora_model(2)
     base = base_of(model)

@@ -12,25 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from host_syncs import HostSyncs
+from packed_batches import packed_rows, preference_rows
 
 from model import Mixtral, MixtralConfig
 from model.attention import batch_layout
 from model.moe import MixtralExperts
 
 PER_STEP = {"tolist": 1, "nonzero": 1}  # batch_layout's one read, chunked_lm_loss's labelled tokens
-
-
-def packed_rows():
-    """Two rows of 48 tokens: three documents and padding; one document."""
-    torch.manual_seed(0)
-    ids = torch.randint(0, 300, (2, 48))
-    docs = torch.tensor([[0] * 7 + [1] * 20 + [2] * 15 + [-1] * 6, [0] * 48])
-    positions = torch.stack([
-        torch.cat([torch.arange(7), torch.arange(20), torch.arange(15), torch.zeros(6, dtype=torch.long)]),
-        torch.arange(48),
-    ])
-    labels = torch.where(docs >= 0, ids, -100)
-    return ids, docs, positions, labels
 
 
 def accelerator_model(num_layers: int, lora: bool = False) -> torch.nn.Module:
@@ -71,12 +59,7 @@ def test_sft_step_has_no_host_sync_per_layer(lora):
 def test_dpo_step_has_no_host_sync_per_layer():
     from pipeline.dpo import DPOSection, DPOTask, Reference, collate_pairs
 
-    rows = []
-    for length in (9, 14, 6):
-        prompt, chosen, rejected = [1, 5, 6, 7], list(range(10, 10 + length)), list(range(40, 45))
-        rows.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * 4 + chosen,
-                     "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * 4 + rejected})
-    batch = collate_pairs(rows)
+    batch = collate_pairs(preference_rows())
     totals = {}
     for layers in (2, 4):
         model = accelerator_model(layers, lora=True)
