@@ -174,28 +174,22 @@ def _rewrite(path, edit):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_missing_tensor_error(saved):
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+         r"missing 1 tensor.*'model.layers.1.block_sparse_moe.experts.3.w2.weight'"),
+        (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}),
+         r"unknown tensor name 'model.layers.0.extra.weight' in .*model.safetensors"),
+        (lambda t: t.update({"model.norm.weight": torch.ones(65)}),
+         r"model.norm.weight has shape \[65\].*\[64\]"),
+    ],
+    ids=["missing", "unexpected", "shape"],
+)
+def test_a_tensor_that_does_not_fit_is_named(saved, edit, message):
     _, path = saved
-    _rewrite(path, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
-    with pytest.raises(
-        ValueError, match=r"missing 1 tensor.*'model.layers.1.block_sparse_moe.experts.3.w2.weight'"
-    ):
-        load_pretrained(path)
-
-
-def test_unexpected_tensor_error(saved):
-    _, path = saved
-    _rewrite(path, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
-    with pytest.raises(
-        ValueError, match=r"unknown tensor name 'model.layers.0.extra.weight' in .*model.safetensors"
-    ):
-        load_pretrained(path)
-
-
-def test_shape_mismatch_error(saved):
-    _, path = saved
-    _rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
-    with pytest.raises(ValueError, match=r"model.norm.weight has shape \[65\].*\[64\]"):
+    _rewrite(path, edit)
+    with pytest.raises(ValueError, match=message):
         load_pretrained(path)
 
 
