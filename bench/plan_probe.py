@@ -103,25 +103,20 @@ def mark_phases(phases: Phases) -> None:
 
     from pipeline.training import trainer
 
-    prepare = accelerate.Accelerator.prepare
-    train = trainer.Trainer.train
+    def between(method, during: str, after: str):
+        """`method` run in phase `during`, which closes into `after` when it returns (or raises)."""
 
-    def prepare_marked(self, *args, **kwargs):
-        phases.enter("prepare")
-        try:
-            return prepare(self, *args, **kwargs)
-        finally:
-            phases.enter("train")
+        def marked(self, *args, **kwargs):
+            phases.enter(during)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                phases.enter(after)
 
-    def train_marked(self, *args, **kwargs):
-        phases.enter("train")
-        try:
-            return train(self, *args, **kwargs)
-        finally:
-            phases.enter("final")
+        return marked
 
-    accelerate.Accelerator.prepare = prepare_marked
-    trainer.Trainer.train = train_marked
+    accelerate.Accelerator.prepare = between(accelerate.Accelerator.prepare, "prepare", "train")
+    trainer.Trainer.train = between(trainer.Trainer.train, "train", "final")
 
 
 def main(argv: list[str]) -> int:
