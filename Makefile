@@ -121,23 +121,10 @@ all: install
 	$(MAKE) export
 	$(MAKE) chat
 
-bench-moe: install
-	$(PY) bench/bench_moe.py $(ARGS)
-
-bench-data: install
-	$(PY) bench/bench_data.py $(ARGS)
-
-bench-sft: install
-	$(PY) bench/bench_sft.py $(ARGS)
-
-bench-dpo: install
-	$(PY) bench/bench_dpo.py $(ARGS)
-
-bench-qlora: install
-	$(PY) bench/bench_qlora.py $(ARGS)
-
-bench-plan: install
-	$(PY) bench/bench_plan.py $(ARGS)
+# make bench-NAME runs bench/bench_NAME.py with ARGS (the script's --help lists them).
+BENCHES := moe data sft dpo qlora plan
+$(addprefix bench-,$(BENCHES)): bench-%: install
+	$(PY) bench/bench_$*.py $(ARGS)
 
 bench-zero3: install
 	$(PY) bench/bench_zero3_memory.py $(ARGS)
