@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +28,22 @@ def run_command(cmd: list[str]) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout
+
+
+def kill_midway(cmd: list[str], started: Callable[[], bool], timeout_s: float = 120) -> None:
+    """Runs `cmd` from the repository and SIGKILLs it as soon as `started()` (polled every 5 ms);
+    fails the test if the command ends first or `started()` stays false for `timeout_s`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not started():
+            assert proc.poll() is None, "the command ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def accelerate_launch(config: str) -> list[str]:

@@ -2,15 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from launching import kill_midway
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -451,23 +450,9 @@ def test_killed_export_leaves_no_final_dir(runs, tmp_path):
         f"source: {{run_dir: {root / 'dpo'}}}\noutput_dir: {out}\n"
         "export: {dtype: float32, max_shard_size: 1MB, progress_bar: false}\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.export", str(recipe)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    try:
-        # Kill once the first shard is on disk in the temporary dir, i.e. in the middle of writing.
-        while not list(tmp_path.glob(".killed.tmp-*/model-00002-of-*.safetensors")):
-            assert proc.poll() is None, "the export ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # Killed once the first shard is on disk in the temporary dir, i.e. in the middle of writing.
+    kill_midway([sys.executable, "-m", "pipeline.export", str(recipe)],
+                started=lambda: any(tmp_path.glob(".killed.tmp-*/model-00002-of-*.safetensors")))
     assert not out.exists()
 
 

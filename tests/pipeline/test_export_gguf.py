@@ -5,12 +5,14 @@ is installed, loaded by llama.cpp itself with logits compared to our model."""
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from launching import kill_midway
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -271,12 +273,6 @@ def test_llama_cpp_agrees_on_an_uneven_model(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_gguf_export_leaves_no_output(run, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     root, _ = run
     recipe = tmp_path / "export.yaml"
     out = tmp_path / "killed"
@@ -284,20 +280,9 @@ def test_a_killed_gguf_export_leaves_no_output(run, tmp_path):
         f"source: {{run_dir: {root / 'sft'}}}\noutput_dir: {out}\n"
         "export: {format: gguf, gguf_type: f32, progress_bar: false}\n"
     )
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.export", str(recipe)],
-                            cwd=Path(__file__).resolve().parents[2],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        # Kill once the file exists in the temporary dir: its tensors are being written (or verified).
-        while not list(tmp_path.glob(".killed.tmp-*/model-f32.gguf")):
-            assert proc.poll() is None, "the export ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # Killed once the file exists in the temporary dir: its tensors are being written (or verified).
+    kill_midway([sys.executable, "-m", "pipeline.export", str(recipe)],
+                started=lambda: any(tmp_path.glob(".killed.tmp-*/model-f32.gguf")))
     assert not out.exists()
     # The next export of that output removes what the killed one left, and succeeds.
     _export(tmp_path, "killed", "f16", run_dir=str(root / "sft"))
