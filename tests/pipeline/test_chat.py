@@ -23,6 +23,17 @@ def export_tiny(tmp_path):
     return export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
 
 
+def greedy_without_cache(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The reference answer: the whole sequence recomputed for every new token, up to </s> (id 2)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == 2:
+                break
+    return ids[len(prompt):]
+
+
 def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
     out = export_tiny(tmp_path)
 
@@ -33,13 +44,7 @@ def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
 
     # Reference: our model, no cache, the whole sequence recomputed for every new token.
     native = load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(8):
-            ids.append(int(native(torch.tensor([ids])).logits[0, -1].argmax()))
-            if ids[-1] == 2:
-                break
-    assert generated == ids[len(prompt) :]
+    assert generated == greedy_without_cache(native, prompt, 8)
     assert text == tokenizer.decode(generated, skip_special_tokens=True)
 
     assert main([str(out), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
@@ -76,13 +81,7 @@ def test_chat_loads_an_adapter_export_onto_its_base(tmp_path):
     native = PeftModel.from_pretrained(
         load_pretrained(tmp_path / "base", dtype=torch.float32), str(tmp_path / "lora")
     ).merge_and_unload()
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):
-            ids.append(int(native(torch.tensor([ids])).logits[0, -1].argmax()))
-            if ids[-1] == 2:
-                break
-    assert generated == ids[len(prompt) :]
+    assert generated == greedy_without_cache(native, prompt, 6)
 
 
 def test_chat_over_a_model_split_across_devices_gives_the_same_answer(tmp_path):
