@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import kill_midway
+from launching import kill_export_midway
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -444,15 +444,9 @@ def test_bad_adapter_config_is_a_clear_error(runs, tmp_path):
 @pytest.mark.slow
 def test_killed_export_leaves_no_final_dir(runs, tmp_path):
     root, _ = runs
-    recipe = tmp_path / "export.yaml"
-    out = tmp_path / "killed"
-    recipe.write_text(
-        f"source: {{run_dir: {root / 'dpo'}}}\noutput_dir: {out}\n"
-        "export: {dtype: float32, max_shard_size: 1MB, progress_bar: false}\n"
-    )
     # Killed once the first shard is on disk in the temporary dir, i.e. in the middle of writing.
-    kill_midway([sys.executable, "-m", "pipeline.export", str(recipe)],
-                started=lambda: any(tmp_path.glob(".killed.tmp-*/model-00002-of-*.safetensors")))
+    out = kill_export_midway(tmp_path, root / "dpo", "{dtype: float32, max_shard_size: 1MB, progress_bar: false}",
+                             partial="model-00002-of-*.safetensors")
     assert not out.exists()
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from launching import kill_midway
+from launching import kill_export_midway
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -249,7 +249,6 @@ def test_q8_0_is_quantized_by_llama_cpp_and_keeps_the_greedy_choice(run):
 
 
 def test_quantized_types_without_llama_cpp_are_a_clear_error(monkeypatch, run, tmp_path):
-    import sys
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
     with pytest.raises(ValueError, match="gguf_type=q4_k_m is quantized by llama.cpp's own quantizer"):
@@ -274,15 +273,9 @@ def test_llama_cpp_agrees_on_an_uneven_model(tmp_path):
 @pytest.mark.slow
 def test_a_killed_gguf_export_leaves_no_output(run, tmp_path):
     root, _ = run
-    recipe = tmp_path / "export.yaml"
-    out = tmp_path / "killed"
-    recipe.write_text(
-        f"source: {{run_dir: {root / 'sft'}}}\noutput_dir: {out}\n"
-        "export: {format: gguf, gguf_type: f32, progress_bar: false}\n"
-    )
     # Killed once the file exists in the temporary dir: its tensors are being written (or verified).
-    kill_midway([sys.executable, "-m", "pipeline.export", str(recipe)],
-                started=lambda: any(tmp_path.glob(".killed.tmp-*/model-f32.gguf")))
+    out = kill_export_midway(tmp_path, root / "sft", "{format: gguf, gguf_type: f32, progress_bar: false}",
+                             partial="model-f32.gguf")
     assert not out.exists()
     # The next export of that output removes what the killed one left, and succeeds.
     _export(tmp_path, "killed", "f16", run_dir=str(root / "sft"))
