@@ -46,16 +46,6 @@ def kill_midway(cmd: list[str], started: Callable[[], bool], timeout_s: float = 
     assert proc.returncode == -signal.SIGKILL
 
 
-def kill_export_midway(tmp_path: Path, run_dir: Path, export_section: str, partial: str) -> Path:
-    """`python -m pipeline.export` of `run_dir` into tmp_path/killed with `export: {export_section}`,
-    SIGKILLed once `partial` (a glob) exists in its temporary dir; the output dir it was to write."""
-    out, recipe = tmp_path / "killed", tmp_path / "export.yaml"
-    recipe.write_text(f"source: {{run_dir: {run_dir}}}\noutput_dir: {out}\nexport: {export_section}\n")
-    kill_midway([sys.executable, "-m", "pipeline.export", str(recipe)],
-                started=lambda: any(tmp_path.glob(f".killed.tmp-*/{partial}")))
-    return out
-
-
 def accelerate_launch(config: str) -> list[str]:
     """`accelerate launch` with recipes/accelerate/<config> on a free port, before `-m module ...`."""
     # monitor_interval: torchrun's agent otherwise notices the finished workers up to 5 s late.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import kill_export_midway
+from export_failures import kill_export_midway, with_short_lm_head
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -458,13 +458,7 @@ def test_error_in_the_middle_of_the_stream_leaves_nothing_behind(runs, tmp_path)
     # lm_head is the last parameter read: by then the background threads have written and fsynced
     # several shards into the temporary dir.
     root, _ = runs
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((root / "base" / "config.json").read_text())
-    with safe_open(str(root / "base" / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].clone()
-    save_file(tensors, str(broken / "model.safetensors"))
+    broken = with_short_lm_head(root / "base", tmp_path / "broken")
     raw = {
         "source": {"checkpoint": str(broken)},
         "output_dir": str(tmp_path / "o"),

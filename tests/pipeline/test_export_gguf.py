@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from launching import kill_export_midway
+from export_failures import kill_export_midway, with_short_lm_head
 from peft import PeftModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import model.lora  # noqa: F401  (registers the expert LoRA layer with PEFT)
 from model import Mixtral, MixtralConfig
@@ -179,13 +177,7 @@ def test_gguf_metadata_is_the_tokenizer_template_and_hyper_parameters(run, f32_e
 
 def test_an_error_in_the_middle_of_a_gguf_export_leaves_nothing(run, tmp_path):
     root, _ = run
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((root / "base" / "config.json").read_text())
-    with safe_open(str(root / "base" / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].clone()  # the last tensor read
-    save_file(tensors, str(broken / "model.safetensors"))
+    broken = with_short_lm_head(root / "base", tmp_path / "broken")
     with pytest.raises(ValueError, match=r"lm_head.weight has shape .* config.json implies"):
         _export(tmp_path, "o", "f16", checkpoint=str(broken))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no output, no temporary dir
