@@ -5,7 +5,7 @@
 Every row is the plan of a shipped recipe under a shipped accelerate config (overrides as in the
 README's commands), for the model's real architecture (`--model-preset mixtral-8x7b`: the
 checkpoint is not on this machine). Peak per GPU includes the assumed CUDA context
-(pipeline/plan.py `CUDA_RESERVE_GB`); host is per node. Nothing here is measured.
+(pipeline/plan/lines.py `CUDA_RESERVE_GB`); host is per node. Nothing here is measured.
 """
 
 from __future__ import annotations

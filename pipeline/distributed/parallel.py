@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -45,7 +44,6 @@ from pipeline.distributed.expert_parallel import (
     EP_GROUP_NAME,
     ExpertParallelStats,
     ExpertPlacement,
-    expert_params,
     experts_modules,
     gather_expert_tensor,
     install_dispatch,
@@ -468,133 +466,6 @@ def expert_load_imbalance(stats: ExpertParallelStats, ep_group) -> dict[str, flo
         "ep/rank_rows_min": min(loads),
         "ep/load_imbalance": max(loads) / mean if mean > 0 else 1.0,
     }
-
-
-def placement_independent_lora_init(model: nn.Module, place: ExpertPlacement, seed: int) -> int:
-    """Re-draw every LoRA A so that it does not depend on how the experts are placed.
-
-    Drawn in one pass over the model, a rank holding experts 4..7 would give them the numbers a
-    single process gives experts 0..3, and every later adapter would shift too: ep=2 would not train
-    the model ep=1 trains. Here each A is drawn whole ([E, ...] for expert adapters) from a
-    generator seeded by (seed, its name) and the rank keeps its experts' slice. Same distribution
-    as PEFT's default (kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B stays 0.
-    Returns how many tensors were drawn.
-    """
-    expert_names = {name for name, _ in expert_params(model)} if _has_experts(model) else set()
-    drawn = 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # PEFT names attention A `...q_proj.lora_A.default.weight` and expert A
-            # `...experts.lora_gate_up_A.default`: the adapter's name sits at a different depth.
-            if not any(part.startswith("lora_") and part.endswith("_A") for part in name.split(".")):
-                continue
-            shape = (place.num_experts, *p.shape[1:]) if name in expert_names else tuple(p.shape)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            bound = 1.0 / float(shape[-1]) ** 0.5
-            full = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-            if name in expert_names:
-                full = full[place.first:place.first + place.num_local]  # [El, ...]
-            p.copy_(full)
-            drawn += 1
-    return drawn
-
-
-def _has_experts(model: nn.Module) -> bool:
-    return any(name.endswith("moe.experts") for name, _ in model.named_modules())
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints under DeepSpeed: every rank keeps its own shard
-# ------------------------------------------------------------------------------------------------
-# ZeRO partitions the optimizer state (and under ZeRO-3 the params), and under EP each rank holds
-# different experts, so every rank writes what it holds, in safetensors: its trainable params as it
-# sees them (ZeRO-3: its partition), the fp32 master partition DeepSpeed steps, and the state of the
-# torch optimizer under DeepSpeed. Resuming needs the same launch (world size, EP, ZeRO stage).
-
-
-def _zero_optimizer(optimizer):
-    """The DeepSpeed ZeRO optimizer behind accelerate's wrapper."""
-    zero = getattr(optimizer, "optimizer", optimizer)
-    if not hasattr(zero, "refresh_fp32_params"):
-        raise ParallelError(f"expected a DeepSpeed ZeRO optimizer, got {type(zero).__name__}")
-    return zero
-
-
-def _fp32_partitions(zero) -> list[torch.Tensor]:
-    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        return list(zero.single_partition_of_fp32_groups)
-    return list(zero.fp32_partitioned_groups_flat)  # ZeRO-3
-
-
-def _local_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    # ZeRO-3 params are empty placeholders; `ds_tensor` is this rank's partition of each.
-    return {n: getattr(p, "ds_tensor", p) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
-    """model-rank{r}.safetensors + optimizer-rank{r}.safetensors/.json of this rank (every rank calls)."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-
-    directory = Path(directory)
-    zero = _zero_optimizer(optimizer)
-    save_file({n: t.detach().contiguous().cpu() for n, t in _local_trainable(model).items()},
-              directory / f"model-rank{rank}.safetensors")
-    # The torch optimizer's state is keyed by DeepSpeed's fp32 partitions; under ZeRO-3 they are not
-    # in its param_groups between steps, so `state_dict()` cannot name them: keyed by partition here.
-    tensors, meta = {}, {}
-    for i, flat in enumerate(_fp32_partitions(zero)):
-        tensors[f"fp32.{i}"] = flat.detach().cpu()
-        for key, value in zero.optimizer.state.get(flat, {}).items():
-            if torch.is_tensor(value):
-                tensors[f"state.{i}.{key}"] = value.detach().cpu()
-            else:
-                meta.setdefault(str(i), {})[key] = value
-    save_file(tensors, directory / f"optimizer-rank{rank}.safetensors")
-    (directory / f"optimizer-rank{rank}.json").write_text(json.dumps(meta))
-
-
-def load_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
-    """Inverse of `save_rank_shard`; raises naming the file and what differs."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-
-    directory = Path(directory)
-    files = [f"model-rank{rank}.safetensors", f"optimizer-rank{rank}.safetensors", f"optimizer-rank{rank}.json"]
-    missing = [f for f in files if not (directory / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"checkpoint {directory} has no {', '.join(missing)}: it was not written by a DeepSpeed run with "
-            "this many processes; resume with the launch config and parallel: section that wrote it"
-        )
-    zero = _zero_optimizer(optimizer)
-    saved = load_file(directory / files[0])
-    local = _local_trainable(model)
-    for name, t in local.items():
-        if name not in saved or saved[name].shape != t.shape:
-            raise ValueError(
-                f"{directory / files[0]}: {name} is {tuple(saved[name].shape) if name in saved else 'missing'}, "
-                f"this run holds {tuple(t.shape)}: resume with the recipe and launch config that wrote it"
-            )
-    with torch.no_grad():
-        for name, t in local.items():
-            t.copy_(saved[name])
-    saved_opt = load_file(directory / files[1])
-    meta = json.loads((directory / files[2]).read_text())
-    for i, flat in enumerate(_fp32_partitions(zero)):
-        with torch.no_grad():
-            flat.copy_(saved_opt[f"fp32.{i}"])
-        prefix = f"state.{i}."
-        state = {k.removeprefix(prefix): v.to(flat.device) for k, v in saved_opt.items() if k.startswith(prefix)}
-        state.update(meta.get(str(i), {}))
-        if state:
-            zero.optimizer.state[flat] = state
 
 
 def consolidated_state_dict(accelerator, model: nn.Module, section: ParallelSection, place: ExpertPlacement,

@@ -6,5 +6,6 @@
     tracking       W&B / JSONL metrics, redacted config, one run per stage across resumes
     batches        token rows -> model batch (the batch contract: document id -1 = padding)
     model_setup    build the stage's model (checkpoint, preset, 4-bit base, LoRA) and save the result
+    lora_init      LoRA A drawn the same whatever the expert placement (ep=N trains what ep=1 trains)
     dpo_loss       preference losses (sigmoid, robust, hinge, IPO) on summed completion log-probs
 """

@@ -7,6 +7,10 @@ Layout of ``<output_dir>/checkpoints/step-000120/``:
     rng-rank<r>.safetensors torch CPU (and CUDA) generator states of process r
     state.json              step, data position, scheduler, optimizer hyper-parameters, python RNG
 
+Under DeepSpeed every rank writes what it holds instead of model/optimizer.safetensors
+(`save_rank_shard`): ``model-rank<r>.safetensors``, ``optimizer-rank<r>.safetensors`` and
+``optimizer-rank<r>.json``; state.json then says ``"deepspeed": true``.
+
 A checkpoint is written into ``.tmp-step-000120`` and renamed when complete, so a directory named
 ``step-*`` is always whole; a run killed while saving leaves only a ``.tmp-*`` that is ignored and
 cleaned up by the next save.
@@ -24,6 +28,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.distributed.parallel import ParallelError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
@@ -181,7 +188,7 @@ def copy_saved_tensors(saved: dict[str, torch.Tensor], live: dict[str, torch.Ten
 
     Refuses a checkpoint whose names or shapes are not the run's (`copy_` would broadcast some shapes
     silently), naming `where` (the file) and what differs; `hint` says how to resume instead. The
-    plain trainer and the DeepSpeed rank shards (pipeline/distributed/parallel.py) load through it."""
+    plain trainer and the DeepSpeed rank shards (`load_rank_shard` below) load through it."""
     missing, unexpected = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
     if missing or unexpected:
         raise ValueError(f"{where} does not match this run's trainable tensors (missing {missing[:3]}, "
@@ -193,3 +200,76 @@ def copy_saved_tensors(saved: dict[str, torch.Tensor], live: dict[str, torch.Ten
     with torch.no_grad():
         for name, tensor in live.items():
             tensor.copy_(saved[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints under DeepSpeed: every rank keeps its own shard
+# ----------------------------------------------------------------------------------------------
+# ZeRO partitions the optimizer state (and under ZeRO-3 the params), and under EP each rank holds
+# different experts, so every rank writes what it holds, in safetensors: its trainable params as it
+# sees them (ZeRO-3: its partition), the fp32 master partition DeepSpeed steps, and the state of the
+# torch optimizer under DeepSpeed. Resuming needs the same launch (world size, EP, ZeRO stage).
+
+
+def _zero_optimizer(optimizer):
+    """The DeepSpeed ZeRO optimizer behind accelerate's wrapper."""
+    zero = getattr(optimizer, "optimizer", optimizer)
+    if not hasattr(zero, "refresh_fp32_params"):
+        raise ParallelError(f"expected a DeepSpeed ZeRO optimizer, got {type(zero).__name__}")
+    return zero
+
+
+def _fp32_partitions(zero) -> list[torch.Tensor]:
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(zero.single_partition_of_fp32_groups)
+    return list(zero.fp32_partitioned_groups_flat)  # ZeRO-3
+
+
+def _local_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    # ZeRO-3 params are empty placeholders; `ds_tensor` is this rank's partition of each.
+    return {n: getattr(p, "ds_tensor", p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
+    """model-rank{r}.safetensors + optimizer-rank{r}.safetensors/.json of this rank (every rank calls)."""
+    directory = Path(directory)
+    zero = _zero_optimizer(optimizer)
+    save_file({n: t.detach().contiguous().cpu() for n, t in _local_trainable(model).items()},
+              directory / f"model-rank{rank}.safetensors")
+    # The torch optimizer's state is keyed by DeepSpeed's fp32 partitions; under ZeRO-3 they are not
+    # in its param_groups between steps, so `state_dict()` cannot name them: keyed by partition here.
+    tensors, meta = {}, {}
+    for i, flat in enumerate(_fp32_partitions(zero)):
+        tensors[f"fp32.{i}"] = flat.detach().cpu()
+        for key, value in zero.optimizer.state.get(flat, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"state.{i}.{key}"] = value.detach().cpu()
+            else:
+                meta.setdefault(str(i), {})[key] = value
+    save_file(tensors, directory / f"optimizer-rank{rank}.safetensors")
+    (directory / f"optimizer-rank{rank}.json").write_text(json.dumps(meta))
+
+
+def load_rank_shard(directory, rank: int, model: nn.Module, optimizer) -> None:
+    """Inverse of `save_rank_shard`; raises naming the file and what differs."""
+    directory = Path(directory)
+    files = [f"model-rank{rank}.safetensors", f"optimizer-rank{rank}.safetensors", f"optimizer-rank{rank}.json"]
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {directory} has no {', '.join(missing)}: it was not written by a DeepSpeed run with "
+            "this many processes; resume with the launch config and parallel: section that wrote it"
+        )
+    zero = _zero_optimizer(optimizer)
+    copy_saved_tensors(load_file(directory / files[0]), _local_trainable(model), str(directory / files[0]),
+                       "resume with the recipe and launch config that wrote it")
+    saved_opt = load_file(directory / files[1])
+    meta = json.loads((directory / files[2]).read_text())
+    for i, flat in enumerate(_fp32_partitions(zero)):
+        with torch.no_grad():
+            flat.copy_(saved_opt[f"fp32.{i}"])
+        prefix = f"state.{i}."
+        state = {k.removeprefix(prefix): v.to(flat.device) for k, v in saved_opt.items() if k.startswith(prefix)}
+        state.update(meta.get(str(i), {}))
+        if state:
+            zero.optimizer.state[flat] = state

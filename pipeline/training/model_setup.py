@@ -21,9 +21,10 @@ from torch import nn
 from model.checkpoint import save_pretrained
 from pipeline.distributed import sharded_load
 from pipeline.distributed.expert_parallel import ExpertPlacement, shard_experts
-from pipeline.distributed.parallel import ParallelSection, placement_independent_lora_init
+from pipeline.distributed.parallel import ParallelSection
 from pipeline.recipe import LoraSection, TrainSection
 from pipeline.rundir import record
+from pipeline.training.lora_init import placement_independent_lora_init
 from pipeline.training.optim import freeze_router
 
 

@@ -33,12 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.distributed.comm import group_device
-from pipeline.distributed.parallel import (
-    ParallelError,
-    load_rank_shard,
-    moe_param_groups,
-    save_rank_shard,
-)
+from pipeline.distributed.parallel import ParallelError, moe_param_groups
 from pipeline.training import checkpointing as ckpt
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.tracking import Tracker, expert_load_metrics
@@ -363,7 +358,7 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "world_size": self.world,
                  "total_steps": self.total_steps}
         if self.deepspeed:
-            save_rank_shard(tmp, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
+            ckpt.save_rank_shard(tmp, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
             if self.acc.is_main_process:
                 ckpt.write_json(tmp / ckpt.STATE_FILE, {**state, "deepspeed": True,
                                                         "python_rng": ckpt.python_rng_state()})
@@ -420,7 +415,7 @@ class Trainer:
                 f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                 f"{self.world}: ZeRO shards and the data order would change; resume with the same launch config"
             )
-        load_rank_shard(path, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
+        ckpt.load_rank_shard(path, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         # A scheduler's state holds the lr but does not set it; without a torch optimizer state_dict
         # to restore the groups, the next step would run at the lr the schedule started with.

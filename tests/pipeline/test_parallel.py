@@ -55,7 +55,7 @@ def test_lora_init_is_the_same_whatever_the_expert_placement_and_global_rng():
     from model import Mixtral, MixtralConfig
     from model.lora import apply_lora
     from pipeline.distributed.expert_parallel import ExpertPlacement, shard_experts
-    from pipeline.distributed.parallel import placement_independent_lora_init
+    from pipeline.training.lora_init import placement_independent_lora_init
 
     def build(place: ExpertPlacement, rng_seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""pipeline/plan.py: parameter counts from the meta model, the activation model against what autograd
+"""pipeline/plan/: parameter counts from the meta model, the activation model against what autograd
 really saves, a plan for every launch command in the shipped recipes' headers, the command line's
 exit codes, and the predicted peak against the measured one on CPU (bench/bench_plan.py's cases)."""
 
@@ -13,7 +13,10 @@ import torch
 from recipe_headers import ROOT, pairing_params, preset_of
 
 from model import MixtralConfig
-from pipeline.plan import GB, NF4_BYTES, LayerShape, layer_saved, main, plan
+from pipeline.plan import GB, plan
+from pipeline.plan.activations import LayerShape, layer_saved
+from pipeline.plan.cli import main
+from pipeline.plan.train_step import NF4_BYTES
 from pipeline.preflight import LaunchSpec, load_stage_recipe
 
 MIXTRAL = MixtralConfig.preset("mixtral-8x7b")

@@ -1,0 +1,3 @@
+from pipeline.plan.cli import main
+
+raise SystemExit(main())
