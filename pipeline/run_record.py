@@ -101,13 +101,15 @@ class RunRecord:
 
 def hf_checkpoint_behind(path: str | os.PathLike, max_depth: int = 8) -> Path:
     """The HF checkpoint dir a run dir's records lead to (DPO -> SFT -> base), or ``path`` itself when it
-    holds no record."""
+    holds no record. A full run's model dir is a checkpoint, usually the run dir itself."""
     path = Path(path)
     for _ in range(max_depth):
         if not RunRecord.exists(path):
             return path
         record = RunRecord.read(path)
-        path = record.model_dir if record.kind == "full" else record.base_checkpoint
+        if record.kind == "full":
+            return record.model_dir
+        path = record.base_checkpoint
     raise ValueError(f"{path}: more than {max_depth} run records in a chain")
 
 
