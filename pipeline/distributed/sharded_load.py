@@ -23,10 +23,11 @@ out-of-memory on an 80 GB GPU. So under ZeRO-3 the stages build this way instead
    under zero.Init). `size_zero3_buffers` sizes DeepSpeed's gather and bucket limits to the model.
 
 Afterwards the parameters' own shapes are [0]: `full_shape` / `parameter_count` give the real ones,
-`gathered` makes some of them whole for a moment (`merge_adapter_fp32` merges an SFT adapter layer
-by layer that way; it also cuts an adapter to the experts an expert-parallel rank holds, for DPO and
-eval), `forward_gathers` lets a forward run before DeepSpeed's engine exists (DPO's reference pass)
-and `trainable_state_dict` collects the adapter at the end without gathering the frozen base.
+`gathered` makes some of them whole for a moment (`merge_adapter_fp32`, DPO's, merges an SFT
+adapter layer by layer that way and cuts it to the experts an expert-parallel rank holds; eval
+merges as export does, pipeline/adapter_merge.py), `forward_gathers` lets a forward run before
+DeepSpeed's engine exists (DPO's reference pass) and `trainable_state_dict` collects the adapter at
+the end without gathering the frozen base.
 """
 
 from __future__ import annotations
