@@ -253,21 +253,27 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (delta gate_up_proj[expert] [2F, H], delta down_proj[expert] [H, F]) of one adapter."""
-        r, scaling = self.r[adapter], self.scaling[adapter]
-        gate_up_a = self.lora_gate_up_A[adapter][expert].float()  # [2R, H]
-        gate_up_b = self.lora_gate_up_B[adapter][expert].float()  # [2F, R]
-        ffn = gate_up_b.shape[0] // 2
-        delta_gate_up = torch.cat((gate_up_b[:ffn] @ gate_up_a[:r], gate_up_b[ffn:] @ gate_up_a[r:]))
-        delta_down = self.lora_down_B[adapter][expert].float() @ self.lora_down_A[adapter][expert].float()
-        return delta_gate_up * scaling, delta_down * scaling
+        base, device = self.get_base_layer(), self.lora_gate_up_A[adapter].device
+        deltas = [torch.zeros(w.shape[1:], device=device) for w in (base.gate_up_proj, base.down_proj)]
+        self._add_expert_deltas(adapter, deltas, self.scaling[adapter], expert)
+        return deltas[0], deltas[1]
+
+    def _add_expert_deltas(self, adapter: str, weights: list[torch.Tensor], scale: float, expert: int) -> None:
+        """In place on fp32 (gate_up_proj[expert], down_proj[expert]): + scale * B @ A (`add_lora_delta`)."""
+        for weight, which in zip(weights, ("gate_up", "down"), strict=True):
+            a = getattr(self, f"lora_{which}_A")[adapter][expert : expert + 1].float().to(weight.device)  # [1, r, in]
+            b = getattr(self, f"lora_{which}_B")[adapter][expert : expert + 1].float().to(weight.device)  # [1, out, r]
+            add_lora_delta(weight[None], {f"{which}_A": a, f"{which}_B": b}, scale)
 
     def _updated_expert_weights(self, adapter: str, sign: float, expert: int):
-        """(parameter, its new value for `expert`) for gate_up_proj and down_proj, summed in fp32."""
+        """(parameter, its new value for `expert`) for gate_up_proj and down_proj, summed in fp32 by
+        `add_lora_delta` (export's and eval's merge: the same inputs give the same bits)."""
         base = self.get_base_layer()
         weights = (base.gate_up_proj, base.down_proj)
-        deltas = self.get_delta_weight(adapter, expert)
-        for weight, delta in zip(weights, deltas, strict=True):
-            yield weight, (weight[expert].float() + sign * delta.to(weight.device)).to(weight.dtype)
+        merged = [weight[expert].to(torch.float32, copy=True) for weight in weights]  # [2F, H], [H, F]
+        self._add_expert_deltas(adapter, merged, sign * self.scaling[adapter], expert)
+        for weight, value in zip(weights, merged, strict=True):
+            yield weight, value.to(weight.dtype)
 
     def _add_delta(self, adapter: str, sign: float) -> None:
         # One expert at a time: the fp32 delta of a whole 8x7B expert stack would be ~3.7 GB per layer.
@@ -310,6 +316,30 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def add_lora_delta(weight: torch.Tensor, parts: dict[str, torch.Tensor], scale: float) -> None:
+    """In place: weight += scale * B @ A, per expert for the stacked expert adapters (this module's
+    layout). The one LoRA merge of the project: export's stream, eval's load, DPO's SFT merge and
+    `ExpertLoraLayer.merge` all call it on fp32 tensors, so the same weights and adapter give the
+    same bits everywhere (on one kind of device: the BLAS decides the last bit).
+
+    ``parts`` (fp32, on ``weight``'s device): {"A" [R, in], "B" [out, R]} for a linear weight
+    [out, in]; {"gate_up_A" [E, 2R, H], "gate_up_B" [E, 2F, R]} for gate_up_proj [E, 2F, H];
+    {"down_A" [E, R, F], "down_B" [E, H, R]} for down_proj [E, H, F].
+    """
+    if "A" in parts:
+        weight.addmm_(parts["B"], parts["A"], alpha=scale)  # [out, R] @ [R, in]
+    elif "gate_up_A" in parts:
+        a, b = parts["gate_up_A"], parts["gate_up_B"]  # [E, 2R, H], [E, 2F, R]
+        r, f = a.shape[1] // 2, b.shape[1] // 2
+        for e in range(weight.shape[0]):  # one expert at a time: no [E, 2F, H] temporary
+            weight[e, :f].addmm_(b[e, :f], a[e, :r], alpha=scale)  # w1
+            weight[e, f:].addmm_(b[e, f:], a[e, r:], alpha=scale)  # w3
+    else:
+        a, b = parts["down_A"], parts["down_B"]  # [E, R, F], [E, H, R]
+        for e in range(weight.shape[0]):
+            weight[e].addmm_(b[e], a[e], alpha=scale)  # w2
 
 
 def _kaiming_uniform_per_expert(weight: torch.Tensor) -> None:

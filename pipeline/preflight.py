@@ -190,7 +190,7 @@ class Pairing:
 
     @property
     def section(self):
-        """The recipe's `parallel:` section (eval's has no DeepSpeed: `eval.EvalParallelSection`)."""
+        """The recipe's `parallel:` section (eval's has no DeepSpeed: `evaluation.recipe.EvalParallelSection`)."""
         from pipeline.distributed.parallel import ParallelSection
 
         return getattr(self.recipe, "parallel", None) or ParallelSection()
@@ -230,7 +230,7 @@ def check_launch_config(p: Pairing) -> None:
 def check_parallel_launch(p: Pairing) -> None:
     """The recipe's `parallel:` section and the launch describe the same DeepSpeed setup (eval: none)."""
     if p.stage == "eval":
-        from pipeline.eval import check_eval_launch
+        from pipeline.evaluation.recipe import check_eval_launch
 
         check_eval_launch(p.launch)
         return
@@ -336,11 +336,11 @@ def check_eval_layers(p: Pairing) -> None:
 
 
 def check_eval_models(p: Pairing) -> None:
-    """Every `models:` entry holds a finished run or a checkpoint (`eval.resolve_models`), when the
+    """Every `models:` entry holds a finished run or a checkpoint (`resolve_models`), when the
     directories are on this machine."""
     if p.stage != "eval":
         return
-    from pipeline.eval import resolve_models
+    from pipeline.evaluation.models import resolve_models
 
     absent = [f"models.{name}: {directory}" for name, directory in p.recipe.models.items()
               if not Path(directory).exists()]
@@ -404,7 +404,7 @@ def load_stage_recipe(path: str | os.PathLike, overrides=(), stage: str | None =
     elif stage == "dpo":
         from pipeline.dpo import DPORecipe as cls
     else:
-        from pipeline.eval import EvalRecipe as cls
+        from pipeline.evaluation.recipe import EvalRecipe as cls
     return build(cls, raw, source=str(path))
 
 

@@ -11,13 +11,11 @@ status 2 for every such error, with one line saying what is wrong.
 
 from __future__ import annotations
 
-import functools
 import sys
 
-from data_prep.config import DataConfig
-from data_prep.prepare import PrepError, prepare
-from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli
-from pipeline.rundir import check_ownable, owned_output
+from data_prep.prepare import PrepError
+from pipeline.config import RecipeError, parse_cli
+from pipeline.prep_data import prepare_recipe_data
 
 USAGE = "usage: python -m pipeline.prep RECIPE.yaml [--force] [data.key=value ...]"
 
@@ -29,16 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = [a for a in argv if a != "--force"]
     path, overrides = parse_cli(argv, usage=USAGE)
 
-    # 2. Recipe: only the data section is built and checked here.
-    raw = load_recipe_dict(path, overrides)
-    if "data" not in raw:
-        raise RecipeError(f"{path}: no `data:` section; the prep stage needs one (see recipes/tiny/sft.yaml)")
-    data = build(DataConfig, raw["data"], source=str(path), prefix="data")
-
-    # 3. Run (skips when the output's fingerprint matches); refuse a directory prep may not write
-    #    before the work, then own and lock it while writing.
-    check_ownable(data.output_dir, "prep", key="data.output_dir")
-    return prepare(data, force=force, own_output=functools.partial(owned_output, stage="prep", key="data.output_dir"))
+    # 2. The recipe's data section only, prepared (pipeline/prep_data.py; skipped when up to date).
+    return prepare_recipe_data(path, overrides, force=force)
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ class SFTRecipe:
 
 def quantization_record(model) -> dict | None:
     """A stage manifest's `quantization`: how the base was stored while the adapter trained; export
-    merges the adapter into the same dequantized weights (pipeline/export/merge.py)."""
+    merges the adapter into the same dequantized weights (pipeline/adapter_merge.py)."""
     if model.quantization is None:
         return None
     return {"type": model.quantization, "dtype": model.dtype}

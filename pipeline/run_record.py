@@ -1,5 +1,6 @@
 """The run record: ``manifest.json``, written last by a training stage (SFT, DPO) into its output dir
-and read by the stages after it (DPO, export, eval, the preflight). Read and written here only.
+and read by the stages after it (DPO, export, eval, the preflight). Read and written here only;
+`resolve_source` follows a chain of records back to a base checkpoint and the adapters on it.
 
 A record says what the run left and what it was trained on:
 
@@ -100,14 +101,75 @@ class RunRecord:
 
 def hf_checkpoint_behind(path: str | os.PathLike, max_depth: int = 8) -> Path:
     """The HF checkpoint dir a run dir's records lead to (DPO -> SFT -> base), or ``path`` itself when it
-    holds no record."""
+    holds no record. A full run's model dir is a checkpoint, usually the run dir itself."""
     path = Path(path)
     for _ in range(max_depth):
         if not RunRecord.exists(path):
             return path
         record = RunRecord.read(path)
-        path = record.model_dir if record.kind == "full" else record.base_checkpoint
+        if record.kind == "full":
+            return record.model_dir
+        path = record.base_checkpoint
     raise ValueError(f"{path}: more than {max_depth} run records in a chain")
+
+
+@dataclass
+class Source:
+    """A model as a base checkpoint plus the PEFT adapters merged onto it, in order (export's input,
+    eval's model): what a run dir's records lead back to."""
+
+    checkpoint: Path  # HF dir: config.json + safetensors (per-expert or fused names)
+    adapters: list[Path]  # PEFT dirs, merged in order
+    manifests: list[dict]  # stage manifests, oldest first (for the model card)
+    # adapter dir -> its stage's `quantization` ({"type": "nf4", "dtype": ...}): trained on a 4-bit base
+    quantized: dict[str, dict] = field(default_factory=dict)
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    )
+
+
+def resolve_source(path: str | os.PathLike) -> Source:
+    """Follow a run dir's records back to an HF checkpoint; collect the adapters to merge on the way
+    (a DPO run over a LoRA SFT run: [SFT adapter, DPO adapter]). An HF checkpoint dir is itself.
+
+    Reads ``kind`` ("lora" or "full"), ``base.checkpoint`` (an HF dir or another stage dir),
+    ``base.adapters`` (adapters already under the base, optional), ``adapter_dir`` / ``model_dir``.
+    """
+    path = Path(path)
+    if not RunRecord.exists(path):
+        if is_hf_checkpoint(path):
+            return Source(path, [], [])
+        if any(path.glob("model-rank*.safetensors")):
+            raise ValueError(
+                f"{path}: per-rank ZeRO/EP checkpoint shards (model-rank*.safetensors) are for resuming; "
+                "use the finished stage output dir (its manifest.json names the gathered adapter or model)"
+            )
+        if (path / "adapter_config.json").is_file():
+            raise ValueError(
+                f"{path}: a PEFT adapter without manifest.json, so its base model is unknown (export takes "
+                f"it as source.checkpoint: BASE and source.adapters: [{str(path)!r}])"
+            )
+        raise FileNotFoundError(
+            f"{path}: neither a stage output dir (manifest.json) nor an HF checkpoint (config.json + "
+            "model*.safetensors)"
+        )
+    record = RunRecord.read(path)
+    if record.kind == "full":
+        if not is_hf_checkpoint(record.model_dir):
+            raise FileNotFoundError(f"{record.path}: kind 'full' but {record.model_dir} holds no HF checkpoint")
+        return Source(record.model_dir, [], [record.fields])
+    parent = resolve_source(record.base_checkpoint)
+    adapter = record.adapter_dir
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{record.path}: adapter dir {adapter} has no adapter_config.json")
+    quantized = dict(parent.quantized)
+    if record.quantization:
+        quantized[str(adapter)] = record.quantization
+    return Source(parent.checkpoint, parent.adapters + record.base_adapters + [adapter],
+                  parent.manifests + [record.fields], quantized)
 
 
 def write_training_record(out: Path, *, stage: str, lora, quantization: dict | None, base: dict,

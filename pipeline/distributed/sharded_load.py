@@ -23,10 +23,11 @@ out-of-memory on an 80 GB GPU. So under ZeRO-3 the stages build this way instead
    under zero.Init). `size_zero3_buffers` sizes DeepSpeed's gather and bucket limits to the model.
 
 Afterwards the parameters' own shapes are [0]: `full_shape` / `parameter_count` give the real ones,
-`gathered` makes some of them whole for a moment (`merge_adapter_fp32` merges an SFT adapter layer
-by layer that way; it also cuts an adapter to the experts an expert-parallel rank holds, for DPO and
-eval), `forward_gathers` lets a forward run before DeepSpeed's engine exists (DPO's reference pass)
-and `trainable_state_dict` collects the adapter at the end without gathering the frozen base.
+`gathered` makes some of them whole for a moment (`merge_adapter_fp32`, DPO's, merges an SFT
+adapter layer by layer that way and cuts it to the experts an expert-parallel rank holds; eval
+merges as export does, pipeline/adapter_merge.py), `forward_gathers` lets a forward run before
+DeepSpeed's engine exists (DPO's reference pass) and `trainable_state_dict` collects the adapter at
+the end without gathering the frozen base.
 """
 
 from __future__ import annotations
@@ -314,9 +315,11 @@ EXPERT_LORA_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_
 def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """``base`` with the PEFT adapter in ``adapter_dir`` merged: W = cast(fp32(W) + fp32(s * B A)).
 
-    PEFT's own merge adds a delta already rounded to the weight dtype (two roundings in bf16);
-    export sums in fp32 and rounds once, and so does this. Expert tensors of an adapter trained on
-    all experts are cut to the experts ``base`` holds (``base.expert_ids``).
+    DPO's merge of the SFT adapter into a base it holds as it trains (this rank's experts, ZeRO-3
+    partitions or 4-bit). PEFT's own merge adds a delta already rounded to the weight dtype (two
+    roundings in bf16); this sums in fp32 with `model.lora.add_lora_delta`, export's and eval's
+    merge, and rounds once. Expert tensors of an adapter trained on all experts are cut to the
+    experts ``base`` holds (``base.expert_ids``).
     """
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.tuners.lora import Linear as LoraLinear
@@ -353,10 +356,9 @@ def merge_adapter_fp32(base: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
                     module.merge()  # per expert, summed in fp32 (model/lora.py)
                     continue
                 weight = module.get_base_layer().weight
-                for adapter in module.active_adapters:
-                    a = module.lora_A[adapter].weight.float()  # [R, in]
-                    b = module.lora_B[adapter].weight.float()  # [out, R]
-                    weight.copy_((weight.float() + module.scaling[adapter] * (b @ a)).to(weight.dtype))
+                merged = weight.to(torch.float32, copy=True)  # [out, in]
+                _add_linear_deltas(module, merged)
+                weight.copy_(merged.to(weight.dtype))
     # The deltas are in the weights now: drop the adapter layers without merging them again.
     return peft_model.unload()
 
@@ -367,12 +369,19 @@ def _merge_into_nf4_linear(module) -> None:
 
     base = module.get_base_layer()
     weight = quant.dequantize_linear(base)
-    merged = weight.float()
-    for adapter in module.active_adapters:
-        a = module.lora_A[adapter].weight.float()  # [R, in]
-        b = module.lora_B[adapter].weight.float()  # [out, R]
-        merged += module.scaling[adapter] * (b @ a).to(merged.device)
+    merged = weight.to(torch.float32, copy=True)
+    _add_linear_deltas(module, merged)
     base.weight = quant.nf4_linear(merged.to(weight.dtype)).weight
+
+
+def _add_linear_deltas(module, merged: torch.Tensor) -> None:
+    """In place on the fp32 copy of a PEFT LoRA Linear's weight: every active adapter's delta, by
+    `model.lora.add_lora_delta` (export's and eval's merge)."""
+    from model.lora import add_lora_delta
+
+    for adapter in module.active_adapters:
+        parts = {"A": module.lora_A[adapter].weight, "B": module.lora_B[adapter].weight}  # [R, in], [out, R]
+        add_lora_delta(merged, {k: v.float().to(merged.device) for k, v in parts.items()}, module.scaling[adapter])
 
 
 def gathered(params) -> contextlib.AbstractContextManager:

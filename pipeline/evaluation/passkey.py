@@ -8,7 +8,8 @@ the key never straddles a filler sentence.
     sample = build_prompt(encode, length=1024, depth=0.25, key="52718", bos_id=1)
     correct = is_correct(tokenizer.decode(greedy_generate(model, sample.input_ids, 16, eos_id, device)), sample.key)
 
-`greedy_generate` answers with a KV cache sized once for prompt + answer: the prompt (up to 32k
+`passkey_grid` runs the grid of a recipe's `passkey:` section on a model. `greedy_generate` answers
+with a KV cache sized once for prompt + answer: the prompt (up to 32k
 tokens) is one forward that runs the LM head on its last position only, then each new token is
 one forward over that token alone, with no attention mask.
 """
@@ -19,11 +20,15 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from model import KVCache
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.recipe import PasskeySection
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -147,3 +152,15 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_id: in
         new.append(token)
         ids = torch.tensor([[token]], device=device)  # [1, 1]
     return new
+
+
+def passkey_grid(model, tokenizer, section: PasskeySection, device: torch.device) -> dict:
+    """Passkey accuracy per (length, depth) with greedy answers, plus the mean over all cells."""
+
+    def answer(ids: list[int]) -> str:
+        return tokenizer.decode(greedy_generate(model, ids, section.max_new_tokens, tokenizer.eos_id, device))
+
+    grid = run_grid(tokenizer.encode, answer, section.lengths, section.depths, section.trials, section.seed,
+                       tokenizer.bos_id, section.template)
+    grid["mean_accuracy"] = sum(map(sum, grid["accuracy"])) / (len(section.lengths) * len(section.depths))
+    return grid

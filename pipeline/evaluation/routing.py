@@ -13,6 +13,8 @@ boundary, a row boundary or padding is never counted.
   fine-tuning moved them.
 - :class:`RoutingStats`: accumulates all of the above over batches, per layer and per source
   (a token's source is its document's: packed rows mix sources).
+- :func:`routing_shift`: total variation between every two evaluated models' expert shares.
+- :func:`routing_text`: the first-choice expert of every token of sample documents (runs the model).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from model.moe import route_tokens
+from pipeline.evaluation.data import first_documents
 
 
 def top_k_experts(router_logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -228,3 +231,30 @@ class RoutingStats:
             | {"all": shares(self.total(self.first_counts)).tolist()},
             "repetition": {s: rates(self.pairs[s]) for s in sources} | {"all": rates(self.total(self.pairs))},
         }
+
+
+def routing_shift(results: dict[str, dict]) -> dict[str, dict]:
+    """Per layer, total variation between two models' expert-share distributions (all sources
+    together, and per shared source), for every ordered pair of evaluated models."""
+    names = list(results)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = results[a]["routing"]["expert_share"], results[b]["routing"]["expert_share"]
+            out[f"{b} vs {a}"] = {source: total_variation(torch.tensor(ra[source]), torch.tensor(rb[source])).tolist()
+                                  for source in ra if source in rb}
+    return out
+
+
+@torch.no_grad()
+def routing_text(model, rows: list[dict], layers: list[int], samples: int, max_tokens: int,
+                 device: torch.device) -> list[dict]:
+    """The first document of each source (in row order, then document order within a row), run
+    alone: its first ``max_tokens`` tokens and first-choice expert per layer."""
+    out = []
+    for source, input_ids in first_documents(rows, samples):
+        ids = torch.tensor([input_ids[:max_tokens]], device=device)  # [1, n]
+        router_logits = model(ids, output_router_logits=True).router_logits
+        experts = {layer: top_k_experts(router_logits[layer].cpu(), 1)[:, 0].tolist() for layer in layers}
+        out.append({"source": source, "input_ids": input_ids[:max_tokens], "experts": experts})
+    return out

@@ -13,8 +13,8 @@ import torch
 
 from model.checkpoint import NAME_TABLE
 from model.config import MixtralConfig
+from pipeline.adapter_merge import PEFT_PREFIX, Adapter, check_adapters, meta_state
 from pipeline.export.card import base_model_name
-from pipeline.export.merge import PEFT_PREFIX, Adapter, check_adapters, meta_state
 from pipeline.export.recipe import ExportRecipe, VerifySection
 from pipeline.export.source import Source
 from pipeline.export.verify import max_logit_difference, reference_model

@@ -131,10 +131,9 @@ def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) 
 
     from tqdm import tqdm
 
+    from pipeline.adapter_merge import BaseReader, merged_native_params, meta_state
     from pipeline.export.gguf_metadata import add_metadata
     from pipeline.export.gguf_quantize import QUANTIZE_FROM, QUANTIZED_TYPES, quantize, require_llama_cpp
-    from pipeline.export.merge import merged_native_params, meta_state
-    from pipeline.export.source import BaseReader
     from pipeline.hf_tokenizer import DEFAULT_SPM_PATH
 
     try:

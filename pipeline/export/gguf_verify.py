@@ -178,7 +178,7 @@ def check_chat_template(llm, spm_path: Path, prompts: list[str]) -> str:
 
 
 def _native_shapes(config: MixtralConfig) -> dict[str, tuple[int, ...]]:
-    from pipeline.export.merge import meta_state
+    from pipeline.adapter_merge import meta_state
 
     return {k: tuple(v.shape) for k, v in meta_state(config).items()}
 

@@ -52,6 +52,7 @@ from model.checkpoint import (
     write_json,
 )
 from model.config import DTYPES, MixtralConfig
+from pipeline.adapter_merge import Adapter, BaseReader, merged_native_params, meta_state, open_adapters
 from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe, to_dict
 from pipeline.export.adapter import write_adapter
 from pipeline.export.card import model_card, portable
@@ -62,9 +63,8 @@ from pipeline.export.formats import (
     params_json,
 )
 from pipeline.export.gguf import write_gguf
-from pipeline.export.merge import Adapter, merged_native_params, meta_state
 from pipeline.export.recipe import ExportRecipe
-from pipeline.export.source import BaseReader, Source, source_from_recipe
+from pipeline.export.source import Source, source_from_recipe
 from pipeline.export.verify import verify_consolidated, verify_hf_export
 from pipeline.export.writer import ShardWriter, streaming_threads
 from pipeline.rundir import acquire_lock, check_ownable, remove_stale_siblings, sibling_lock_path
@@ -106,9 +106,7 @@ def _export_locked(recipe: ExportRecipe, out: Path, log: Callable[[str], None]) 
     # 1. Source.
     source = source_from_recipe(recipe.source)
     config = MixtralConfig.from_hf(source.checkpoint / "config.json")
-    adapters = [Adapter.open(a) for a in source.adapters]
-    for adapter in adapters:
-        adapter.base_quantization = source.quantized.get(str(adapter.dir))
+    adapters = open_adapters(source)
     log(f"export: base {source.checkpoint}, {len(adapters)} adapter(s): {[str(a.dir) for a in adapters]}"
         + "".join(f"; {a.dir} trained on a {a.base_quantization['type']} base, merged into it dequantized"
                   for a in adapters if a.base_quantization))

@@ -10,22 +10,16 @@ import torch
 from data_prep import encode_messages, load_tokenizer
 from model import Mixtral, MixtralConfig
 from model.checkpoint import save_pretrained
+from model.losses import IGNORE_INDEX
 from pipeline.config import RecipeError
-from pipeline.eval import (
-    IGNORE_INDEX,
-    EvalRecipe,
-    collate,
-    document_sources,
-    first_documents,
-    greedy_generate,
-    load_model_dir,
-    loss_and_routing,
-    main,
-    read_rows,
-    resolve_models,
-    routing_text,
-    token_nll,
-)
+from pipeline.eval import main
+from pipeline.evaluation.data import document_sources, first_documents, read_rows
+from pipeline.evaluation.models import load_model_dir, resolve_models
+from pipeline.evaluation.passkey import greedy_generate
+from pipeline.evaluation.perplexity import loss_and_routing, token_nll
+from pipeline.evaluation.recipe import EvalRecipe
+from pipeline.evaluation.routing import routing_text
+from pipeline.training.batches import collate_rows as collate
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "tiny" / "eval.yaml"
@@ -374,8 +368,8 @@ def test_bad_recipe_values_name_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_offline_gets_every_plot_and_table(tmp_path, monkeypatch):
-    from pipeline.eval import log_wandb
     from pipeline.evaluation.report import plot_lines
+    from pipeline.evaluation.results import log_wandb
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

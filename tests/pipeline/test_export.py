@@ -208,6 +208,35 @@ def test_bf16_default_from_a_full_checkpoint_equals_the_cast_weights(runs):
             assert torch.equal(got.get_tensor(name), base.get_tensor(name).to(torch.bfloat16)), name
 
 
+def _same_bytes(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], experts=None) -> None:
+    """Every tensor of ``want`` (an expert stack: only ``experts``) in ``got``, byte for byte."""
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        if experts is not None and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensor = tensor[experts]
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(got[name].contiguous().view(torch.uint8), tensor.contiguous().view(torch.uint8)), name
+
+
+def test_eval_loads_the_bits_the_export_writes(runs, fp32_export):
+    """One merge (pipeline/adapter_merge.py): eval's model of the DPO run (base <- SFT LoRA and
+    trained router <- DPO rsLoRA) holds, at the export's dtype, the bytes export writes; so does an
+    expert-parallel rank, for its experts."""
+    from pipeline.distributed.expert_parallel import ExpertPlacement
+    from pipeline.evaluation.models import load_model_dir
+
+    root, _ = runs
+    raw = {"source": {"run_dir": str(root / "dpo")}, "output_dir": str(root / "export-bf16-eval"),
+           "export": {"progress_bar": False}, "verify": {"enabled": False}}
+    bf16_export = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+    for written, dtype in ((fp32_export, torch.float32), (bf16_export, torch.bfloat16)):
+        want = load_pretrained(written, dtype=dtype).state_dict()  # the stored bytes: no cast
+        _same_bytes(load_model_dir(root / "dpo", dtype).state_dict(), want)
+    for rank in (0, 1):
+        place = ExpertPlacement(8, 2, rank)
+        _same_bytes(load_model_dir(root / "dpo", torch.bfloat16, place).state_dict(), want, place.expert_ids)
+
+
 def _permute_to_hf(w, n_heads):
     # transformers' convert_mixtral_weights_to_hf.py permute (consolidated -> HF), written from FORMATS.md.
     dim1, dim2 = w.shape

@@ -69,13 +69,15 @@ def test_qlora_sft_trains_and_the_export_is_the_trained_model(sft):
     exported = load_pretrained(merged).eval()
     trained = _qlora_model(out)
     ids = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    from pipeline.eval import load_model_dir
+    from pipeline.evaluation.models import load_model_dir
 
     with torch.no_grad():
         ours, theirs = exported(ids).logits, trained(ids).logits
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
-        # eval reads the run dir the same way (merged into the 4-bit base's numbers)
-        torch.testing.assert_close(load_model_dir(out).eval()(ids).logits, theirs, rtol=0, atol=1e-4)
+        # eval reads the run dir the same way (merged into the 4-bit base's numbers): the export's bytes
+        evaluated, written = load_model_dir(out).eval(), exported.state_dict()
+        assert all(torch.equal(evaluated.state_dict()[n].view(torch.uint8), t.view(torch.uint8)) for n, t in written.items())
+        torch.testing.assert_close(evaluated(ids).logits, theirs, rtol=0, atol=1e-4)
         # which is not the adapter on the full-precision base: the export holds the 4-bit base's numbers.
         from peft import PeftModel
 

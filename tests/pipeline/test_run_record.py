@@ -28,6 +28,16 @@ def test_a_dpo_record_leads_through_the_sft_record_to_the_base(tmp_path):
     assert RunRecord.read(sft).fields == {"kind": "lora", "base": {"checkpoint": str(base)}}
 
 
+def test_a_full_run_is_its_own_checkpoint(tmp_path):
+    # SFT's full fine-tuning writes the model into the run dir, next to its record (model_dir defaults to it).
+    full = write(tmp_path / "sft", {"kind": "full", "base": {"checkpoint": str(tmp_path / "base")}})
+    (full / "config.json").write_text(json.dumps({"num_local_experts": 4}))
+    dpo = write(tmp_path / "dpo", {"kind": "lora", "base": {"checkpoint": str(full)}})
+    assert hf_checkpoint_behind(full) == full
+    assert hf_checkpoint_behind(dpo) == full
+    assert RunRecord.read(dpo).config_file() == full / "config.json"
+
+
 def test_bad_records_name_the_file_and_the_field(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{RECORD_FILE} not found: say why"):
         RunRecord.read(tmp_path, missing_hint="say why")
