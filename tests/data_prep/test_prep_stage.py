@@ -385,6 +385,18 @@ def test_the_command_exits_2_with_one_line_naming_the_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: data.sources: {binary}: 0 of ") and "invalid_utf8" in lines[0]
 
 
+def test_prep_imports_no_torch():
+    """Data prep needs IGNORE_INDEX, not torch (~1.5 s to import): neither the library nor the prep
+    command imports it (nor the training stack the stage skeleton runs for SFT and DPO)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "accelerate", "deepspeed", "transformers")
+    code = f"import sys, data_prep.prepare, pipeline.prep; print([m for m in {heavy} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_an_empty_eval_split_is_left_out_and_loads_as_none(tmp_path):
     from data_prep.dataset import load_prepared, no_eval_note
 
