@@ -29,37 +29,21 @@ import copy
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
-from data_prep.config import DataConfig
 from data_prep.dataset import load_prepared
 from model.losses import IGNORE_INDEX, shift_labels
 from pipeline.config import build, load_recipe_dict
 from pipeline.distributed import sharded_load
 from pipeline.distributed.comm import group_device
 from pipeline.distributed.sharded_load import merge_adapter_fp32
-from pipeline.recipe import (
-    LoraSection,
-    ParallelSection,
-    TrackingSection,
-    TrainSection,
-    check_quantization_recipe,
-    quantization_record,
-)
+from pipeline.recipe import DPORecipe, DPOSection, quantization_record
 from pipeline.run_record import SFT_DIR_HINT, RunRecord, write_training_record
 from pipeline.stage import StageState, TrainingStage, run_training_stage
-from pipeline.training.dpo_loss import (
-    SMOOTHED_LOSS_TYPES,
-    chosen_nll,
-    preference_loss,
-    reward_sums,
-    split_pairs,
-)
+from pipeline.training.dpo_loss import chosen_nll, preference_loss, reward_sums, split_pairs
 from pipeline.training.model_setup import build_model
 from pipeline.training.trainer import TaskOutput, stage_main
 
@@ -67,89 +51,6 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
 PAD_ID = 0
 REF_CACHE_DIR = "ref_logps"
-
-
-# ----------------------------------------------------------------------------------------------
-# Recipe
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DPOModelSection:
-    # The SFT output directory (its manifest.json says base checkpoint + adapter, or full model).
-    sft_dir: str
-    # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    gradient_checkpointing: bool = False
-    # Each decoder layer compiled as a region of its own (as in SFT).
-    compile: bool = False
-    # Completion tokens per LM-head chunk: only labelled positions go through lm_head and no
-    # [2B, S, V] logits are held; null = one LM-head call on the completion tokens of the batch.
-    logits_chunk_size: int | None = 4096
-    router_aux_loss_coef: float = 0.02
-    router_z_loss_coef: float = 0.0
-    # Full fine-tuning: keep the router fixed (LoRA never trains it unless lora.train_router).
-    freeze_router: bool = False
-    # QLoRA (as in SFT): the SFT model (an SFT adapter merged in fp32) stored 4-bit; needs LoRA.
-    # The reference is the 4-bit model with the DPO adapter disabled.
-    quantization: Literal["nf4"] | None = None
-
-    def __post_init__(self):
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ValueError("model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0")
-        if self.logits_chunk_size is not None and self.logits_chunk_size <= 0:
-            raise ValueError(f"model.logits_chunk_size must be > 0 or null, got {self.logits_chunk_size}")
-
-
-@dataclass
-class DPOSection:
-    # Strength of the KL anchor to the reference: small beta lets the policy move further.
-    beta: float = 0.1
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
-    # Assumed rate of flipped preference labels (cDPO with sigmoid, rDPO with robust).
-    label_smoothing: float = 0.0
-    # Weight of the token-mean NLL of the chosen completions added to the loss (RPO); 0 = off.
-    nll_coef: float = 0.0
-    # Reference log-probs computed once before training and cached with the dataset.
-    precompute_ref_log_probs: bool = True
-    # Pairs per forward when precomputing.
-    ref_batch_size: int = 8
-
-    def __post_init__(self):
-        if self.beta <= 0:
-            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
-        if self.label_smoothing and self.loss_type not in SMOOTHED_LOSS_TYPES:
-            raise ValueError(
-                f"dpo.label_smoothing is for loss_type {' or '.join(SMOOTHED_LOSS_TYPES)}; "
-                f"{self.loss_type} has no label-noise term: set it to 0"
-            )
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.nll_coef < 0:
-            raise ValueError(f"dpo.nll_coef must be >= 0, got {self.nll_coef}")
-        if self.ref_batch_size < 1:
-            raise ValueError(f"dpo.ref_batch_size must be >= 1, got {self.ref_batch_size}")
-
-
-@dataclass
-class DPORecipe:
-    model: DPOModelSection
-    data: DataConfig
-    output_dir: str
-    # Names the stage a recipe is for, so an SFT recipe given to DPO fails here.
-    stage: Literal["dpo"] = "dpo"
-    dpo: DPOSection = field(default_factory=DPOSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-
-    def __post_init__(self):
-        if self.data.kind != "dpo":
-            raise ValueError(f"data.kind is {self.data.kind!r}; the DPO stage needs data.kind: dpo")
-        if self.lora.enabled and self.model.freeze_router and self.lora.train_router:
-            raise ValueError("model.freeze_router and lora.train_router contradict each other; pick one")
-        check_quantization_recipe(self.model, self.lora)
 
 
 def load_recipe(path: str, overrides: list[str]) -> DPORecipe:

@@ -402,7 +402,7 @@ def load_stage_recipe(path: str | os.PathLike, overrides=(), stage: str | None =
     if stage == "sft":
         from pipeline.recipe import SFTRecipe as cls
     elif stage == "dpo":
-        from pipeline.dpo import DPORecipe as cls
+        from pipeline.recipe import DPORecipe as cls
     else:
         from pipeline.eval import EvalRecipe as cls
     return build(cls, raw, source=str(path))

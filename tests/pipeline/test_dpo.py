@@ -11,8 +11,6 @@ from model.checkpoint import load_pretrained, save_pretrained
 from model.lora import apply_lora
 from pipeline.config import RecipeError, build
 from pipeline.dpo import (
-    DPORecipe,
-    DPOSection,
     DPOTask,
     Reference,
     attach_reference_log_probs,
@@ -25,6 +23,7 @@ from pipeline.dpo import (
     ref_cache_path,
     reference_fingerprint,
 )
+from pipeline.recipe import DPORecipe, DPOSection
 from pipeline.training.dpo_loss import preference_loss, split_pairs
 
 VOCAB = 32000
