@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.dataset import load_prepared
 from model.losses import IGNORE_INDEX, shift_labels
 from pipeline.config import build, load_recipe_dict
 from pipeline.distributed import sharded_load
@@ -42,10 +41,10 @@ from pipeline.distributed.comm import group_device
 from pipeline.distributed.sharded_load import merge_adapter_fp32
 from pipeline.recipe import DPORecipe, DPOSection, quantization_record
 from pipeline.run_record import SFT_DIR_HINT, RunRecord, write_training_record
-from pipeline.stage import StageState, TrainingStage, run_training_stage
+from pipeline.stage import StageState, TrainingStage, run_training_stage, stage_main
 from pipeline.training.dpo_loss import chosen_nll, preference_loss, reward_sums, split_pairs
 from pipeline.training.model_setup import build_model
-from pipeline.training.trainer import TaskOutput, stage_main
+from pipeline.training.trainer import TRAINING_ERRORS, TaskOutput
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Mixtral has no pad id; padded positions are masked out everywhere, so any valid id works.
@@ -378,22 +377,6 @@ def build_policy(recipe: DPORecipe, place=None) -> tuple[nn.Module, nn.Module | 
 # ----------------------------------------------------------------------------------------------
 
 
-def load_datasets(recipe: DPORecipe):
-    return load_prepared(recipe.data, stage="dpo")
-
-
-def write_manifest(recipe: DPORecipe, out: Path, *, files, data, final, steps, model_config) -> None:
-    write_training_record(
-        out, stage="dpo", lora=recipe.lora, quantization=quantization_record(recipe.model),
-        # The SFT output dir: its record names the base and the SFT adapter (merged into the
-        # weights this stage trained on); export follows it, then merges adapter_dir on top.
-        base={"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
-        reference="the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
-        dpo={"beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type,
-             "label_smoothing": recipe.dpo.label_smoothing, "nll_coef": recipe.dpo.nll_coef},
-        files=files, data=data, final=final, steps=steps)
-
-
 class DPOStage(TrainingStage):
     """DPO's parts of the shared order (pipeline/stage.py): the policy from the SFT output, its
     reference (adapters disabled, a frozen copy, or log-probs computed once before training)."""
@@ -405,12 +388,6 @@ class DPOStage(TrainingStage):
     def shared_directories(self) -> list[tuple[str, str]]:
         # Rank 0 writes the reference log-probs cache there and every rank reads it back.
         return [(self.recipe.data.output_dir, "data.output_dir")] if self.recipe.dpo.precompute_ref_log_probs else []
-
-    def load_data(self):
-        return load_datasets(self.recipe)
-
-    def num_experts(self) -> int:
-        return _num_experts(self.recipe.model.sft_dir)
 
     def build_model(self, out: Path, is_main: bool, place) -> nn.Module:
         model, self.frozen = build_policy(self.recipe, place)
@@ -447,12 +424,17 @@ class DPOStage(TrainingStage):
         n_eval = len(state.eval_set) if state.eval_set is not None else 0
         return f"{len(state.train)} train pairs, {n_eval} eval pairs; reference: {self.reference_kind}"
 
-    def data_record(self, train, eval_set) -> dict:
-        return {"output_dir": self.recipe.data.output_dir, "train_fingerprint": train._fingerprint,
-                "train_rows": len(train), "eval_rows": len(eval_set) if eval_set is not None else 0}
-
-    def write_record(self, out: Path, **fields) -> None:
-        write_manifest(self.recipe, out, **fields)
+    def write_record(self, out: Path, *, files, data, final, steps, model_config) -> None:
+        recipe = self.recipe
+        write_training_record(
+            out, stage="dpo", lora=recipe.lora, quantization=quantization_record(recipe.model),
+            # The SFT output dir: its record names the base and the SFT adapter (merged into the
+            # weights this stage trained on); export follows it, then merges adapter_dir on top.
+            base={"checkpoint": str(Path(recipe.model.sft_dir).resolve()), "config": model_config},
+            reference="the SFT model" + (" (this adapter disabled)" if recipe.lora.enabled else ""),
+            dpo={"beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type,
+                 "label_smoothing": recipe.dpo.label_smoothing, "nll_coef": recipe.dpo.nll_coef},
+            files=files, data=data, final=final, steps=steps)
 
 
 def run(recipe: DPORecipe) -> Path:
@@ -460,13 +442,8 @@ def run(recipe: DPORecipe) -> Path:
     return run_training_stage(recipe, DPOStage(recipe))
 
 
-def _num_experts(sft_dir: str) -> int:
-    """Experts of the SFT model, from the config its manifest recorded (before any weight is read)."""
-    return int(read_sft_manifest(sft_dir).model_config()["num_local_experts"])
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run)
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run, errors=TRAINING_ERRORS)
 
 
 if __name__ == "__main__":

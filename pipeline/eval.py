@@ -325,7 +325,7 @@ def load_eval_rows(section: DataSection, log=print) -> list[dict]:
         from pipeline import prep
 
         log(f"eval: {root} missing, preparing it with pipeline.prep {section.prep_recipe}")
-        prep.main([section.prep_recipe])
+        prep.run(prep.load_recipe(section.prep_recipe, []))
         _refuse_an_empty_split(root)
         if not root.is_dir():
             raise FileNotFoundError(f"data.dir: {root} still missing after prepping {section.prep_recipe}; "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RecipeError
-from pipeline.run_record import RECORD_FILE, SFT_DIR_HINT, RunRecord, hf_checkpoint_behind
+from pipeline.run_record import RECORD_FILE, RunRecord, hf_checkpoint_behind
 
 
 class PreflightError(RecipeError):
@@ -434,18 +434,10 @@ def read_model_config(recipe, stage: str):
     the SFT output's manifest (DPO), the first model directory there is (eval)."""
     from model import MixtralConfig
 
-    if stage == "sft":
-        if recipe.model.checkpoint is None:
-            return MixtralConfig.preset(recipe.model.preset), f"preset {recipe.model.preset}"
-        path = Path(recipe.model.checkpoint) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"model.checkpoint={recipe.model.checkpoint}: no config.json there")
-        return MixtralConfig.from_hf(path), str(path)
-    if stage == "dpo":
-        record = RunRecord.read(recipe.model.sft_dir, missing_hint=SFT_DIR_HINT)
-        if record.base_config is not None:
-            return MixtralConfig.from_hf(record.base_config), str(record.path)
-        return MixtralConfig.from_hf(record.config_file()), str(record.config_file())
+    if stage in ("sft", "dpo"):
+        from pipeline.training.model_setup import starting_config
+
+        return starting_config(recipe)
     for name, directory in recipe.models.items():
         found = _eval_model_config(Path(directory))
         if found is not None:

@@ -31,7 +31,6 @@ few GB. Reading, merging and converting overlap the writes and fsyncs (see Shard
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +51,7 @@ from model.checkpoint import (
     write_json,
 )
 from model.config import DTYPES, MixtralConfig
-from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe, to_dict
+from pipeline.config import build, load_recipe_dict, save_recipe, to_dict
 from pipeline.export.adapter import write_adapter
 from pipeline.export.card import model_card, portable
 from pipeline.export.formats import (
@@ -67,7 +66,8 @@ from pipeline.export.recipe import ExportRecipe
 from pipeline.export.source import BaseReader, Source, source_from_recipe
 from pipeline.export.verify import verify_consolidated, verify_hf_export
 from pipeline.export.writer import ShardWriter, streaming_threads
-from pipeline.rundir import acquire_lock, check_ownable, remove_stale_siblings, sibling_lock_path
+from pipeline.rundir import check_ownable, replaced_output
+from pipeline.stage import stage_main
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -81,21 +81,18 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def export(recipe: ExportRecipe, log: Callable[[str], None] = print) -> Path:
-    """Run the export described by ``recipe``; returns the output dir."""
+    """The export stage in pipeline/stage.py's order; returns the output dir."""
     started = time.perf_counter()
     out = Path(recipe.output_dir)
+    # Startup check: a new or empty output_dir, or (export.overwrite) an earlier export's.
     check_output_dir(out, recipe.export.overwrite)
-    # One export of an output at a time; under the lock, every .<name>.tmp-* / .old-* next to it is
-    # what a killed export left (up to a whole model's size): gone before this one starts.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(sibling_lock_path(out), what=f"output_dir {out}")
-    try:
-        stale = remove_stale_siblings(out)
+    # One export of an output at a time; every .<name>.tmp-* / .old-* next to it is what a killed
+    # export left (up to a whole model's size): gone before this one starts.
+    with replaced_output(out) as stale:
         if stale:
             log(f"export: removed what an interrupted export of {out} left: {', '.join(stale)}")
+        # The work, into a temporary dir that is renamed into place once verified.
         report = _export_locked(recipe, out, log)
-    finally:
-        lock.release()
     log(f"export: wrote {out} in {time.perf_counter() - started:.1f}s")
     for line in report:
         log(f"  {line}")
@@ -192,12 +189,9 @@ def _write_weights(
     return report
 
 
+def load_recipe(path: str, overrides: list[str]) -> ExportRecipe:
+    return build(ExportRecipe, load_recipe_dict(path, overrides), source=str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
-    try:
-        recipe = build(ExportRecipe, load_recipe_dict(path, overrides), source=path)
-        export(recipe)
-    except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, export, errors=(FileExistsError, ValueError))
