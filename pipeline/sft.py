@@ -19,51 +19,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from model.losses import IGNORE_INDEX, shift_labels
 from pipeline.config import build, load_recipe_dict
 from pipeline.recipe import SFTRecipe, quantization_record
 from pipeline.run_record import write_training_record
 from pipeline.stage import StageState, TrainingStage, run_training_stage, stage_main
-from pipeline.training.batches import collate_rows
 from pipeline.training.model_setup import build_model
-from pipeline.training.trainer import TRAINING_ERRORS, TaskOutput
-
-
-class SFTTask:
-    """Packed SFT rows -> padded tensors -> CE sum over answer tokens + router losses."""
-
-    def __init__(self, *, aux_coef: float, z_coef: float, logits_chunk_size: int | None):
-        self.aux_coef = aux_coef
-        self.z_coef = z_coef
-        self.logits_chunk_size = logits_chunk_size
-
-    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_rows(rows)
-
-    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
-        # The labels the model's loss scores (it shifts them inside, HF convention).
-        return int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
-
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        out = model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            document_ids=batch["document_ids"],
-            labels=batch["labels"],
-            loss_reduction="sum",
-            logits_chunk_size=self.logits_chunk_size,
-        )
-        return TaskOutput(
-            loss_sum=out.loss,
-            extra=self.aux_coef * out.aux_loss + self.z_coef * out.z_loss,
-            tokens=int((batch["document_ids"] >= 0).sum()),
-            sums={"loss": out.loss.detach()},
-            means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach()},
-            expert_counts=out.expert_counts,
-        )
+from pipeline.training.tasks import SFTTask
+from pipeline.training.trainer import TRAINING_ERRORS
 
 
 def load_recipe(path: str, overrides: list[str]) -> SFTRecipe:

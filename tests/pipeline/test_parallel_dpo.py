@@ -154,7 +154,8 @@ def test_expert_parallel_dispatch_ran(runs):
 
 
 def test_ep2_adapter_is_gathered_and_loads_on_the_sft_model(runs):
-    from pipeline.dpo import load_sft_model, merge_adapter_fp32
+    from pipeline.distributed.sharded_load import merge_adapter_fp32
+    from pipeline.dpo import load_sft_model
 
     got = load_file(runs["z2ep2"] / "adapter_model.safetensors")
     want = load_file(runs["ref"] / "adapter_model.safetensors")

@@ -18,8 +18,9 @@ import torch
 
 from model.checkpoint import load_pretrained
 from pipeline.recipe import SFTRecipe
-from pipeline.sft import SFTStage, SFTTask, load_recipe
+from pipeline.sft import SFTStage, load_recipe
 from pipeline.training.model_setup import build_model
+from pipeline.training.tasks import SFTTask
 from pipeline.training.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
