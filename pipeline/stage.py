@@ -10,7 +10,7 @@ under a launch printed once, by rank 0, when every rank meets the same error); 3
 loss diverged.
 
 The order, the same for every stage; each stage uses the tools of pipeline/rundir.py that fit how
-it writes its directory, and skips no step by pretending:
+it writes its directory:
 
     1. recipe           stage_main -> the stage's ``load_recipe`` (pipeline/config.py: closest-key errors)
     2. startup checks   sft, dpo, eval: ``preflight`` (the checks `make plan` runs, no process group

@@ -8,6 +8,7 @@ Modules, in the order the stage uses them (stage.py holds the order and the CLI)
     source    manifests followed back to the base checkpoint + adapters; BaseReader
     merge     PEFT adapters merged into native parameters in float32 (QLoRA: into the dequantized base)
     writer    the threaded streaming shard writer (the shard plan and index are model/checkpoint.py's)
+    weights   format=hf / consolidated: the merged weights streamed into shards, configs, tokenizer, verified
     formats   the consolidated layout (names, RoPE row order, params.json)
     adapter   format=adapter: our LoRA as a PEFT adapter for transformers, and its verification
     gguf      format=gguf: one llama.cpp GGUF file (names from NAME_TABLE's gguf column)
