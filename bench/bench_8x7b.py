@@ -100,7 +100,7 @@ def main() -> None:
 
     from bench_sft import lora_step_flops, peak_tflops
 
-    from pipeline.sft import SFTTask
+    from pipeline.training.tasks import SFTTask
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -11,7 +11,7 @@ same pairs (random token ids; prompt 256 + completion 256 tokens, the completion
 --ragged: each completion 64-256 tokens, so most rows of a batch end in padding),
 beta 0.1, sigmoid loss, router aux loss 0.02, AdamW, clipping at 1.0.
 
-- ours: `pipeline.dpo.DPOTask` in the shared `Trainer.train_step`: [chosen; rejected] in one
+- ours: `pipeline.training.tasks.DPOTask` in the shared `Trainer.train_step`: [chosen; rejected] in one
   forward, grouped expert LoRA, reference = the same model with the adapter disabled (one no-grad
   forward per step) or precomputed.
 - ours, dense mask: the same with `attention_backend = "mask"`: every row attends through a
@@ -87,8 +87,9 @@ def run_ours(args, pairs: list[dict], weights: str) -> dict:
     from model.checkpoint import load_pretrained
     from model.lora import apply_lora
     from pipeline.distributed.parallel import ParallelSection, make_accelerator
-    from pipeline.dpo import DPOSection, DPOTask, Reference, compute_reference_log_probs
-    from pipeline.recipe import TrainSection
+    from pipeline.recipe import DPOSection, TrainSection
+    from pipeline.training.reference_cache import compute_reference_log_probs
+    from pipeline.training.tasks import DPOTask, Reference
     from pipeline.training.tracking import Tracker
     from pipeline.training.trainer import Trainer
 

@@ -100,7 +100,7 @@ def run_peer_qlora(args, rows: list[dict]) -> dict:
     from transformers import MixtralConfig as HFConfig
 
     from model import MixtralConfig
-    from pipeline.sft import SFTTask
+    from pipeline.training.tasks import SFTTask
 
     cfg = HFConfig(**MixtralConfig.preset(args.preset).to_hf())
     cfg.output_router_logits = True

@@ -252,8 +252,9 @@ def run_ours(args, rows: list[dict], extra: tuple[str, ...] = ()) -> dict:
     import torch
 
     from pipeline.distributed import parallel
-    from pipeline.sft import SFTTask, load_recipe
+    from pipeline.sft import load_recipe
     from pipeline.training.model_setup import build_model
+    from pipeline.training.tasks import SFTTask
     from pipeline.training.tracking import Tracker
     from pipeline.training.trainer import Trainer
 
@@ -315,7 +316,7 @@ def run_peer(args, rows: list[dict]) -> dict:
     from transformers import MixtralForCausalLM
 
     from model import MixtralConfig
-    from pipeline.sft import SFTTask
+    from pipeline.training.tasks import SFTTask
 
     cfg = HFConfig(**MixtralConfig.preset(args.preset).to_hf())
     cfg.output_router_logits = True  # the aux loss is part of the objective, as on our side

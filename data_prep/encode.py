@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from data_prep.formats import Preference, RecordError
 from data_prep.tokenizer import Tokenizer
-from model.losses import IGNORE_INDEX
+from model.labels import IGNORE_INDEX
 
 
 def normalize_turns(messages: list[dict], *, require_answer: bool = True) -> list[tuple[str, str]]:

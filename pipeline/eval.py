@@ -26,11 +26,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe
+from pipeline.config import build, load_recipe_dict, save_recipe
 from pipeline.evaluation.data import load_eval_rows
 from pipeline.evaluation.models import Processes, build_model, resolve_models
 from pipeline.evaluation.passkey import passkey_grid
@@ -40,6 +39,7 @@ from pipeline.evaluation.results import PieceNames, log_wandb, make_report
 from pipeline.evaluation.routing import default_layers, routing_shift, routing_text
 from pipeline.preflight import LaunchSpec, check_routing_layers, preflight
 from pipeline.rundir import on_main_for_all, owned_output, record
+from pipeline.stage import stage_main
 
 
 def run(recipe: EvalRecipe, log=print) -> dict:
@@ -134,16 +134,13 @@ def _evaluate(recipe: EvalRecipe, log, procs: Processes) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
-    raw = load_recipe_dict(path, overrides)
-    recipe = build(EvalRecipe, raw, source=str(path))
-    return run(recipe)
+def load_recipe(path: str, overrides: list[str]) -> EvalRecipe:
+    return build(EvalRecipe, load_recipe_dict(path, overrides), source=str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run, local_errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RecipeError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(main())

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RecipeError
-from pipeline.run_record import RECORD_FILE, SFT_DIR_HINT, RunRecord, hf_checkpoint_behind
+from pipeline.config import RecipeError, read_yaml_mapping
+from pipeline.run_record import RECORD_FILE, RunRecord, hf_checkpoint_behind
 
 
 class PreflightError(RecipeError):
@@ -101,17 +101,8 @@ class LaunchSpec:
     @classmethod
     def from_config_file(cls, path: str | os.PathLike) -> LaunchSpec:
         """An accelerate config YAML (`accelerate launch --config_file PATH`)."""
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise PreflightError(f"accelerate config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise PreflightError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise PreflightError(f"{path}: an accelerate config is a mapping, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "accelerate config", PreflightError)
         kind = str(raw.get("distributed_type", "NO"))
         if kind not in SUPPORTED_DISTRIBUTED_TYPES:
             raise PreflightError(
@@ -402,7 +393,7 @@ def load_stage_recipe(path: str | os.PathLike, overrides=(), stage: str | None =
     if stage == "sft":
         from pipeline.recipe import SFTRecipe as cls
     elif stage == "dpo":
-        from pipeline.dpo import DPORecipe as cls
+        from pipeline.recipe import DPORecipe as cls
     else:
         from pipeline.evaluation.recipe import EvalRecipe as cls
     return build(cls, raw, source=str(path))
@@ -434,18 +425,10 @@ def read_model_config(recipe, stage: str):
     the SFT output's manifest (DPO), the first model directory there is (eval)."""
     from model import MixtralConfig
 
-    if stage == "sft":
-        if recipe.model.checkpoint is None:
-            return MixtralConfig.preset(recipe.model.preset), f"preset {recipe.model.preset}"
-        path = Path(recipe.model.checkpoint) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"model.checkpoint={recipe.model.checkpoint}: no config.json there")
-        return MixtralConfig.from_hf(path), str(path)
-    if stage == "dpo":
-        record = RunRecord.read(recipe.model.sft_dir, missing_hint=SFT_DIR_HINT)
-        if record.base_config is not None:
-            return MixtralConfig.from_hf(record.base_config), str(record.path)
-        return MixtralConfig.from_hf(record.config_file()), str(record.config_file())
+    if stage in ("sft", "dpo"):
+        from pipeline.training.model_setup import starting_config
+
+        return starting_config(recipe)
     for name, directory in recipe.models.items():
         found = _eval_model_config(Path(directory))
         if found is not None:

@@ -1,6 +1,6 @@
 """Prep stage: raw chats / preference pairs -> tokenized train/ and eval/ datasets.
 
-    python -m pipeline.prep recipes/tiny/sft.yaml [data.max_seq_len=1024 data.num_proc=2 ...]
+    python -m pipeline.prep recipes/tiny/sft.yaml [--force] [data.max_seq_len=1024 data.num_proc=2 ...]
 
 Reads the recipe's `data:` section only (the other sections belong to other stages) and writes
 `data.output_dir` (train/, eval/, manifest.json, report.md, rejects.jsonl). An unchanged re-run is
@@ -11,29 +11,17 @@ status 2 for every such error, with one line saying what is wrong.
 
 from __future__ import annotations
 
-import sys
+from pipeline.prep_data import load_data_section as load_recipe
+from pipeline.prep_data import prepare_data as run
+from pipeline.stage import stage_main
 
-from data_prep.prepare import PrepError
-from pipeline.config import RecipeError, parse_cli
-from pipeline.prep_data import prepare_recipe_data
-
-USAGE = "usage: python -m pipeline.prep RECIPE.yaml [--force] [data.key=value ...]"
+__all__ = ["load_recipe", "main", "run"]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    # 1. Command line: recipe, overrides, and --force (redo even when up to date).
-    argv = list(sys.argv[1:] if argv is None else argv)
-    force = "--force" in argv
-    argv = [a for a in argv if a != "--force"]
-    path, overrides = parse_cli(argv, usage=USAGE)
-
-    # 2. The recipe's data section only, prepared (pipeline/prep_data.py; skipped when up to date).
-    return prepare_recipe_data(path, overrides, force=force)
+def main(argv: list[str] | None = None) -> int:
+    """The prep stage's command line (pipeline/stage.py); the work is pipeline/prep_data.py's."""
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run, errors=(ValueError,), flags=("--force",))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RecipeError, PrepError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(main())

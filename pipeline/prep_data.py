@@ -12,17 +12,27 @@ from data_prep.prepare import prepare
 from pipeline.config import RecipeError, build, load_recipe_dict
 from pipeline.rundir import check_ownable, owned_output
 
+KEY = "data.output_dir"
 
-def prepare_recipe_data(path: str | os.PathLike, overrides: Sequence[str] = (), *, force: bool = False) -> dict:
-    """Prepare the recipe at ``path``'s data section (the other sections belong to other stages and are
-    not read); an unchanged re-run is a no-op unless ``force``. Returns prep's manifest.
 
-    `data.output_dir` must be new, empty or written by prep (pipeline/rundir.py): refused before any
-    work, then owned and locked while written.
-    """
-    raw = load_recipe_dict(path, overrides)
+def load_data_section(path: str | os.PathLike, overrides: Sequence[str] = ()) -> DataConfig:
+    """The recipe at ``path``'s data section only (the other sections belong to other stages and are
+    not read), built and checked."""
+    raw = load_recipe_dict(path, list(overrides))
     if "data" not in raw:
         raise RecipeError(f"{path}: no `data:` section; the prep stage needs one (see recipes/tiny/sft.yaml)")
-    data = build(DataConfig, raw["data"], source=str(path), prefix="data")
-    check_ownable(data.output_dir, "prep", key="data.output_dir")
-    return prepare(data, force=force, own_output=functools.partial(owned_output, stage="prep", key="data.output_dir"))
+    return build(DataConfig, raw["data"], source=str(path), prefix="data")
+
+
+def prepare_data(data: DataConfig, *, force: bool = False) -> dict:
+    """The prep stage in pipeline/stage.py's order; returns prep's manifest. Startup check:
+    `data.output_dir` must be new, empty or written by prep (pipeline/rundir.py), refused before any
+    work; ``prepare`` then stops if the output's fingerprint matches (an unchanged re-run is a no-op
+    unless ``force``), encodes, and claims and locks the directory while it writes."""
+    check_ownable(data.output_dir, "prep", key=KEY)
+    return prepare(data, force=force, own_output=functools.partial(owned_output, stage="prep", key=KEY))
+
+
+def prepare_recipe_data(path: str | os.PathLike, overrides: Sequence[str] = (), *, force: bool = False) -> dict:
+    """`load_data_section` then `prepare_data`: the recipe file's data prepared."""
+    return prepare_data(load_data_section(path, overrides), force=force)

@@ -1,7 +1,9 @@
-"""The SFT recipe: one dataclass per YAML section, checked in ``__post_init__``.
+"""The training stages' recipes (SFT, DPO): one dataclass per YAML section, checked in ``__post_init__``.
 
-The ``data`` section is ``data_prep.config.DataConfig`` (pipeline.prep acts on it); SFT reads
-``data.output_dir`` from it, where prep wrote the ``train/`` and ``eval/`` datasets.
+The ``data`` section is ``data_prep.config.DataConfig`` (pipeline.prep acts on it); SFT and DPO read
+``data.output_dir`` from it, where prep wrote the ``train/`` and ``eval/`` datasets. The two
+recipes share every section but ``model`` (DPO starts from an SFT output, ``model.sft_dir``) and
+DPO's own ``dpo``.
 
     raw = load_recipe_dict("recipes/tiny/sft.yaml", ["train.lr=1e-5"])
     recipe = build(SFTRecipe, raw, source="recipes/tiny/sft.yaml")
@@ -15,6 +17,7 @@ from typing import Literal
 
 from data_prep.config import DataConfig
 from pipeline.distributed.parallel import ParallelSection
+from pipeline.training.dpo_loss import SMOOTHED_LOSS_TYPES
 
 MODEL_PRESETS = ("tiny", "tiny-odd", "bench-small", "bench-8x7b-2layers", "mixtral-8x7b")
 # Keys that change speed or memory, not what is trained: a resumed run may change them.
@@ -165,6 +168,80 @@ class SFTRecipe:
 
     def __post_init__(self):
         check_training_recipe(self, "sft")
+
+
+@dataclass
+class DPOModelSection:
+    # The SFT output directory (its manifest.json says base checkpoint + adapter, or full model).
+    sft_dir: str
+    # Storage dtype of the base weights; LoRA adapters and optimizer state stay fp32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    # Each decoder layer compiled as a region of its own (as in SFT).
+    compile: bool = False
+    # Completion tokens per LM-head chunk: only labelled positions go through lm_head and no
+    # [2B, S, V] logits are held; null = one LM-head call on the completion tokens of the batch.
+    logits_chunk_size: int | None = 4096
+    router_aux_loss_coef: float = 0.02
+    router_z_loss_coef: float = 0.0
+    # Full fine-tuning: keep the router fixed (LoRA never trains it unless lora.train_router).
+    freeze_router: bool = False
+    # QLoRA (as in SFT): the SFT model (an SFT adapter merged in fp32) stored 4-bit; needs LoRA.
+    # The reference is the 4-bit model with the DPO adapter disabled.
+    quantization: Literal["nf4"] | None = None
+
+    def __post_init__(self):
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ValueError("model.router_aux_loss_coef and model.router_z_loss_coef must be >= 0")
+        if self.logits_chunk_size is not None and self.logits_chunk_size <= 0:
+            raise ValueError(f"model.logits_chunk_size must be > 0 or null, got {self.logits_chunk_size}")
+
+
+@dataclass
+class DPOSection:
+    # Strength of the KL anchor to the reference: small beta lets the policy move further.
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    # Assumed rate of flipped preference labels (cDPO with sigmoid, rDPO with robust).
+    label_smoothing: float = 0.0
+    # Weight of the token-mean NLL of the chosen completions added to the loss (RPO); 0 = off.
+    nll_coef: float = 0.0
+    # Reference log-probs computed once before training and cached with the dataset.
+    precompute_ref_log_probs: bool = True
+    # Pairs per forward when precomputing.
+    ref_batch_size: int = 8
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.label_smoothing and self.loss_type not in SMOOTHED_LOSS_TYPES:
+            raise ValueError(
+                f"dpo.label_smoothing is for loss_type {' or '.join(SMOOTHED_LOSS_TYPES)}; "
+                f"{self.loss_type} has no label-noise term: set it to 0"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.nll_coef < 0:
+            raise ValueError(f"dpo.nll_coef must be >= 0, got {self.nll_coef}")
+        if self.ref_batch_size < 1:
+            raise ValueError(f"dpo.ref_batch_size must be >= 1, got {self.ref_batch_size}")
+
+
+@dataclass
+class DPORecipe:
+    model: DPOModelSection
+    data: DataConfig
+    output_dir: str
+    # Names the stage a recipe is for, so an SFT recipe given to DPO fails here.
+    stage: Literal["dpo"] = "dpo"
+    dpo: DPOSection = field(default_factory=DPOSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def __post_init__(self):
+        check_training_recipe(self, "dpo")
 
 
 def quantization_record(model) -> dict | None:

@@ -8,7 +8,7 @@ Every stage writes one directory, and three rules keep a user's files and a live
    before this file existed is adopted). A directory owned by another stage is refused too.
    Starting over deletes only the listed entries; anything else the user put there stays.
 2. One writer. A run holds an exclusive ``flock`` on a lock file for as long as it writes (inside the
-   directory; next to it for prep and export, which swap whole directories). The kernel drops the
+   directory; next to it for export, which replaces the whole directory: :func:`replaced_output`). The kernel drops the
    lock when the process dies, so a killed run never leaves the directory stuck; the file records
    pid, host and start time so a refusal can say who holds it. Under a multi-process launch only the
    main process (global rank 0) takes the lock and decides; the other ranks receive its decision
@@ -351,6 +351,20 @@ def sibling_lock_path(directory: str | os.PathLike) -> Path:
     """The lock file of a directory that is replaced as a whole (prep, export): next to it."""
     directory = Path(directory)
     return directory.parent / f".{directory.name}.lock"
+
+
+@contextlib.contextmanager
+def replaced_output(directory: str | os.PathLike, *, key: str = "output_dir"):
+    """Hold the lock of a directory that is written aside and renamed into place whole (export):
+    the lock file lives next to it, so the rename cannot take it along. Yields the names of what
+    killed writes of it had left next to it, removed under the lock."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(sibling_lock_path(directory), what=f"{key} {directory}")
+    try:
+        yield remove_stale_siblings(directory)
+    finally:
+        lock.release()
 
 
 def remove_stale_siblings(directory: str | os.PathLike) -> list[str]:

@@ -17,103 +17,28 @@ global batch, plus ``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_lo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from data_prep.dataset import load_prepared
-from model.losses import IGNORE_INDEX, shift_labels
 from pipeline.config import build, load_recipe_dict
 from pipeline.recipe import SFTRecipe, quantization_record
 from pipeline.run_record import write_training_record
-from pipeline.stage import StageState, TrainingStage, run_training_stage
-from pipeline.training.batches import collate_rows
+from pipeline.stage import StageState, TrainingStage, run_training_stage, stage_main
 from pipeline.training.model_setup import build_model
-from pipeline.training.trainer import TaskOutput, stage_main
-
-
-class SFTTask:
-    """Packed SFT rows -> padded tensors -> CE sum over answer tokens + router losses."""
-
-    def __init__(self, *, aux_coef: float, z_coef: float, logits_chunk_size: int | None):
-        self.aux_coef = aux_coef
-        self.z_coef = z_coef
-        self.logits_chunk_size = logits_chunk_size
-
-    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_rows(rows)
-
-    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
-        # The labels the model's loss scores (it shifts them inside, HF convention).
-        return int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
-
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TaskOutput:
-        out = model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            document_ids=batch["document_ids"],
-            labels=batch["labels"],
-            loss_reduction="sum",
-            logits_chunk_size=self.logits_chunk_size,
-        )
-        return TaskOutput(
-            loss_sum=out.loss,
-            extra=self.aux_coef * out.aux_loss + self.z_coef * out.z_loss,
-            tokens=int((batch["document_ids"] >= 0).sum()),
-            sums={"loss": out.loss.detach()},
-            means={"aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach()},
-            expert_counts=out.expert_counts,
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Steps of a run
-# ----------------------------------------------------------------------------------------------
+from pipeline.training.tasks import SFTTask
+from pipeline.training.trainer import TRAINING_ERRORS
 
 
 def load_recipe(path: str, overrides: list[str]) -> SFTRecipe:
-    raw = load_recipe_dict(path, overrides)
-    return build(SFTRecipe, raw, source=str(path))
-
-
-def load_datasets(recipe: SFTRecipe):
-    return load_prepared(recipe.data, stage="sft")
-
-
-def data_fingerprint(recipe: SFTRecipe, train, eval_set) -> dict:
-    manifest = Path(recipe.data.output_dir) / "manifest.json"
-    prep = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    return {
-        "output_dir": recipe.data.output_dir,
-        "prep_fingerprint": prep.get("fingerprint"),
-        "train_fingerprint": train._fingerprint,
-        "eval_fingerprint": eval_set._fingerprint if eval_set is not None else None,
-        "train_rows": len(train),
-        "eval_rows": len(eval_set) if eval_set is not None else 0,
-    }
-
-
-def write_manifest(recipe: SFTRecipe, output_dir: Path, *, files: list[str], data: dict,
-                   final: dict[str, float], steps: int, model_config: dict) -> None:
-    base_dir = recipe.model.checkpoint or str((output_dir / "base").resolve())
-    write_training_record(
-        output_dir, stage="sft", lora=recipe.lora, quantization=quantization_record(recipe.model),
-        base={"checkpoint": base_dir, "preset": recipe.model.preset, "config": model_config},
-        files=files, data=data, final=final, steps=steps)
+    return build(SFTRecipe, load_recipe_dict(path, overrides), source=str(path))
 
 
 class SFTStage(TrainingStage):
-    """SFT's parts of the shared order (pipeline/stage.py)."""
+    """SFT's parts of the shared order (pipeline/stage.py): a base from a checkpoint or a preset's
+    random init (saved as base/), the SFT task, the base named in the run record."""
 
     name = "sft"
-
-    def load_data(self):
-        return load_datasets(self.recipe)
-
-    def num_experts(self) -> int:
-        return _num_experts(self.recipe)
 
     def build_model(self, out: Path, is_main: bool, place) -> nn.Module:
         return build_model(self.recipe, out, is_main, place)
@@ -123,11 +48,13 @@ class SFTStage(TrainingStage):
         return SFTTask(aux_coef=m.router_aux_loss_coef, z_coef=m.router_z_loss_coef,
                        logits_chunk_size=m.logits_chunk_size)
 
-    def data_record(self, train, eval_set) -> dict:
-        return data_fingerprint(self.recipe, train, eval_set)
-
-    def write_record(self, out: Path, **fields) -> None:
-        write_manifest(self.recipe, out, **fields)
+    def write_record(self, out: Path, *, files, data, final, steps, model_config) -> None:
+        recipe = self.recipe
+        base_dir = recipe.model.checkpoint or str((out / "base").resolve())
+        write_training_record(
+            out, stage="sft", lora=recipe.lora, quantization=quantization_record(recipe.model),
+            base={"checkpoint": base_dir, "preset": recipe.model.preset, "config": model_config},
+            files=files, data=data, final=final, steps=steps)
 
 
 def run(recipe: SFTRecipe) -> Path:
@@ -135,19 +62,8 @@ def run(recipe: SFTRecipe) -> Path:
     return run_training_stage(recipe, SFTStage(recipe))
 
 
-def _num_experts(recipe: SFTRecipe) -> int:
-    from model import MixtralConfig
-
-    if recipe.model.checkpoint is not None:
-        config = Path(recipe.model.checkpoint) / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"model.checkpoint={recipe.model.checkpoint}: no config.json there")
-        return int(json.loads(config.read_text())["num_local_experts"])
-    return MixtralConfig.preset(recipe.model.preset).num_local_experts
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run)
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, run, errors=TRAINING_ERRORS)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,123 @@
-"""The order every training stage runs in, owned here; SFT and DPO add their parts.
+"""One skeleton for every stage: its command line, and the order it runs in, named here once.
+
+Command line (prep, sft, dpo, export, eval; chat takes an export dir, not a recipe):
+
+    python -m pipeline.<stage> RECIPE.yaml [--flag ...] [key=value ...]
+
+:func:`stage_main` reads it, builds the stage's recipe, runs the stage and maps what went wrong to
+an exit status: 0 done; 2 a wrong recipe or input, with one line ``error: ...`` (secrets redacted;
+under a launch printed once, by rank 0, when every rank meets the same error); 3 a training run's
+loss diverged.
+
+The order, the same for every stage; each stage uses the tools of pipeline/rundir.py that fit how
+it writes its directory:
+
+    1. recipe           stage_main -> the stage's ``load_recipe`` (pipeline/config.py: closest-key errors)
+    2. startup checks   sft, dpo, eval: ``preflight`` (the checks `make plan` runs, no process group
+                        needed); prep, export: the output dir may be theirs (``rundir.check_ownable``)
+    3. claim + lock     sft, dpo: ``rundir.start_training_run`` (main process; resume or start over)
+       the output dir   eval: ``rundir.owned_output`` on the main process, for the whole run
+                        prep: ``owned_output`` while it writes (an up-to-date output ends the run before)
+                        export: the lock next to the dir, which is replaced whole (``rundir.replaced_output``)
+    4. the work         sft, dpo: :func:`run_training_stage` below; prep: ``data_prep.prepare``;
+                        export: pipeline/export/stage.py; eval: pipeline/eval.py
+    5. record, publish  sft, dpo: the weights, then ``manifest.json`` last (pipeline/run_record.py)
+                        prep: its entries replaced, ``manifest.json`` last
+                        export: a temporary dir renamed into place (``model.checkpoint.publish_dir``)
+                        eval: ``eval.json`` and the report, listed in the owner record
+
+The training stages run steps 2-5 in :func:`run_training_stage`:
 
     recipe -> startup checks (preflight) -> run dir (resume or start over, recipe.yaml) -> seed
     -> data -> model (this rank's share) -> parallelism -> the stage's task (DPO: its reference)
     -> trainer -> final save (gathered from EP / ZeRO-3 shards) -> run record (manifest.json)
 
-A stage is a `TrainingStage`: its name, how it reads its data, how many experts its model has, how
-it builds the model, its task, and what its run record adds. `run_training_stage(recipe, stage)` does
-the rest, the same for every stage.
+A training stage is a `TrainingStage`: its name, how it builds the model, its task, and what its run
+record adds. `run_training_stage(recipe, stage)` does the rest, the same for every stage.
+
+Nothing heavy is imported with this module: prep and export start from its command line, and prep
+never needs torch. The training stack is imported where the training order starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from pipeline.config import RecipeError, parse_cli, redact_env_secrets
 
-from data_prep.dataset import no_eval_note
-from pipeline.config import save_recipe, to_dict
-from pipeline.distributed import parallel, sharded_load
-from pipeline.distributed.expert_parallel import ExpertPlacement
-from pipeline.preflight import LaunchSpec, preflight
-from pipeline.recipe import SPEED_ONLY_KEYS
-from pipeline.rundir import start_training_run
-from pipeline.training.checkpointing import latest_checkpoint
-from pipeline.training.model_setup import save_final
-from pipeline.training.tracking import Tracker, redacted_config
-from pipeline.training.trainer import Trainer
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipeline.distributed.expert_parallel import ExpertPlacement
+
+# Exit status of a stage whose recipe or input is wrong (an error class's `exit_status` may say otherwise).
+BAD_INPUT = 2
+
+
+def stage_main(
+    argv: Sequence[str] | None,
+    usage: str,
+    load_recipe: Callable[[str, list[str]], Any],
+    run: Callable[..., Any],
+    *,
+    errors: tuple[type[BaseException], ...] = (),
+    local_errors: tuple[type[BaseException], ...] = (FileNotFoundError,),
+    flags: Sequence[str] = (),
+) -> int:
+    """A stage's command line, ``RECIPE [--flag ...] [key=value ...]`` -> exit status.
+
+    ``load_recipe(path, overrides)`` builds the recipe and ``run(recipe, **flags)`` runs the stage;
+    ``flags`` are the bare options it takes (``"--force"`` is passed as ``force=True`` or False).
+    Exit 2, with one line (:func:`report_error`), for a ``RecipeError`` (a wrong recipe, a refused
+    output dir) or one of ``errors``, which every rank of a launch meets alike (printed once), or
+    one of ``local_errors``, which may be one rank's own, like a file missing on one node (printed
+    by every rank); an error class's ``exit_status`` replaces the 2 (a diverged training run: 3).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {flag.lstrip("-").replace("-", "_"): flag in argv for flag in flags}
+    path, overrides = parse_cli([a for a in argv if a not in flags], usage=usage)
+    try:
+        run(load_recipe(path, overrides), **given)
+        end_process_group()
+    except (RecipeError, *errors) as err:
+        report_error(err, same_on_every_rank=True)
+        return getattr(err, "exit_status", BAD_INPUT)
+    except local_errors as err:
+        report_error(err, same_on_every_rank=False)
+        return getattr(err, "exit_status", BAD_INPUT)
+    return 0
+
+
+def report_error(err: BaseException, *, same_on_every_rank: bool) -> None:
+    """``error: <message>`` on stderr, on one line: once per launch (global rank 0) for an error every
+    rank meets alike (recipe, run dir, launch checks), from each rank, prefixed with it, for one that
+    may be local to a rank (a file missing on one node)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if same_on_every_rank and rank != 0:
+        return
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    prefix = f"[rank {rank}] " if several and not same_on_every_rank else ""
+    message = " ".join(redact_env_secrets(str(err)).split("\n"))
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+
+
+def end_process_group() -> None:
+    """Tear down a launch's process group once the stage has finished (NCCL warns at exit otherwise).
+    A stage that never imported torch.distributed has none."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# The training stages (SFT, DPO)
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -57,11 +147,17 @@ class TrainingStage:
         return []
 
     def load_data(self):
-        """(train, eval or None)."""
-        raise NotImplementedError
+        """(train, eval or None): the rows prep wrote to ``data.output_dir``, checked against the
+        recipe's data section."""
+        from data_prep.dataset import load_prepared
+
+        return load_prepared(self.recipe.data, stage=self.name)
 
     def num_experts(self) -> int:
-        raise NotImplementedError
+        """Experts of the model the stage starts from, read before any weight (placement needs it)."""
+        from pipeline.training.model_setup import starting_config
+
+        return starting_config(self.recipe)[0].num_local_experts
 
     def build_model(self, out: Path, is_main: bool, place: ExpertPlacement) -> nn.Module:
         raise NotImplementedError
@@ -77,7 +173,17 @@ class TrainingStage:
         return f"{len(state.train)} train rows, {n_eval} eval rows"
 
     def data_record(self, train, eval_set) -> dict:
-        raise NotImplementedError
+        """The run record's ``data``: which prepared rows the run trained and evaluated on."""
+        data_dir = Path(self.recipe.data.output_dir)
+        prep = json.loads((data_dir / "manifest.json").read_text()) if (data_dir / "manifest.json").is_file() else {}
+        return {
+            "output_dir": self.recipe.data.output_dir,
+            "prep_fingerprint": prep.get("fingerprint"),
+            "train_fingerprint": train._fingerprint,
+            "eval_fingerprint": eval_set._fingerprint if eval_set is not None else None,
+            "train_rows": len(train),
+            "eval_rows": len(eval_set) if eval_set is not None else 0,
+        }
 
     def write_record(self, out: Path, *, files: list[str], data: dict, final: dict[str, float], steps: int,
                      model_config: dict) -> None:
@@ -86,8 +192,24 @@ class TrainingStage:
 
 def run_training_stage(recipe, stage: TrainingStage) -> Path:
     """The whole stage, in the one order; returns the output directory."""
+    import torch
     from accelerate.utils import set_seed
 
+    from data_prep.dataset import no_eval_note
+    from pipeline.config import save_recipe, to_dict
+    from pipeline.distributed import parallel, sharded_load
+    from pipeline.preflight import LaunchSpec, preflight
+    from pipeline.recipe import SPEED_ONLY_KEYS
+    from pipeline.rundir import start_training_run
+    from pipeline.training.checkpointing import latest_checkpoint
+    from pipeline.training.model_setup import save_final
+    from pipeline.training.tracking import Tracker, redacted_config
+    from pipeline.training.trainer import Trainer
+
+    if not torch.cuda.is_available():
+        # accelerate imports DeepSpeed on every run (unwrap_model), whose device auto-detection then
+        # warns "Setting accelerator to CPU ... unable to detect it" on a host that has no GPU to detect.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     name = stage.name
     out = Path(recipe.output_dir)
     # 0. Every startup check of this recipe under this launch (the ones `make plan` runs); they

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import RecipeError
+from pipeline.recipe import RunTracking
 
 
 @dataclass
@@ -90,14 +91,6 @@ class EvalParallelSection:
 
 
 @dataclass
-class EvalTracking:
-    report_to: Literal["wandb", "none"] = "wandb"
-    project: str = "mixtral-tune"
-    run_name: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
 class EvalRecipe:
     output_dir: str
     # name -> run dir (SFT/DPO output) or HF Mixtral checkpoint dir, compared in this order.
@@ -111,7 +104,7 @@ class EvalRecipe:
     data: DataSection = field(default_factory=DataSection)
     passkey: PasskeySection = field(default_factory=PasskeySection)
     routing: RoutingSection = field(default_factory=RoutingSection)
-    tracking: EvalTracking = field(default_factory=EvalTracking)
+    tracking: RunTracking = field(default_factory=RunTracking)
     parallel: EvalParallelSection = field(default_factory=EvalParallelSection)
 
     def __post_init__(self):

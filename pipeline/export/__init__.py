@@ -7,6 +7,7 @@ Modules, in the order the stage uses them (stage.py holds the order and the CLI)
     recipe    ExportRecipe and its sections
     source    the recipe's source: a base checkpoint + adapters (run dirs: run_record.resolve_source)
     writer    the threaded streaming shard writer (the shard plan and index are model/checkpoint.py's)
+    weights   format=hf / consolidated: the merged weights streamed into shards, configs, tokenizer, verified
     formats   the consolidated layout (names, RoPE row order, params.json)
     adapter   format=adapter: our LoRA as a PEFT adapter for transformers, and its verification
     gguf      format=gguf: one llama.cpp GGUF file (names from NAME_TABLE's gguf column)

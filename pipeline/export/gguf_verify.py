@@ -132,26 +132,14 @@ def llama_cpp_greedy(llm, prompt: list[int], max_new_tokens: int, eos: int) -> l
     return generated
 
 
-def our_greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
-    """Our model's greedy answer, the whole sequence recomputed for each token (no cache to trust)."""
-    ids = list(prompt)
-    with torch.no_grad():
-        while len(ids) - len(prompt) < max_new_tokens:
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            if ids[-1] == eos:
-                break
-    return ids[len(prompt):]
-
-
 def check_chat_answer(llm, reference, gguf_type: str, max_new_tokens: int = 16) -> str:
     """make chat's bundled question answered greedily by llama.cpp and by our model: equal for f32."""
-    from pipeline.chat import PROMPT, SYSTEM_PROMPT
+    from pipeline.evaluation.generate import PROMPT, chat_messages, greedy_recomputed
 
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": PROMPT}]
-    prompt = chat_prompt_ids(llm, messages)
+    prompt = chat_prompt_ids(llm, chat_messages(PROMPT))
     eos = llm.token_eos()
     theirs = llama_cpp_greedy(llm, prompt, max_new_tokens, eos)
-    ours = our_greedy(reference, prompt, max_new_tokens, eos)
+    ours = greedy_recomputed(reference, prompt, max_new_tokens, eos)
     pairs = zip(theirs, ours, strict=False)  # either may stop early at EOS
     same = next((k for k, (a, b) in enumerate(pairs) if a != b), min(len(theirs), len(ours)))
     line = (f"verify: greedy answer to make chat's prompt ({len(prompt)} tokens): llama.cpp ({gguf_type}) and our "

@@ -31,43 +31,22 @@ few GB. Reading, merging and converting overlap the writes and fsyncs (see Shard
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from model.checkpoint import (
-    TensorPlan,
-    generation_config,
-    hf_plan,
-    hf_tensors,
-    make_readable,
-    new_temp_dir,
-    parse_size,
-    plan_shards,
-    publish_dir,
-    write_json,
-)
-from model.config import DTYPES, MixtralConfig
-from pipeline.adapter_merge import Adapter, BaseReader, merged_native_params, meta_state, open_adapters
-from pipeline.config import RecipeError, build, load_recipe_dict, parse_cli, save_recipe, to_dict
+from model.checkpoint import make_readable, new_temp_dir, publish_dir
+from model.config import MixtralConfig
+from pipeline.adapter_merge import open_adapters
+from pipeline.config import build, load_recipe_dict, save_recipe, to_dict
 from pipeline.export.adapter import write_adapter
 from pipeline.export.card import model_card, portable
-from pipeline.export.formats import (
-    RELEASED_TRANSFORMERS_VERSION,
-    consolidated_name,
-    consolidated_tensor,
-    params_json,
-)
 from pipeline.export.gguf import write_gguf
 from pipeline.export.recipe import ExportRecipe
-from pipeline.export.source import Source, source_from_recipe
-from pipeline.export.verify import verify_consolidated, verify_hf_export
-from pipeline.export.writer import ShardWriter, streaming_threads
-from pipeline.rundir import acquire_lock, check_ownable, remove_stale_siblings, sibling_lock_path
+from pipeline.export.source import source_from_recipe
+from pipeline.export.weights import write_weights
+from pipeline.rundir import check_ownable, replaced_output
+from pipeline.stage import stage_main
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -81,21 +60,18 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def export(recipe: ExportRecipe, log: Callable[[str], None] = print) -> Path:
-    """Run the export described by ``recipe``; returns the output dir."""
+    """The export stage in pipeline/stage.py's order; returns the output dir."""
     started = time.perf_counter()
     out = Path(recipe.output_dir)
+    # Startup check: a new or empty output_dir, or (export.overwrite) an earlier export's.
     check_output_dir(out, recipe.export.overwrite)
-    # One export of an output at a time; under the lock, every .<name>.tmp-* / .old-* next to it is
-    # what a killed export left (up to a whole model's size): gone before this one starts.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(sibling_lock_path(out), what=f"output_dir {out}")
-    try:
-        stale = remove_stale_siblings(out)
+    # One export of an output at a time; every .<name>.tmp-* / .old-* next to it is what a killed
+    # export left (up to a whole model's size): gone before this one starts.
+    with replaced_output(out) as stale:
         if stale:
             log(f"export: removed what an interrupted export of {out} left: {', '.join(stale)}")
+        # The work, into a temporary dir that is renamed into place once verified.
         report = _export_locked(recipe, out, log)
-    finally:
-        lock.release()
     log(f"export: wrote {out} in {time.perf_counter() - started:.1f}s")
     for line in report:
         log(f"  {line}")
@@ -118,7 +94,7 @@ def _export_locked(recipe: ExportRecipe, out: Path, log: Callable[[str], None]) 
         elif recipe.export.format == "gguf":
             report = write_gguf(recipe, source, config, adapters, tmp, log)
         else:
-            report = _write_weights(recipe, source, config, adapters, tmp, log)
+            report = write_weights(recipe, source, config, adapters, tmp, log)
         save_recipe(portable(to_dict(recipe)), tmp / "recipe.yaml")
         (tmp / "README.md").write_text(model_card(recipe, source, config, report))
         make_readable(tmp)
@@ -130,72 +106,9 @@ def _export_locked(recipe: ExportRecipe, out: Path, log: Callable[[str], None]) 
     return report
 
 
-def _write_weights(
-    recipe: ExportRecipe, source: Source, config: MixtralConfig, adapters: list[Adapter], tmp: Path, log
-) -> list[str]:
-    from pipeline.hf_tokenizer import DEFAULT_SPM_PATH, save_tokenizer_files
-
-    dtype = DTYPES[recipe.export.dtype]
-    shapes = meta_state(config)
-    reader = BaseReader(source.checkpoint, config)
-    spm_path = Path(recipe.tokenizer.spm_path) if recipe.tokenizer.spm_path else DEFAULT_SPM_PATH
-    consolidated = recipe.export.format == "consolidated"
-
-    # 2. Plan every tensor from shapes alone.
-    plan = hf_plan(shapes, dtype)
-    if consolidated:
-        plan = [TensorPlan(consolidated_name(p.name), p.shape, p.nbytes) for p in plan]
-        shards = [plan]
-        writer = ShardWriter(tmp, shards, dtype, prefix="consolidated")
-    else:
-        shards = plan_shards(plan, parse_size(recipe.export.max_shard_size))
-        writer = ShardWriter(tmp, shards, dtype)
-    total = sum(p.nbytes for p in plan)
-    log(f"export: {len(plan)} tensors, {total / 1e9:.3f} GB {recipe.export.dtype} in {len(shards)} file(s)")
-
-    # 3. Stream: one native parameter at a time.
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not recipe.export.progress_bar)
-    with reader, writer, torch.no_grad(), streaming_threads():
-        for native, weight in merged_native_params(reader, adapters, shapes):
-            for hf_name, tensor in hf_tensors({native: weight}):
-                name, tensor = (
-                    consolidated_tensor(hf_name, tensor, config) if consolidated else (hf_name, tensor)
-                )
-                writer.write(name, tensor)
-                bar.update(tensor.numel() * dtype.itemsize)
-            del weight
-        index = writer.finish()
-    bar.close()
-
-    # 4. Configs and tokenizer.
-    shutil.copyfile(spm_path, tmp / "tokenizer.model")
-    if consolidated:
-        write_json(tmp / "params.json", params_json(config))
-        report = [f"consolidated.safetensors: {len(plan)} tensors, {total} bytes"]
-        if recipe.verify.enabled:
-            report += verify_consolidated(tmp, config, dtype, plan)
-        return report
-    hf_config = config.to_hf()
-    hf_config["torch_dtype"] = recipe.export.dtype
-    write_json(tmp / "config.json", hf_config)
-    write_json(tmp / "generation_config.json", generation_config(config, RELEASED_TRANSFORMERS_VERSION))
-    if len(shards) > 1:
-        write_json(tmp / "model.safetensors.index.json", index)
-    save_tokenizer_files(tmp, spm_path)
-
-    # 5. Verify.
-    report = [f"{len(plan)} tensors, {total} bytes in {len(shards)} shard(s)"]
-    if recipe.verify.enabled:
-        report += verify_hf_export(tmp, source, config, dtype, plan, recipe.verify, log=log)
-    return report
+def load_recipe(path: str, overrides: list[str]) -> ExportRecipe:
+    return build(ExportRecipe, load_recipe_dict(path, overrides), source=str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = parse_cli(argv, usage=__doc__.split("\n\n")[1])
-    try:
-        recipe = build(ExportRecipe, load_recipe_dict(path, overrides), source=path)
-        export(recipe)
-    except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(argv, __doc__.split("\n\n")[1], load_recipe, export, errors=(FileExistsError, ValueError))

@@ -4,7 +4,7 @@ Shape legend: B pairs, S sequence, V vocab. A DPO batch holds 2B rows, ``[chosen
 
 Everything here is a small pure function of tensors, tested against hand-worked numbers and
 against TRL's ``DPOTrainer`` on the same log-probs (tests/pipeline/test_dpo_loss.py). The log-probs
-come from the model's own per-token CE (``pipeline.dpo.policy_log_probs``).
+come from the model's own per-token CE (``pipeline.training.tasks.policy_log_probs``).
 
 Notation: for a pair, ``logratio_c = log pi(y_c|x) - log ref(y_c|x)`` (summed over completion
 tokens), the same for the rejected completion, and ``delta = logratio_c - logratio_r``.

@@ -1,6 +1,7 @@
 """The training model of a stage, set up in one order, and its final save; shared by SFT and DPO
 (and the preflight, which runs `configure_for_training` on a meta-device base).
 
+    starting_config         the config of the model a recipe starts from (before any weight)
     build_model             base weights (checkpoint, preset or a stage's own `load_base`) -> quantize
                             -> configure_for_training; `parallel.apply` comes after, in the stage
     configure_for_training  activation checkpointing -> router freezing or LoRA -> compile
@@ -23,6 +24,7 @@ from pipeline.distributed import sharded_load
 from pipeline.distributed.expert_parallel import ExpertPlacement, shard_experts
 from pipeline.distributed.parallel import ParallelSection
 from pipeline.recipe import LoraSection, TrainSection
+from pipeline.run_record import SFT_DIR_HINT, RunRecord
 from pipeline.rundir import record
 from pipeline.training.lora_init import placement_independent_lora_init
 from pipeline.training.optim import freeze_router
@@ -34,6 +36,7 @@ class TrainingRecipe(Protocol):
     base of its own, checkpoint / preset)."""
 
     model: object
+    stage: str
     lora: LoraSection
     parallel: ParallelSection
     train: TrainSection
@@ -77,6 +80,25 @@ def build_model(recipe: TrainingRecipe, output_dir: Path, is_main: bool,
     if zero3 is not None:
         sharded_load.match_engine_dtype(model, zero3)
     return model
+
+
+def starting_config(recipe: TrainingRecipe):
+    """(MixtralConfig, where it was read) of the model a training recipe starts from, before any
+    weight is read: SFT's ``model.checkpoint`` config.json or ``model.preset``; DPO's SFT output,
+    through its run record (pipeline/run_record.py)."""
+    from model import MixtralConfig
+
+    m = recipe.model
+    if recipe.stage == "dpo":
+        record = RunRecord.read(m.sft_dir, missing_hint=SFT_DIR_HINT)
+        source = record.path if record.base_config is not None else record.config_file()
+        return MixtralConfig.from_hf(record.model_config()), str(source)
+    if m.checkpoint is None:
+        return MixtralConfig.preset(m.preset), f"preset {m.preset}"
+    path = Path(m.checkpoint) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model.checkpoint={m.checkpoint}: no config.json there")
+    return MixtralConfig.from_hf(path), str(path)
 
 
 def configure_for_training(model: nn.Module, recipe: TrainingRecipe, place: ExpertPlacement | None) -> nn.Module:

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from data_prep.dataset import PreparedDataError
 from pipeline.distributed.comm import group_device
 from pipeline.distributed.parallel import ParallelError, moe_param_groups
 from pipeline.training import checkpointing as ckpt
@@ -44,6 +45,13 @@ if TYPE_CHECKING:
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite; the run stops without updating."""
+
+    exit_status = 3  # of the stage's command line (pipeline/stage.py); a wrong recipe or input is 2
+
+
+# What stops a training stage alike on every rank of a launch (pipeline.stage.stage_main prints it
+# once): the launch checks, the prepared data, a loss reduced over all ranks.
+TRAINING_ERRORS = (ParallelError, PreparedDataError, TrainingDiverged)
 
 
 @dataclass
@@ -433,57 +441,3 @@ def _accumulate(into: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
     for key, value in values.items():
         value = value.detach().double()
         into[key] = value if key not in into else into[key] + value
-
-
-def end_process_group() -> None:
-    """Tear down the launch's process group once a stage has finished (NCCL warns at exit otherwise)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def stage_main(argv, usage: str, load_recipe, run) -> int:
-    """The command line of a training stage: ``RECIPE [key=value ...]`` -> exit code.
-
-    2: the recipe or an input is wrong; 3: the loss diverged. The message is one line (secrets
-    redacted), printed by rank 0 only when the error is the same on every rank (:func:`report_error`).
-    """
-    from data_prep.dataset import PreparedDataError
-    from pipeline.config import RecipeError, parse_cli
-
-    path, overrides = parse_cli(argv, usage=usage)
-    if not torch.cuda.is_available():
-        # accelerate imports DeepSpeed on every run (unwrap_model), whose device auto-detection then
-        # warns "Setting accelerator to CPU ... unable to detect it" on a host that has no GPU to detect.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        run(load_recipe(path, overrides))
-        end_process_group()
-    except (RecipeError, ParallelError, PreparedDataError) as err:
-        report_error(err, same_on_every_rank=True)
-        return 2
-    except FileNotFoundError as err:
-        report_error(err, same_on_every_rank=False)
-        return 2
-    except TrainingDiverged as err:
-        report_error(err, same_on_every_rank=True)  # computed from metrics reduced over all ranks
-        return 3
-    return 0
-
-
-def report_error(err: BaseException, *, same_on_every_rank: bool) -> None:
-    """``error: <message>`` on stderr: once per launch (global rank 0) for an error every rank meets
-    alike (recipe, run dir, launch checks), from each rank, prefixed with it, for one that may be
-    local to a rank (a file missing on one node)."""
-    import sys
-
-    from pipeline.config import redact_env_secrets
-
-    rank = int(os.environ.get("RANK", "0"))
-    if same_on_every_rank and rank != 0:
-        return
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    prefix = f"[rank {rank}] " if several and not same_on_every_rank else ""
-    message = " ".join(redact_env_secrets(str(err)).split("\n"))
-    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)

@@ -286,7 +286,8 @@ def test_entry_point_reads_only_the_data_section(tmp_path):
                                  for s in recipe["data"]["sources"]]
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    manifest = prep_entry.main([str(path), f"data.output_dir={tmp_path / 'out'}", "data.max_seq_len=128"])
+    manifest = prep_entry.run(prep_entry.load_recipe(str(path), [f"data.output_dir={tmp_path / 'out'}",
+                                                                 "data.max_seq_len=128"]))
     assert manifest["data"]["max_seq_len"] == 128
     train = datasets.load_from_disk(str(tmp_path / "out" / "train"))
     assert set(train.column_names) == {"input_ids", "labels", "position_ids", "document_ids", "source",
@@ -295,7 +296,7 @@ def test_entry_point_reads_only_the_data_section(tmp_path):
     for c in manifest["counts"].values():
         assert c["accepted"] + c["rejected_total"] == c["read"]
     with pytest.raises(RecipeError, match="did you mean 'data.max_seq_len'"):
-        prep_entry.main([str(path), "data.max_seq_length=128"])
+        prep_entry.load_recipe(str(path), ["data.max_seq_length=128"])
 
 
 def test_bundled_sample_data_is_small_and_regenerates_identically(tmp_path):
@@ -385,6 +386,31 @@ def test_the_command_exits_2_with_one_line_naming_the_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: data.sources: {binary}: 0 of ") and "invalid_utf8" in lines[0]
 
 
+def test_the_command_redoes_an_up_to_date_output_only_with_force(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "t.jsonl", [conv(f"q{i}", f"a{i}") for i in range(4)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"sources": [{"path": src}], "output_dir": str(tmp_path / "out")}}))
+    assert prep_entry.main([str(recipe)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert prep_entry.main([str(recipe)]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert prep_entry.main(["--force", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "up to date" not in out and "wrote" in out
+
+
+def test_prep_imports_no_torch():
+    """Data prep needs IGNORE_INDEX, not torch (~1.5 s to import): neither the library nor the prep
+    command imports it (nor the training stack the stage skeleton runs for SFT and DPO)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "accelerate", "deepspeed", "transformers")
+    code = f"import sys, data_prep.prepare, pipeline.prep; print([m for m in {heavy} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_an_empty_eval_split_is_left_out_and_loads_as_none(tmp_path):
     from data_prep.dataset import load_prepared, no_eval_note
 
@@ -427,31 +453,33 @@ def test_prepared_data_that_does_not_match_the_recipe_is_refused_with_the_differ
         load_prepared(DataConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "none")}), stage="sft")
 
 
-def test_prep_refuses_a_directory_it_did_not_write_and_replaces_only_its_own_entries(tmp_path):
-    from pipeline.rundir import OWNER_FILE, RunDirError
+def test_prep_refuses_a_directory_it_did_not_write_and_replaces_only_its_own_entries(tmp_path, capsys):
+    from pipeline.rundir import OWNER_FILE
 
     sources = tmp_path / "my_data"
     sources.mkdir()
     src = write_jsonl(sources / "chats.jsonl", [conv(f"q{i}", f"a{i}") for i in range(4)])
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"sources": [{"path": src}], "output_dir": str(sources)}}))
-    with pytest.raises(RunDirError, match=rf"data.output_dir {sources} is not empty and was not written by this "
-                                          r"pipeline \(it holds chats.jsonl\)"):
-        prep_entry.main([str(recipe)])
+    assert prep_entry.main([str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: data.output_dir {sources} is not empty and was not written by this pipeline (it holds "
+                   "chats.jsonl); choose a new or empty directory (nothing was deleted)\n"), err
     assert sorted(p.name for p in sources.iterdir()) == ["chats.jsonl"]
 
     out = tmp_path / "prepared"
-    prep_entry.main([str(recipe), f"data.output_dir={out}"])
+    assert prep_entry.main([str(recipe), f"data.output_dir={out}"]) == 0
     owner = json.loads((out / OWNER_FILE).read_text())
     assert owner["stage"] == "prep" and {"train", "manifest.json", "ref_logps"} <= set(owner["entries"])
     (out / "notes.txt").write_text("mine")
     (out / "ref_logps").mkdir()  # the DPO reference cache: stale once the data changes
-    prep_entry.main([str(recipe), f"data.output_dir={out}", "data.max_seq_len=128"])
+    assert prep_entry.main([str(recipe), f"data.output_dir={out}", "data.max_seq_len=128"]) == 0
     assert (out / "notes.txt").read_text() == "mine" and not (out / "ref_logps").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [OWNER_FILE, "manifest.json", "notes.txt", "rejects.jsonl", "report.md", "train"])
     # A directory written by another stage is not prep's either.
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / OWNER_FILE).write_text(json.dumps({"stage": "sft", "entries": []}))
-    with pytest.raises(RunDirError, match="holds the output of the sft stage"):
-        prep_entry.main([str(recipe), f"data.output_dir={tmp_path / 'run'}"])
+    capsys.readouterr()
+    assert prep_entry.main([str(recipe), f"data.output_dir={tmp_path / 'run'}"]) == 2
+    assert "holds the output of the sft stage" in capsys.readouterr().err

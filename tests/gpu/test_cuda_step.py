@@ -106,7 +106,9 @@ def test_sft_step_syncs_a_fixed_number_of_times():
 
 
 def test_dpo_step_syncs_a_fixed_number_of_times():
-    from pipeline.dpo import DPOSection, DPOTask, Reference, collate_pairs
+    from pipeline.recipe import DPOSection
+    from pipeline.training.batches import collate_pairs
+    from pipeline.training.tasks import DPOTask, Reference
 
     batch = {k: v.to(CUDA) for k, v in collate_pairs(preference_rows()).items()}
     counts = {}

@@ -57,7 +57,9 @@ def test_sft_step_has_no_host_sync_per_layer(lora):
 
 
 def test_dpo_step_has_no_host_sync_per_layer():
-    from pipeline.dpo import DPOSection, DPOTask, Reference, collate_pairs
+    from pipeline.recipe import DPOSection
+    from pipeline.training.batches import collate_pairs
+    from pipeline.training.tasks import DPOTask, Reference
 
     batch = collate_pairs(preference_rows())
     totals = {}

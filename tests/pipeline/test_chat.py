@@ -1,12 +1,14 @@
-"""pipeline.chat: greedy, KV-cached generation through transformers equals our model's greedy decoding."""
+"""pipeline.chat and pipeline/evaluation/generate.py: greedy, KV-cached generation through transformers
+equals our model's greedy decoding."""
 
 import pytest
 import torch
 
 from model import Mixtral, MixtralConfig
 from model.checkpoint import load_pretrained, save_pretrained
-from pipeline.chat import answer, load, main
+from pipeline.chat import main
 from pipeline.config import build
+from pipeline.evaluation.generate import answer, greedy_recomputed, load
 from pipeline.export import ExportRecipe, export
 
 
@@ -23,17 +25,6 @@ def export_tiny(tmp_path):
     return export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
 
 
-def greedy_without_cache(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The reference answer: the whole sequence recomputed for every new token, up to </s> (id 2)."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            if ids[-1] == 2:
-                break
-    return ids[len(prompt):]
-
-
 def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
     out = export_tiny(tmp_path)
 
@@ -44,7 +35,7 @@ def test_chat_generates_what_our_model_decodes_greedily(tmp_path, capsys):
 
     # Reference: our model, no cache, the whole sequence recomputed for every new token.
     native = load_pretrained(tmp_path / "base", dtype=torch.float32).eval()
-    assert generated == greedy_without_cache(native, prompt, 8)
+    assert generated == greedy_recomputed(native, prompt, 8, eos=2)
     assert text == tokenizer.decode(generated, skip_special_tokens=True)
 
     assert main([str(out), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
@@ -81,7 +72,7 @@ def test_chat_loads_an_adapter_export_onto_its_base(tmp_path):
     native = PeftModel.from_pretrained(
         load_pretrained(tmp_path / "base", dtype=torch.float32), str(tmp_path / "lora")
     ).merge_and_unload()
-    assert generated == greedy_without_cache(native, prompt, 6)
+    assert generated == greedy_recomputed(native, prompt, 6, eos=2)
 
 
 def test_chat_over_a_model_split_across_devices_gives_the_same_answer(tmp_path):

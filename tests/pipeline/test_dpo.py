@@ -10,22 +10,18 @@ from model import Mixtral, MixtralConfig
 from model.checkpoint import load_pretrained, save_pretrained
 from model.lora import apply_lora
 from pipeline.config import RecipeError, build
-from pipeline.dpo import (
-    DPORecipe,
-    DPOSection,
-    DPOTask,
-    Reference,
+from pipeline.dpo import build_policy, read_sft_manifest
+from pipeline.recipe import DPORecipe, DPOSection
+from pipeline.training.batches import collate_pairs
+from pipeline.training.dpo_loss import preference_loss, split_pairs
+from pipeline.training.reference_cache import (
     attach_reference_log_probs,
-    build_policy,
-    collate_pairs,
     compute_reference_log_probs,
-    policy_log_probs,
     rank_block,
-    read_sft_manifest,
     ref_cache_path,
     reference_fingerprint,
 )
-from pipeline.training.dpo_loss import preference_loss, split_pairs
+from pipeline.training.tasks import DPOTask, Reference, policy_log_probs
 
 VOCAB = 32000
 

@@ -23,14 +23,14 @@ def test_pair_with_identical_completions_is_rejected_in_prep_not_trained(tmp_pat
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     out = tmp_path / "data"
-    prep.main(
+    assert prep.main(
         [
             str(RECIPE),
             f"data.output_dir={out}",
             "data.sources=[{path: " + str(src) + "}]",
             "data.eval_fraction=0",
         ]
-    )
+    ) == 0
 
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in rejects] == ["chosen_equals_rejected"]

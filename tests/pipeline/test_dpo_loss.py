@@ -130,7 +130,7 @@ def test_chosen_nll_and_metrics_hand_worked():
 
 def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's labelled tokens and how many there are, from the model's own
-    CE and label shift (what `pipeline.dpo.policy_log_probs` reads off the model's output):
+    CE and label shift (what `pipeline.training.tasks.policy_log_probs` reads off the model's output):
     logits [R, S, V], labels [R, S] unshifted -> ([R], [R])."""
     targets = shift_labels(labels)  # [R, S]
     nll = masked_ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), "none").view(targets.shape)

@@ -12,7 +12,7 @@ from model import Mixtral, MixtralConfig
 from model.checkpoint import save_pretrained
 from model.losses import IGNORE_INDEX
 from pipeline.config import RecipeError
-from pipeline.eval import main
+from pipeline.eval import load_recipe, main, run
 from pipeline.evaluation.data import document_sources, first_documents, read_rows
 from pipeline.evaluation.models import load_model_dir, resolve_models
 from pipeline.evaluation.passkey import greedy_generate
@@ -23,6 +23,11 @@ from pipeline.training.batches import collate_rows as collate
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "tiny" / "eval.yaml"
+
+
+def evaluate(args: list[str]) -> dict:
+    """The eval stage on a recipe and overrides, as `main` runs it, its summary returned and its errors raised."""
+    return run(load_recipe(args[0], args[1:]))
 
 
 def tiny_model(seed=0):
@@ -293,8 +298,9 @@ SMALL = ["passkey.lengths=[128,160]", "passkey.depths=[0.0,1.0]", "passkey.trial
 def test_make_eval_entry_on_a_random_tiny_model(tmp_path, capsys):
     data = write_eval_data(tmp_path)
     out = tmp_path / "eval"
-    main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", f"data.routing_dirs=[{data.parent / 'train'}]",
-          f"models.base={tmp_path}/none", f"models.sft={tmp_path}/none2", f"models.dpo={tmp_path}/none3", *SMALL])
+    assert main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}",
+                 f"data.routing_dirs=[{data.parent / 'train'}]", f"models.base={tmp_path}/none",
+                 f"models.sft={tmp_path}/none2", f"models.dpo={tmp_path}/none3", *SMALL]) == 0
     assert "RANDOM-INIT 'tiny' model" in capsys.readouterr().out
     saved = json.loads((out / "eval.json").read_text())
     assert saved["random_init"] is True and saved["layers"] == [0, 1]
@@ -341,7 +347,7 @@ def test_routing_shift_between_models(tmp_path):
     shutil.copytree(tmp_path / "m1", tmp_path / "m1_copy")
     save_pretrained(tiny_model(2), tmp_path / "m2")
     out = tmp_path / "eval"
-    summary = main([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", "data.routing_dirs=[]",
+    summary = evaluate([str(TINY_RECIPE), f"output_dir={out}", f"data.dir={data}", "data.routing_dirs=[]",
                     "passkey.enabled=false",
                     "tracking.report_to=none", "routing.text_samples=1",
                     f"models={{base: {tmp_path}/m1, same: {tmp_path}/m1_copy, other: {tmp_path}/m2}}"])
@@ -356,12 +362,12 @@ def test_routing_shift_between_models(tmp_path):
 
 def test_bad_recipe_values_name_the_key(tmp_path):
     with pytest.raises(RecipeError, match="passkey"):
-        main([str(TINY_RECIPE), "passkey.depths=[0.5,2.0]"])
+        evaluate([str(TINY_RECIPE), "passkey.depths=[0.5,2.0]"])
     with pytest.raises(RecipeError, match="did you mean 'routing.layers'"):
-        main([str(TINY_RECIPE), "routing.layer=[0]"])
+        evaluate([str(TINY_RECIPE), "routing.layer=[0]"])
     data = write_eval_data(tmp_path)
     with pytest.raises(RecipeError, match="routing.layers"):
-        main([str(TINY_RECIPE), f"output_dir={tmp_path / 'o'}", f"data.dir={data}", "routing.layers=[0,5]",
+        evaluate([str(TINY_RECIPE), f"output_dir={tmp_path / 'o'}", f"data.dir={data}", "routing.layers=[0,5]",
               "data.routing_dirs=[]",
               "models={}", "tracking.report_to=none", "passkey.enabled=false"])
 
@@ -402,7 +408,7 @@ def test_eval_refuses_a_directory_it_did_not_write_and_names_an_empty_split(tmp_
     mine.mkdir()
     (mine / "paper.pdf").write_bytes(b"%PDF")
     with pytest.raises(RunDirError, match=rf"output_dir {mine} is not empty and was not written by this pipeline"):
-        main([str(TINY_RECIPE), f"output_dir={mine}", "tracking.report_to=none"])
+        evaluate([str(TINY_RECIPE), f"output_dir={mine}", "tracking.report_to=none"])
     assert sorted(p.name for p in mine.iterdir()) == ["paper.pdf"]
     chats = tmp_path / "c.jsonl"
     chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
@@ -410,5 +416,5 @@ def test_eval_refuses_a_directory_it_did_not_write_and_names_an_empty_split(tmp_
                                for i in range(3)) + "\n")
     prepare(DataConfig(sources=[SourceConfig(path=str(chats))], output_dir=str(tmp_path / "data")), log=lambda _: None)
     with pytest.raises(RecipeError, match=rf"data.dir: {tmp_path / 'data' / 'eval'} is an empty split"):
-        main([str(TINY_RECIPE), f"output_dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'data' / 'eval'}",
+        evaluate([str(TINY_RECIPE), f"output_dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'data' / 'eval'}",
               "tracking.report_to=none"])

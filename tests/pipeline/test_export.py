@@ -376,6 +376,23 @@ def test_a_directory_the_export_did_not_write_is_refused_even_with_overwrite(run
     assert not list(root.glob(".occupied.*"))  # no lock, temp or old dirs left behind
 
 
+def test_the_command_stops_a_refused_output_or_a_missing_source_with_one_line_and_exit_2(tmp_path, capsys):
+    from pipeline.export import main
+
+    recipe = str(REPO / "recipes/tiny/export.yaml")
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main([recipe, f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output_dir {out} is not empty and was not written by this pipeline") and \
+        err.count("\n") == 1, err
+    assert main([recipe, f"output_dir={tmp_path / 'new'}", f"source.run_dir={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'none'}: neither a stage output dir") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]  # no lock, temp or new dir left
+
+
 def test_an_earlier_export_is_replaced_only_with_overwrite(runs):
     root, _ = runs
     out = root / "again"

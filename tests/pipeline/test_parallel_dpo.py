@@ -96,8 +96,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {name: tmp / name for name in ("sft", "ref", *LAUNCHED)}
     sft_data, data = tmp / "data_sft", tmp / "data_dpo"
     with _as_a_command():
-        prep.main([str(SFT_RECIPE), f"data.output_dir={sft_data}"])
-        prep.main([str(DPO_RECIPE), f"data.output_dir={data}"])
+        assert prep.main([str(SFT_RECIPE), f"data.output_dir={sft_data}"]) == 0
+        assert prep.main([str(DPO_RECIPE), f"data.output_dir={data}"]) == 0
     # The shortest real SFT run: 2 LoRA steps at a high lr leave an adapter that is not zero.
     with _as_a_command():
         code = sft.main([
@@ -154,7 +154,8 @@ def test_expert_parallel_dispatch_ran(runs):
 
 
 def test_ep2_adapter_is_gathered_and_loads_on_the_sft_model(runs):
-    from pipeline.dpo import load_sft_model, merge_adapter_fp32
+    from pipeline.distributed.sharded_load import merge_adapter_fp32
+    from pipeline.dpo import load_sft_model
 
     got = load_file(runs["z2ep2"] / "adapter_model.safetensors")
     want = load_file(runs["ref"] / "adapter_model.safetensors")

@@ -41,7 +41,7 @@ def _lora_run(root: Path, base: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evals(tmp_path_factory) -> dict[str, dict]:
-    from pipeline.eval import main
+    from pipeline.eval import load_recipe, run
 
     root = tmp_path_factory.mktemp("parallel_eval")
     data = write_eval_data(root)
@@ -55,7 +55,7 @@ def evals(tmp_path_factory) -> dict[str, dict]:
     torch.set_num_threads(1)
     try:
         with contextlib.chdir(ROOT):
-            main([*args, f"output_dir={root / 'one'}", "tracking.report_to=none"])
+            run(load_recipe(args[0], [*args[1:], f"output_dir={root / 'one'}", "tracking.report_to=none"]))
     finally:
         torch.set_num_threads(threads)
     run_command([*accelerate_launch("cpu_ddp.yaml"), "-m", "pipeline.eval", *args, f"output_dir={root / 'ep2'}",

@@ -183,7 +183,7 @@ from pathlib import Path
 from accelerate import PartialState
 from pipeline.training.checkpointing import latest_checkpoint
 from pipeline.rundir import start_training_run
-from pipeline.training.trainer import stage_main
+from pipeline.stage import stage_main
 
 def run(out):
     state = PartialState(backend="gloo")

@@ -18,8 +18,9 @@ import torch
 
 from model.checkpoint import load_pretrained
 from pipeline.recipe import SFTRecipe
-from pipeline.sft import SFTTask, load_datasets, load_recipe
+from pipeline.sft import SFTStage, load_recipe
 from pipeline.training.model_setup import build_model
+from pipeline.training.tasks import SFTTask
 from pipeline.training.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +140,7 @@ def test_adapter_loads_back_and_merges(reference, work):
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
 
     # reloaded adapter reproduces the eval loss logged at the last step
-    _, eval_set = load_datasets(recipe)
+    _, eval_set = SFTStage(recipe).load_data()
     task = SFTTask(aux_coef=0.0, z_coef=0.0, logits_chunk_size=recipe.model.logits_chunk_size)
     mbs = recipe.train.micro_batch_size
     total = units = 0.0
@@ -161,7 +162,7 @@ def test_adapter_loads_back_and_merges(reference, work):
 def test_lora_gives_gradients_only_to_adapters(work, tmp_path):
     recipe = load_recipe(str(RECIPE), overrides(work, "unused"))
     model = build_model(recipe, tmp_path, is_main=False)
-    train, _ = load_datasets(recipe)
+    train, _ = SFTStage(recipe).load_data()
     task = SFTTask(aux_coef=0.02, z_coef=0.001, logits_chunk_size=None)
     out = task.forward(model, task.collate([train[0], train[1]]))
     (out.loss_sum + out.extra).backward()
@@ -278,7 +279,7 @@ def test_no_eval_rows_means_training_without_eval_said_once(work, capsys):
 
     data = work / "data_no_eval"
     # The simplest recipe: one source, eval_fraction 0 (the default), so the eval split is empty.
-    prep.main([str(RECIPE), f"data.output_dir={data}", "data.sources=[{path: data_prep/data/sft_messages.jsonl}]"])
+    assert prep.main([str(RECIPE), f"data.output_dir={data}", "data.sources=[{path: data_prep/data/sft_messages.jsonl}]"]) == 0
     capsys.readouterr()
     rc = main([str(RECIPE), *overrides(work, "no_eval", **QUICK, **{
         "data.output_dir": str(data), "data.sources": "[{path: data_prep/data/sft_messages.jsonl}]"})])
