@@ -12,7 +12,9 @@ from pipeline.preflight import Pairing
 
 def eval_moments(p: Pairing, setup: Setup, counts: Counts) -> list[Moment]:
     """`pipeline.eval`: each model on rank 0's device, its experts only under expert parallelism
-    (`eval.load_model_dir` reads onto the device; adapters merged there, layer by layer)."""
+    (`evaluation.models.load_model_dir`: a LoRA run's adapters are merged on the host one fp32
+    parameter at a time, `adapter_merge.load_merged`, and copied into the model on the device, which
+    holds the merged model only)."""
     config, recipe = p.config, p.recipe
     where = "whole model" if setup.ep == 1 else f"rank 0's 1/{setup.ep} of the experts"
     weights = Line(f"weights ({where})", counts.local * setup.param_bytes,
