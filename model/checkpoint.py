@@ -464,8 +464,13 @@ def generation_config(config: MixtralConfig, transformers_version: str | None = 
 
 
 def write_json(path: Path, data: dict, *, sort_keys: bool = False) -> None:
-    """Every JSON file a checkpoint or export ships: 2-space indent, UTF-8 text, trailing newline."""
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    """Every JSON file the pipeline writes (checkpoint and export configs, training state, run
+    records): 2-space indent, UTF-8 text, trailing newline; written beside ``path`` and renamed onto
+    it, so a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ---- saving ------------------------------------------------------------------------------

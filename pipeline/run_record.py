@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.checkpoint import write_json
 from pipeline.config import redact_env_secrets
-from pipeline.training.checkpointing import write_json
 
 RECORD_FILE = "manifest.json"
 KINDS = ("lora", "full")
@@ -203,7 +203,7 @@ def write_training_record(out: Path, *, stage: str, lora, quantization: dict | N
                      "transformers": transformers.__version__},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(out / RECORD_FILE, json.loads(redact_env_secrets(json.dumps(record))))
+    write_json(out / RECORD_FILE, json.loads(redact_env_secrets(json.dumps(record))), sort_keys=True)
 
 
 def _resolve(value: str, run_dir: Path) -> Path:

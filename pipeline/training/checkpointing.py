@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.checkpoint import write_json
 from pipeline.distributed.parallel import ParallelError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -74,12 +75,6 @@ def commit_checkpoint(tmp: Path, keep_last: int) -> Path:
     for leftover in final.parent.glob(".tmp-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     return final
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +151,7 @@ def save_main_files(
     save_file({k: v.detach().contiguous().cpu() for k, v in model_tensors.items()}, tmp / "model.safetensors")
     opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
     save_file({k: v.cpu() for k, v in opt_tensors.items()}, tmp / "optimizer.safetensors")
-    write_json(tmp / STATE_FILE, {**state, "optimizer": opt_meta, "python_rng": python_rng_state()})
+    write_json(tmp / STATE_FILE, {**state, "optimizer": opt_meta, "python_rng": python_rng_state()}, sort_keys=True)
 
 
 def save_rank_files(tmp: Path, rank: int) -> None:

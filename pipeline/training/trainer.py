@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from data_prep.dataset import PreparedDataError
+from model.checkpoint import write_json
 from pipeline.distributed.comm import group_device
 from pipeline.distributed.parallel import ParallelError, moe_param_groups
 from pipeline.training import checkpointing as ckpt
@@ -368,8 +369,8 @@ class Trainer:
         if self.deepspeed:
             ckpt.save_rank_shard(tmp, self.acc.process_index, self.acc.unwrap_model(self.model), self.optimizer)
             if self.acc.is_main_process:
-                ckpt.write_json(tmp / ckpt.STATE_FILE, {**state, "deepspeed": True,
-                                                        "python_rng": ckpt.python_rng_state()})
+                write_json(tmp / ckpt.STATE_FILE, {**state, "deepspeed": True, "python_rng": ckpt.python_rng_state()},
+                           sort_keys=True)
         elif self.acc.is_main_process:
             ckpt.save_main_files(
                 tmp,
