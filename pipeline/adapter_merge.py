@@ -222,10 +222,10 @@ class Adapter:
                     f"{self.dir / 'adapter_model.safetensors'}: {self.replacements[native]} has shape "
                     f"{list(replacement.shape)}, the base {native} {list(weight.shape)}"
                 )
-            weight = replacement
+            weight = replacement.to(weight.device)
         parts = self.lora_parts(native, experts)
         if parts:
-            add_lora_delta(weight, parts, self.scale)
+            add_lora_delta(weight, {k: v.to(weight.device) for k, v in parts.items()}, self.scale)
         return weight
 
     def replacement(self, native: str, experts: list[int] | None = None) -> torch.Tensor | None:
@@ -294,11 +294,13 @@ def check_adapters(adapters: list[Adapter], shapes: dict[str, torch.Tensor]) -> 
 
 
 def merged_native_params(
-    reader: BaseReader, adapters: list[Adapter], shapes: dict[str, torch.Tensor], experts: list[int] | None = None
+    reader: BaseReader, adapters: list[Adapter], shapes: dict[str, torch.Tensor], experts: list[int] | None = None,
+    device: str | torch.device = "cpu",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(native name, merged fp32 tensor), one parameter at a time, in model order. The tensor may be
     the reader's reused buffer: use it before asking for the next one. ``experts``: of every expert
-    stack, only these experts (read, merged and yielded; an expert-parallel rank's)."""
+    stack, only these experts (read, merged and yielded; an expert-parallel rank's). ``device``: where
+    the fp32 merge runs (the base is read on the host and copied there; export: the host)."""
     check_adapters(adapters, shapes)
     from model.quant import is_quantized_name
 
@@ -306,7 +308,7 @@ def merged_native_params(
     for native, meta in shapes.items():
         held = experts if experts is not None and is_expert_stack(native) else None
         shape = meta.shape if held is None else torch.Size((len(held), *meta.shape[1:]))
-        weight = reader.read(native, shape, held)
+        weight = reader.read(native, shape, held).to(device)
         for adapter in adapters:
             weight = quantized_base(native, weight, adapter.base_quantization, quantizable)
             weight = adapter.apply(native, weight, held)
@@ -329,7 +331,11 @@ def load_merged(source: Source, *, dtype: torch.dtype, device: str | torch.devic
 
     Built on the meta device (``on_meta``: e.g. keep an expert-parallel rank's experts, which
     ``model.expert_ids`` then names: only those are read and merged), allocated on ``device``, and
-    filled one native parameter at a time: the host holds one fp32 parameter, never the model.
+    filled one native parameter at a time, each merged in fp32 on ``device`` (on the host a
+    Mixtral-8x7B layer takes seconds, with a QLoRA base tens of seconds: bench/bench_eval_merge.py)
+    and rounded once there: the host holds one fp32 parameter, never the model.
+    On the host these are export's bytes; on a GPU its matrix products may round the fp32 sum's last
+    bit differently, so a weight can rarely sit one bf16 step from export's.
     """
     from model.transformer import Mixtral
 
@@ -342,6 +348,7 @@ def load_merged(source: Source, *, dtype: torch.dtype, device: str | torch.devic
     experts = model.expert_ids if len(model.expert_ids) < config.num_local_experts else None
     params = dict(model.named_parameters())
     with BaseReader(source.checkpoint, config) as reader, torch.no_grad():
-        for native, weight in merged_native_params(reader, open_adapters(source), meta_state(config), experts):
-            params[native].copy_(weight.to(dtype))  # the one rounding, on the host (as export's)
+        for native, weight in merged_native_params(reader, open_adapters(source), meta_state(config), experts,
+                                                   device=device):
+            params[native].copy_(weight.to(dtype))  # the one rounding (on the host as export's)
     return model

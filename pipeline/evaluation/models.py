@@ -29,8 +29,9 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     A LoRA run's records lead back to a base checkpoint and the adapters on it (a DPO run over an
     SFT run over a base: both adapters, in order; `run_record.resolve_source`). They are merged as
-    export merges them (`adapter_merge.load_merged`: fp32 on the host, one rounding to ``dtype``),
-    so at the export's dtype this is the model export writes, bit for bit; an adapter trained on a
+    export merges them (`adapter_merge.load_merged`: fp32 on ``device``, one rounding to ``dtype``),
+    so at the export's dtype this is the model export writes (bit for bit on the host; on a GPU a
+    weight can rarely sit one bf16 step away, where its matrix products round differently); an adapter trained on a
     4-bit base (QLoRA) merges into that base dequantized. ``place``: hold only this rank's experts
     (expert parallelism, more than one rank), read from the checkpoint and the adapters alone;
     ``device``: where the weights go.

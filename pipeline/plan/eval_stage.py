@@ -12,9 +12,9 @@ from pipeline.preflight import Pairing
 
 def eval_moments(p: Pairing, setup: Setup, counts: Counts) -> list[Moment]:
     """`pipeline.eval`: each model on rank 0's device, its experts only under expert parallelism
-    (`evaluation.models.load_model_dir`: a LoRA run's adapters are merged on the host one fp32
-    parameter at a time, `adapter_merge.load_merged`, and copied into the model on the device, which
-    holds the merged model only)."""
+    (`evaluation.models.load_model_dir`: a LoRA run's adapters are merged one parameter at a time
+    in fp32 on the device, `adapter_merge.load_merged`; not in this table: the merge's transient,
+    at most two fp32 copies of one fused expert stack of the rank, 2 x 0.47 GB at EP 8 by shape)."""
     config, recipe = p.config, p.recipe
     where = "whole model" if setup.ep == 1 else f"rank 0's 1/{setup.ep} of the experts"
     weights = Line(f"weights ({where})", counts.local * setup.param_bytes,

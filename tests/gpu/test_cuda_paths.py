@@ -118,3 +118,37 @@ def test_expert_lora_on_cuda_equals_cpu_fp32():
     torch.testing.assert_close(loss_cuda, loss_cpu, atol=1e-3, rtol=1e-5)
     for name, grad in grads_cpu.items():
         torch.testing.assert_close(grads_cuda[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_eval_merge_on_cuda_equals_the_host_merge(tmp_path, qlora):
+    """`adapter_merge.load_merged` merges where the model goes (eval: the GPU); the host's merge is
+    export's. fp32: equal to float rounding; bf16: at most one bf16 step apart (the GEMM's last bit)."""
+    from model.checkpoint import save_pretrained
+    from model.lora import apply_lora
+    from pipeline.adapter_merge import load_merged
+    from pipeline.run_record import Source
+
+    cfg = MixtralConfig.preset("tiny")
+    torch.manual_seed(0)
+    base = Mixtral(cfg)
+    save_pretrained(base, tmp_path / "base")
+    adapter = apply_lora(base, r=4, alpha=8)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    adapter.save_pretrained(tmp_path / "adapter")
+    quantized = {str(tmp_path / "adapter"): {"type": "nf4", "dtype": "bfloat16"}} if qlora else {}
+    source = Source(tmp_path / "base", [tmp_path / "adapter"], [], quantized)
+    for dtype in (torch.float32, torch.bfloat16):
+        host = load_merged(source, dtype=dtype, device="cpu").state_dict()
+        gpu = load_merged(source, dtype=dtype, device=CUDA).state_dict()
+        assert set(host) == set(gpu)
+        for name, want in host.items():
+            got = gpu[name].cpu()
+            assert got.device.type == "cpu" and gpu[name].device.type == "cuda"
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+            else:  # one bf16 step: 2**-7 of the magnitude
+                assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-30).all(), name
