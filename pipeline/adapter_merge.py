@@ -350,5 +350,5 @@ def load_merged(source: Source, *, dtype: torch.dtype, device: str | torch.devic
     with BaseReader(source.checkpoint, config) as reader, torch.no_grad():
         for native, weight in merged_native_params(reader, open_adapters(source), meta_state(config), experts,
                                                    device=device):
-            params[native].copy_(weight.to(dtype))  # the one rounding (on the host as export's)
+            params[native].copy_(weight)  # the one rounding to dtype (copy_ casts as .to() does), no temporary
     return model
