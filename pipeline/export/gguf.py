@@ -143,6 +143,7 @@ def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) 
             "export.format=gguf needs the gguf library (llama.cpp's GGUF writer): pip install gguf"
         ) from None
     gguf_type = recipe.export.gguf_type
+    merge_device = recipe.export.merge_on()
     quantized = gguf_type in QUANTIZED_TYPES
     if quantized:
         require_llama_cpp(gguf_type)
@@ -160,7 +161,8 @@ def write_gguf(recipe, source, config: MixtralConfig, adapters, tmp: Path, log) 
     with BaseReader(source.checkpoint, config) as reader, GGUFStream(streamed, plan) as stream, torch.no_grad():
         add_metadata(stream.writer, config, streamed_type, recipe.model_name, spm_path)
         stream.start()
-        for native, weight in merged_native_params(reader, adapters, shapes):
+        for native, weight in merged_native_params(reader, adapters, shapes, device=merge_device):
+            weight = weight.cpu()  # merged on export.merge_device, written from the host
             for name, tensor in gguf_tensors({native: weight}, config):
                 bar.update(stream.write(name, tensor))
             del weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,9 +44,29 @@ class ExportSection:
     # the model card), e.g. "mistralai/Mixtral-8x7B-v0.1"; null: the base checkpoint dir's name
     # (never a path of this machine).
     base_model_name: str | None = None
+    # Where the fp32 merge runs (and, for an adapter trained on a 4-bit base, the NF4 round trip of
+    # every base weight it was trained on): "cpu" (the same bytes on every machine), "cuda" /
+    # "cuda:N", or "auto" (the GPU when one is visible). On a GPU a Mixtral-8x7B QLoRA merge takes
+    # no host quantizer time (tens of seconds per layer on 2 cores: docs/benchmarks.md), and its NF4
+    # round trip is bitsandbytes' CUDA one, which a QLoRA run trained on a GPU used; the fp32 sums can
+    # differ from the CPU's in the last bit, so a bf16 weight can rarely sit one step away.
+    merge_device: str = "cpu"
 
     def __post_init__(self):
         parse_size(self.max_shard_size)
+        if self.merge_device not in ("cpu", "auto") and not re.fullmatch(r"cuda(:\d+)?", self.merge_device):
+            raise ValueError(f"export.merge_device must be cpu, auto, cuda or cuda:N, got {self.merge_device!r}")
+
+    def merge_on(self):
+        """The torch device of ``merge_device``; a CUDA one that this machine lacks is refused."""
+        import torch
+
+        if self.merge_device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.merge_device != "cpu" and not torch.cuda.is_available():
+            raise ValueError(f"export.merge_device={self.merge_device}, but no CUDA device is visible here: "
+                             "set export.merge_device=cpu (or auto)")
+        return torch.device(self.merge_device)
 
 
 @dataclass

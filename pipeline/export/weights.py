@@ -46,6 +46,7 @@ def write_weights(
     from pipeline.hf_tokenizer import DEFAULT_SPM_PATH, save_tokenizer_files
 
     dtype = DTYPES[recipe.export.dtype]
+    merge_device = recipe.export.merge_on()
     shapes = meta_state(config)
     reader = BaseReader(source.checkpoint, config)
     spm_path = Path(recipe.tokenizer.spm_path) if recipe.tokenizer.spm_path else DEFAULT_SPM_PATH
@@ -66,7 +67,8 @@ def write_weights(
     # 3. Stream: one native parameter at a time.
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not recipe.export.progress_bar)
     with reader, writer, torch.no_grad(), streaming_threads():
-        for native, weight in merged_native_params(reader, adapters, shapes):
+        for native, weight in merged_native_params(reader, adapters, shapes, device=merge_device):
+            weight = weight.cpu()  # merged on export.merge_device, written from the host
             for hf_name, tensor in hf_tensors({native: weight}):
                 name, tensor = (
                     consolidated_tensor(hf_name, tensor, config) if consolidated else (hf_name, tensor)

@@ -120,18 +120,13 @@ def test_expert_lora_on_cuda_equals_cpu_fp32():
         torch.testing.assert_close(grads_cuda[name], grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("qlora", [False, True])
-def test_eval_merge_on_cuda_equals_the_host_merge(tmp_path, qlora):
-    """`adapter_merge.load_merged` merges where the model goes (eval: the GPU); the host's merge is
-    export's. fp32: equal to float rounding; bf16: at most one bf16 step apart (the GEMM's last bit)."""
+def _base_and_adapter(tmp_path):
+    """A tiny base checkpoint and a random LoRA adapter on it (attention and experts)."""
     from model.checkpoint import save_pretrained
     from model.lora import apply_lora
-    from pipeline.adapter_merge import load_merged
-    from pipeline.run_record import Source
 
-    cfg = MixtralConfig.preset("tiny")
     torch.manual_seed(0)
-    base = Mixtral(cfg)
+    base = Mixtral(MixtralConfig.preset("tiny"))
     save_pretrained(base, tmp_path / "base")
     adapter = apply_lora(base, r=4, alpha=8)
     with torch.no_grad():
@@ -139,16 +134,50 @@ def test_eval_merge_on_cuda_equals_the_host_merge(tmp_path, qlora):
             if p.requires_grad:
                 p.normal_(0, 0.05)
     adapter.save_pretrained(tmp_path / "adapter")
-    quantized = {str(tmp_path / "adapter"): {"type": "nf4", "dtype": "bfloat16"}} if qlora else {}
-    source = Source(tmp_path / "base", [tmp_path / "adapter"], [], quantized)
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+def _within_one_bf16_step(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return bool(((got.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-30).all())
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_eval_merge_on_cuda_equals_the_host_merge(tmp_path, qlora):
+    """`adapter_merge.load_merged` merges where the model goes (eval: the GPU); the host's merge is
+    export's default. fp32: equal to float rounding; bf16: at most one bf16 step apart (the GEMM's
+    last bit). QLoRA: bitsandbytes' CUDA NF4 round trip against its CPU one."""
+    from pipeline.adapter_merge import load_merged
+    from pipeline.run_record import Source
+
+    base, adapter = _base_and_adapter(tmp_path)
+    quantized = {str(adapter): {"type": "nf4", "dtype": "bfloat16"}} if qlora else {}
+    source = Source(base, [adapter], [], quantized)
     for dtype in (torch.float32, torch.bfloat16):
         host = load_merged(source, dtype=dtype, device="cpu").state_dict()
         gpu = load_merged(source, dtype=dtype, device=CUDA).state_dict()
         assert set(host) == set(gpu)
         for name, want in host.items():
+            assert gpu[name].device.type == "cuda"
             got = gpu[name].cpu()
-            assert got.device.type == "cpu" and gpu[name].device.type == "cuda"
             if dtype == torch.float32:
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
-            else:  # one bf16 step: 2**-7 of the magnitude
-                assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-30).all(), name
+            else:
+                assert _within_one_bf16_step(got, want), name
+
+
+def test_export_merged_on_cuda_writes_the_host_export_within_a_bf16_step(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.config import build
+    from pipeline.export import ExportRecipe, export
+
+    base, adapter = _base_and_adapter(tmp_path)
+    written = {}
+    for device in ("cpu", "cuda"):
+        raw = {"source": {"checkpoint": str(base), "adapters": [str(adapter)]}, "output_dir": str(tmp_path / device),
+               "export": {"merge_device": device, "progress_bar": False}, "verify": {"enabled": False}}
+        out = export(build(ExportRecipe, raw, source="test"), log=lambda _: None)
+        written[device] = load_file(str(out / "model.safetensors"))
+    assert set(written["cpu"]) == set(written["cuda"])
+    for name, want in written["cpu"].items():
+        assert _within_one_bf16_step(written["cuda"][name], want), name

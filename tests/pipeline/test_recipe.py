@@ -1,4 +1,4 @@
-"""The training recipes' shared checks and the YAML reader every recipe and launch config goes through."""
+"""The recipes' shared checks (training stages, export) and the YAML reader every recipe and launch config goes through."""
 
 from pathlib import Path
 
@@ -53,3 +53,19 @@ def test_a_yaml_file_that_is_not_a_mapping_is_refused_naming_the_file_and_line(t
     assert read_yaml_mapping(path, "accelerate config", LaunchError) == {}
     with pytest.raises(RecipeError, match="recipe not found"):
         load_recipe_dict(tmp_path / "missing.yaml")
+
+
+def test_export_merge_device_is_named_and_a_missing_gpu_refused(monkeypatch):
+    import torch
+
+    from pipeline.export import ExportRecipe
+
+    raw = {"source": {"checkpoint": "base"}, "output_dir": "out"}
+    with pytest.raises(RecipeError, match="export.merge_device must be cpu, auto, cuda or cuda:N, got 'gpu'"):
+        build(ExportRecipe, {**raw, "export": {"merge_device": "gpu"}}, source="test")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto = build(ExportRecipe, {**raw, "export": {"merge_device": "auto"}}, source="test")
+    assert auto.export.merge_on() == torch.device("cpu")
+    cuda = build(ExportRecipe, {**raw, "export": {"merge_device": "cuda:1"}}, source="test")
+    with pytest.raises(ValueError, match="merge_device=cuda:1, but no CUDA device is visible here: set export.merge"):
+        cuda.export.merge_on()
