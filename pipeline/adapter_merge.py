@@ -325,7 +325,8 @@ def quantized_base(native: str, weight: torch.Tensor, quantization: dict | None,
 
 
 def load_merged(source: Source, *, dtype: torch.dtype, device: str | torch.device = "cpu",
-                on_meta: Callable[[torch.nn.Module], object] | None = None):
+                on_meta: Callable[[torch.nn.Module], object] | None = None, quantization: str | None = None,
+                quantize_device: str | torch.device | None = None):
     """The Mixtral ``source`` names (`run_record.resolve_source`: a base checkpoint and the adapters
     on it), merged as export merges it and rounded once to ``dtype``, on ``device``.
 
@@ -336,6 +337,11 @@ def load_merged(source: Source, *, dtype: torch.dtype, device: str | torch.devic
     and rounded once there: the host holds one fp32 parameter, never the model.
     On the host these are export's bytes; on a GPU its matrix products may round the fp32 sum's last
     bit differently, so a weight can rarely sit one bf16 step from export's.
+
+    ``quantization`` ("nf4"): a 4-bit base of the merged model (DPO with QLoRA on a full-precision
+    SFT adapter): every weight is merged on ``quantize_device`` (default ``device``); each one QLoRA
+    quantizes is cast to ``dtype`` and quantized there at once, so the merged model never exists
+    whole in ``dtype``; the rest is copied to ``device``. The model comes back frozen, marked 4-bit.
     """
     from model.transformer import Mixtral
 
@@ -344,11 +350,28 @@ def load_merged(source: Source, *, dtype: torch.dtype, device: str | torch.devic
         model = Mixtral(config, dtype=dtype)
     if on_meta is not None:
         on_meta(model)
+    # Lazily allocated on the host: the pages of a weight replaced by its 4-bit form are never touched.
     model = model.to_empty(device=device)
     experts = model.expert_ids if len(model.expert_ids) < config.num_local_experts else None
     params = dict(model.named_parameters())
+    to_quantize: set[str] = set()
+    if quantization is not None:
+        from model import quant
+
+        quant.check_quantization(quantization)
+        to_quantize = set(quant.quantized_parameter_names(model))
+        quantize_device = quantize_device or device
     with BaseReader(source.checkpoint, config) as reader, torch.no_grad():
         for native, weight in merged_native_params(reader, open_adapters(source), meta_state(config), experts,
-                                                   device=device):
-            params[native].copy_(weight)  # the one rounding to dtype (copy_ casts as .to() does), no temporary
+                                                   device=quantize_device if quantization else device):
+            if native in to_quantize:
+                module_name, _, leaf = native.rpartition(".")
+                model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(
+                    weight.to(quantize_device, dtype, copy=True), requires_grad=False)  # the one rounding
+                quant.quantize_parameter(model, native, quantize_device)
+                del params[native]
+            else:
+                params[native].copy_(weight)  # the one rounding to dtype (copy_ casts as .to() does), no temporary
+    if quantization is not None:
+        quant.mark_quantized(model, quantization)
     return model

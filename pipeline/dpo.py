@@ -68,26 +68,30 @@ def load_sft_model(
 ) -> nn.Module:
     """The SFT model as one plain Mixtral: base + SFT adapter merged, or the full SFT weights.
 
-    ``load(path)``: how to read a checkpoint instead of whole (``model_setup.build_model`` passes its own:
-    EP experts or ZeRO-3 partitions). The SFT adapter is merged in fp32 and then cast to ``dtype``,
+    ``load(path, adapter=None)``: how to read a checkpoint instead of whole, merging ``adapter`` on
+    the way (``model_setup.build_model`` passes ``sharded_load.checkpoint_loader``'s: EP experts,
+    ZeRO-3 partitions or a 4-bit base). The SFT adapter is merged in fp32 and then cast to ``dtype``,
     as export merges it, so DPO trains on the weights export writes.
     """
     from model.checkpoint import load_pretrained
 
     if load is None:
-        def load(path, quantize=True):
-            return load_pretrained(path, dtype=dtype)
+        def load(path, adapter=None):
+            base = load_pretrained(path, dtype=dtype)
+            return base if adapter is None else merge_adapter_fp32(base, adapter)
 
     record = read_sft_manifest(sft_dir)
     if record.kind == "full":
         return load(str(record.model_dir))
     base_dir = str(record.base_checkpoint)
     adapter_dir = str(record.adapter_dir)
-    # An adapter trained on a 4-bit base merges into that base dequantized (QLoRA's merge, as
-    # export does); one trained on the full-precision base merges into it, and a 4-bit DPO run
-    # quantizes the merged model afterwards (model_setup.build_model).
-    base = load(base_dir, quantize=record.quantization is not None)
-    merged = merge_adapter_fp32(base, adapter_dir)
+    if record.quantization is None:
+        # Trained on the full-precision base: the loader merges it (into this run's 4-bit base as it
+        # streams, when this DPO run is QLoRA: model_setup.build_model then has nothing to quantize).
+        merged = load(base_dir, adapter=adapter_dir)
+    else:
+        # Trained on a 4-bit base: merged into that base dequantized (QLoRA's merge, as export does).
+        merged = merge_adapter_fp32(load(base_dir), adapter_dir)
     if getattr(merged, "quantization", None) is None:
         # get_peft_model froze the base; full DPO trains all of it (build_model freezes it for LoRA).
         merged.requires_grad_(True)

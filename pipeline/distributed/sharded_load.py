@@ -45,7 +45,7 @@ from torch import nn
 from model.checkpoint import NAME_TABLE, hf_to_native, load_pretrained, save_pretrained, weight_files
 from model.config import MixtralConfig
 from model.transformer import Mixtral, init_parameter
-from pipeline.distributed.expert_parallel import ExpertPlacement, load_local_experts
+from pipeline.distributed.expert_parallel import ExpertPlacement, load_local_experts, shard_experts
 from pipeline.safetensors_io import READ_CHUNK_BYTES, read_into, read_safetensors_header
 
 
@@ -272,30 +272,40 @@ def match_engine_dtype(model: nn.Module, ds_config: dict) -> None:
 
 
 def checkpoint_loader(dtype: torch.dtype, place: ExpertPlacement | None, ds_config: dict | None,
-                      quantization: str | None = None) -> Callable[[str | os.PathLike], nn.Module]:
-    """path -> the Mixtral checkpoint there, as this run holds it: this rank's experts (EP, `place`
-    with more than one rank), or ZeRO-3 partitions (`ds_config`), or whole; `quantization` ("nf4"):
-    the QLoRA base, each weight quantized as soon as it is read (on this process's GPU where there is
-    one: bitsandbytes' CPU quantizer runs at ~25M values/s per core)."""
+                      quantization: str | None = None) -> Callable[..., nn.Module]:
+    """``load(path, adapter=None)`` -> the Mixtral checkpoint at ``path`` as this run holds it: this
+    rank's experts (EP, `place` with more than one rank), or ZeRO-3 partitions (`ds_config`), or
+    whole; `quantization` ("nf4"): the QLoRA base, each weight quantized as soon as it is read (on
+    this process's GPU where there is one: bitsandbytes' CPU quantizer runs at ~25M values/s per core).
+
+    ``adapter``: a PEFT adapter trained on the full-precision base, merged in fp32 (DPO's SFT
+    adapter). Under `quantization` the merge is streamed into the 4-bit base
+    (`adapter_merge.load_merged`: each weight merged, cast and quantized on the quantization device
+    in turn), so the merged model never exists whole in `dtype` (93 GB at Mixtral-8x7B in bf16)."""
     if ds_config is None or (place is not None and place.ep_size > 1):
         quantize_device = quantization_device() if quantization is not None else None
+        sharded = place is not None and place.ep_size > 1
 
-        def load_whole_or_experts(path, quantize=True):
-            # quantize=False: the base in `dtype` (DPO merges a full-precision SFT adapter first)
-            options = dict(dtype=dtype, quantization=quantization if quantize else None,
-                           quantize_device=quantize_device)
-            if place is not None and place.ep_size > 1:
-                return load_local_experts(path, place, **options)
-            return load_pretrained(path, **options)
+        def load_whole_or_experts(path, adapter=None):
+            if adapter is not None and quantization is not None:
+                from pipeline.adapter_merge import load_merged
+                from pipeline.run_record import Source
+
+                return load_merged(Source(Path(path), [Path(adapter)], [], {}), dtype=dtype,
+                                   on_meta=(lambda model: shard_experts(model, place)) if sharded else None,
+                                   quantization=quantization, quantize_device=quantize_device)
+            options = dict(dtype=dtype, quantization=quantization, quantize_device=quantize_device)
+            model = load_local_experts(path, place, **options) if sharded else load_pretrained(path, **options)
+            return model if adapter is None else merge_adapter_fp32(model, adapter)
 
         return load_whole_or_experts
     if quantization is not None:
         raise ValueError("a 4-bit base is not partitioned by ZeRO-3 (pipeline/preflight.py refuses the pairing)")
 
-    def load(path, quantize=True):
+    def load(path, adapter=None):
         model = build_partitioned(MixtralConfig.from_hf(Path(path) / "config.json"), ds_config, dtype)
         load_partitions(model, path)
-        return model
+        return model if adapter is None else merge_adapter_fp32(model, adapter)
 
     return load
 

@@ -285,6 +285,24 @@ def test_sft_adapter_is_merged_in_fp32_then_cast(sft_dir):
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
+def test_a_4bit_dpo_streams_the_sft_merge_into_its_4bit_base(sft_dir):
+    """DPO with model.quantization=nf4 on an SFT adapter trained on the full-precision base: the
+    loader merges each weight and quantizes it at once (never the whole merged model in its dtype),
+    giving the model that merging whole and then quantizing gives."""
+    from model.quant import quantize_model
+    from pipeline.distributed.sharded_load import checkpoint_loader, merge_adapter_fp32
+    from pipeline.dpo import load_sft_model
+
+    streamed = load_sft_model(sft_dir, load=checkpoint_loader(torch.float32, None, None, "nf4")).eval()
+    whole = merge_adapter_fp32(load_pretrained(sft_dir / "base", dtype=torch.float32), str(sft_dir))
+    whole = quantize_model(whole, "nf4", "cpu").eval()
+    assert streamed.quantization == "nf4" and not any(p.requires_grad for p in streamed.parameters())
+    assert type(streamed.layers[0].moe.experts.gate_up_proj) is type(whole.layers[0].moe.experts.gate_up_proj)
+    ids = torch.randint(0, streamed.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, whole(ids).logits, rtol=0, atol=0)
+
+
 def _full_and_rank1_of_ep2(sft_dir):
     from pipeline.distributed.expert_parallel import ExpertPlacement
 
