@@ -95,13 +95,24 @@ def build_partitioned(config: MixtralConfig, ds_config: dict, dtype: torch.dtype
     # Module constructors draw their own inits (on the GPU under zero.Init): keep the generators as
     # they were, so that `random_init` draws what a one-process run draws.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    want = engine_dtype(ds_config, dtype)
+    # DeepSpeed (0.19) honours an explicit zero.Init dtype only where its accelerator reports fp16
+    # support (an operator-precedence slip in Init._set_dtype): on a CPU without it every parameter
+    # is built in bf16. Without a dtype it takes the config's (bf16, fp16, else fp32): pass none
+    # when that is the one wanted, and check what was built either way.
+    implied = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
+               else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     with torch.random.fork_rng(devices=devices), deepspeed.zero.Init(
-        config_dict_or_path=ds_config, dtype=engine_dtype(ds_config, dtype)
+        config_dict_or_path=ds_config, dtype=None if want == implied else want
     ):
         model = Mixtral(config)
     unpartitioned = [n for n, p in model.named_parameters() if not is_partitioned(p)]
     if unpartitioned:
         raise RuntimeError(f"zero.Init left parameters whole: {unpartitioned[:3]}")
+    built = {p.ds_tensor.dtype for p in model.parameters()}
+    if built != {want}:
+        raise RuntimeError(f"zero.Init built the partitions in {sorted(map(str, built))}, not {want}: set "
+                           f"model.dtype to match the DeepSpeed config's bf16/fp16 setting")
     size_zero3_buffers(ds_config, model)
     return model
 

@@ -144,6 +144,11 @@ def test_launched_dpo_metrics_match_single_process(runs, mode):
     for g, w in zip(got, want, strict=True):
         keys = TRAIN_KEYS + (EVAL_KEYS if g["step"] == STEPS else ())
         for key in keys:
+            if key.endswith("rewards/accuracies") and abs(w[key.replace("accuracies", "margins")]) < 1e-4:
+                # Step 1: a zero adapter, every reward is policy - reference = 0 up to an fp32 ulp of
+                # the log-probs (ZeRO-3 sums in its own order: 3.8e-7 measured on an AMD EPYC host),
+                # and the accuracy counts that ulp's sign. The rewards themselves are compared.
+                continue
             tol = LOGPS_TOL if "logps/" in key else TOL
             assert abs(g[key] - w[key]) <= tol, f"{mode} step {g['step']}: {key} {g[key]} vs single-process {w[key]}"
 

@@ -160,13 +160,13 @@ def test_zero3_preset_base_is_the_single_process_base(runs):
 @pytest.mark.parametrize("mode", ["z2ep2_lora", "z3_lora"])
 def test_lora_adapter_gathered_across_ranks(runs, mode):
     # ep=2: expert adapters gathered from the EP group; ZeRO-3: every adapter from its partitions
-    # (measured within 5.8e-6 of one process).
+    # (measured within 5.8e-6 of one process on one host, 1.0e-5 on another: CPU kernels' summation order).
     got = load_file(runs[mode] / "adapter_model.safetensors")
     want = load_file(runs["ref_lora"] / "adapter_model.safetensors")
     assert got.keys() == want.keys() and any("experts" in k for k in want)
     for k in want:
         assert got[k].shape == want[k].shape, k
-        assert (got[k] - want[k]).abs().max().item() < 1e-5, k
+        assert (got[k] - want[k]).abs().max().item() < 2e-5, k
 
 
 def test_expert_shards_differ_across_ep_ranks_and_are_not_averaged(runs):
